@@ -1,0 +1,28 @@
+"""The one user-facing error type and the wrapper that turns it into a single line and an exit code."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+
+
+class UserError(Exception):
+    """A mistake in the user's input (a flag, a file, a checkpoint). Printed as one line, exit status 2."""
+
+
+def cli_main(func: Callable[..., int | None]) -> Callable[..., int]:
+    """Wrap a console-script entry point: a UserError becomes `error: ...` on stderr and exit status 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            return func(*args, **kwargs) or 0
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+
+    return wrapper

@@ -1,0 +1,70 @@
+"""Files on local disk or gs://, through one path: fsspec (gcsfs for gs://, which honours
+STORAGE_EMULATOR_HOST, so the same code runs against real GCS and a local emulator)."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from contextlib import contextmanager
+
+import fsspec
+
+
+def is_remote(path: str) -> bool:
+    return "://" in str(path)
+
+
+def filesystem(path: str):
+    """The fsspec filesystem for `path` and the path as that filesystem names it."""
+    fs, _, paths = fsspec.get_fs_token_paths(str(path))
+    return fs, paths[0] if paths else str(path)
+
+
+def join(base: str, *parts: str) -> str:
+    return posixpath.join(str(base), *parts) if is_remote(base) else os.path.join(str(base), *parts)
+
+
+def exists(path: str) -> bool:
+    fs, p = filesystem(path)
+    return fs.exists(p)
+
+
+def isdir(path: str) -> bool:
+    fs, p = filesystem(path)
+    return fs.isdir(p)
+
+
+def read_text(path: str) -> str:
+    with fsspec.open(str(path), "r", encoding="utf-8") as f:
+        return f.read()
+
+
+def read_bytes(path: str) -> bytes:
+    with fsspec.open(str(path), "rb") as f:
+        return f.read()
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write a text file so that readers never see a partial one (temp name, then rename)."""
+    fs, p = filesystem(path)
+    tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    fs.mv(tmp, p)
+
+
+def glob(pattern: str) -> list[str]:
+    """Sorted matches of a glob, with the protocol kept for remote paths."""
+    fs, p = filesystem(pattern)
+    matches = sorted(fs.glob(p))
+    if is_remote(pattern):
+        protocol = str(pattern).split("://", 1)[0]
+        return [f"{protocol}://{m}" for m in matches]
+    return matches
+
+
+@contextmanager
+def open_file(path: str, mode: str = "rb"):
+    with fsspec.open(str(path), mode) as f:
+        yield f

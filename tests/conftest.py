@@ -1,0 +1,44 @@
+"""Test set-up: 8 simulated CPU devices before JAX loads, and the shared fixtures' location."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
+
+SHARED = Path(os.environ.get("GPTSAN_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared")).resolve()
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under shared/, or skip the test with the reason when shared/ is absent."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared fixtures not found at {path} (set GPTSAN_SHARED)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tf_dir() -> Path:
+    return shared_path("fixtures", "gptsan_tiny", "gptsan_tf")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir() -> Path:
+    return shared_path("fixtures", "gptsan_tiny", "hf")
+
+
+@pytest.fixture(scope="session")
+def tiny_cases():
+    import numpy as np
+
+    return dict(np.load(shared_path("fixtures", "gptsan_tiny", "cases.npz")))
+
+
+@pytest.fixture(scope="session")
+def tiny_names():
+    import numpy as np
+
+    return dict(np.load(shared_path("fixtures", "gptsan_tiny", "gptsan_names.npz")))
