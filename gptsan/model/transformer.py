@@ -1,0 +1,170 @@
+"""The GPTSAN model: embeddings, Switch stages then extended stages, the tied head, and the spout.
+
+Parameter tree (Linen `params` collection) = GPTSAN's variable names split at '/':
+`{"model": {"wte", "wpe", "ete"?, "wob", "dense": {"kernel"}, "dense_1": {"bias"}, "att{l}": ..., ...},
+  "pasts": {"mlp{i}": {"kernel"}, "out": {"kernel"}}}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from gptsan.model.attention import Attention, attention_mask
+from gptsan.model.config import ModelConfig
+from gptsan.model.dense import DenseFF
+from gptsan.model.moe import SwitchFF
+from gptsan.model.norm import LayerNorm
+from gptsan.model.spout import Spout
+from gptsan.model.weights import Bias, Kernel, normal, param, zeros
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Preallocated keys/values [L, B, S, H, dh] for incremental decoding.
+
+    Slot layout per row: [spout slot (if any)] [left padding] [tokens...]. `index` is the next free slot,
+    `pad` [B] the left-padding count and `past` (0 or 1) whether slot 0 holds a spout key/value.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    index: jax.Array
+    pad: jax.Array
+    past: jax.Array
+
+    @classmethod
+    def allocate(cls, config: ModelConfig, batch: int, length: int, dtype: Any = None) -> KVCache:
+        dtype = jnp.dtype(dtype or config.dtype)
+        shape = (config.num_layers, batch, length, config.num_header, config.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), index=jnp.zeros((), jnp.int32),
+                   pad=jnp.zeros((batch,), jnp.int32), past=jnp.zeros((), jnp.int32))
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+
+@flax.struct.dataclass
+class Output:
+    logits: jax.Array  # [B, T, V] float32
+    aux_loss: jax.Array  # scalar, summed over Switch layers
+    dropped_fraction: jax.Array  # scalar, mean over Switch layers
+    expert_load: jax.Array  # [S, E] fraction of tokens routed to each expert
+    cache: KVCache | None = None
+    hidden_states: tuple[jax.Array, ...] = ()  # each layer's output [B, T, d] when asked for
+
+
+class Transformer(nn.Module):
+    """GPTSAN's `model/*` scope."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, ids, positions, mask, spout_kv=None, cache: KVCache | None = None, write_index=None,
+                 train: bool = False, return_hidden: bool = False):
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        wte = param(self, "wte", (c.num_vocabulary, c.num_hidden), ("vocab", "embed"), normal(0.02))
+        wpe = param(self, "wpe", (c.num_contexts, c.num_hidden), ("ctx", "embed"), normal(0.01))
+        x = (jnp.take(wte, ids, axis=0) + jnp.take(wpe, positions, axis=0)).astype(dtype)  # [B, T, d]
+
+        aux, dropped, loads, hidden = [], [], [], []
+        new_k, new_v = [], []
+        for layer in range(c.num_layers):
+            if layer == c.num_switch_layers:
+                ete = param(self, "ete", (c.num_contexts, c.num_hidden), ("ctx", "embed"), zeros)
+                x = x + jnp.take(ete, positions, axis=0).astype(dtype)
+            past_k = past_v = layer_cache = None
+            if spout_kv is not None:
+                past_k, past_v = spout_kv[0][layer], spout_kv[1][layer]
+            if cache is not None:
+                layer_cache = (cache.k[layer], cache.v[layer])
+            a, layer_cache = Attention(c, name=f"att{layer}")(x, mask, past_k, past_v, layer_cache, write_index)
+            if cache is not None:
+                new_k.append(layer_cache[0])
+                new_v.append(layer_cache[1])
+            x = LayerNorm(c.num_hidden, c.layer_norm_eps, name=f"an{layer}")(a) + x
+            if layer < c.num_switch_layers:
+                f, stats = SwitchFF(c, name=f"moe{layer}")(x, train)
+                aux.append(stats["aux_loss"])
+                dropped.append(stats["dropped_fraction"])
+                loads.append(stats["expert_load"])
+            else:
+                f = DenseFF(c, name=f"mlp{layer}")(x)
+            x = LayerNorm(c.num_hidden, c.layer_norm_eps, name=f"ln{layer}")(f) + x
+            if return_hidden:
+                hidden.append(x)
+
+        head, _ = Kernel((c.num_hidden, c.num_hidden), ("embed", "embed_out"), normal(0.02), name="dense")()
+        head_bias = Bias(c.num_hidden, "embed", name="dense_1")()
+        wob = param(self, "wob", (c.num_vocabulary,), ("vocab",), zeros)
+        h = nn.silu(x @ head.astype(dtype) + head_bias.astype(dtype))
+        logits = jnp.einsum("btd,vd->btv", h, wte.astype(dtype), preferred_element_type=jnp.float32) + wob
+
+        if cache is not None:
+            cache = cache.replace(k=jnp.stack(new_k), v=jnp.stack(new_v))
+        num_switch = max(1, len(aux))
+        return Output(
+            logits=logits,
+            aux_loss=sum(aux) if aux else jnp.zeros((), jnp.float32),
+            dropped_fraction=sum(dropped) / num_switch if dropped else jnp.zeros((), jnp.float32),
+            expert_load=jnp.stack(loads) if loads else jnp.zeros((0, c.num_experts), jnp.float32),
+            cache=cache,
+            hidden_states=tuple(hidden),
+        )
+
+
+class GPTSAN(nn.Module):
+    """The whole model. Inputs:
+      ids [B, T] int; num_precontext [B] (prefix length of a prefix-LM, 0 = causal);
+      spout [B, P] float (one extra key/value slot per layer) or None;
+      pad [B] left-padding count (batched prompts of different lengths) or None;
+      cache: a KVCache to write into and attend over (prefill: index 0; then one or more tokens a call).
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, ids, num_precontext=None, spout=None, pad=None, cache: KVCache | None = None,
+                 train: bool = False, return_hidden: bool = False) -> Output:
+        c = self.config
+        batch, length = ids.shape
+        spout_kv = Spout(c, name="pasts")(spout) if spout is not None else None
+        new_slots = length + (1 if spout is not None else 0)
+        if num_precontext is None:
+            num_precontext = jnp.zeros((batch,), jnp.int32)
+
+        if cache is None:
+            past = jnp.asarray(1 if spout is not None else 0, jnp.int32)
+            pad = jnp.zeros((batch,), jnp.int32) if pad is None else jnp.asarray(pad, jnp.int32)
+            write_index = None
+            first_new_slot = jnp.zeros((), jnp.int32)
+            key_slots = jnp.arange(new_slots)
+        else:
+            if spout is not None:
+                cache = cache.replace(past=jnp.ones((), jnp.int32))
+            if pad is not None:
+                cache = cache.replace(pad=jnp.asarray(pad, jnp.int32))
+            past, pad = cache.past, cache.pad
+            write_index = cache.index
+            first_new_slot = cache.index
+            key_slots = jnp.arange(cache.length)
+
+        end = first_new_slot + new_slots  # slots written after this call
+        query_slots = end - length + jnp.arange(length)
+        in_padding = (key_slots[None] >= past) & (key_slots[None] < past + pad[:, None])
+        key_valid = (key_slots[None] < end) & ~in_padding  # [B, S]
+        prefix_end = past + pad + jnp.asarray(num_precontext, jnp.int32)
+        mask = attention_mask(query_slots, key_slots, key_valid, prefix_end)
+        positions = jnp.clip(query_slots[None, :] - pad[:, None], 0, c.num_contexts - 1)
+
+        out = Transformer(c, name="model")(ids, positions, mask, spout_kv, cache, write_index, train,
+                                           return_hidden)
+        if cache is not None:
+            out = out.replace(cache=out.cache.replace(index=end))
+        return out
