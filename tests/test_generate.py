@@ -1,0 +1,132 @@
+"""Cached decoding: fixture greedy tokens, equality with a full-recompute reference, left padding, stopping,
+streaming, and compiling once per shape."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptsan.errors import UserError
+from gptsan.generate.decode import Decoder
+from gptsan.generate.prompt import Prompt, SpecialIds, left_pad
+from gptsan.generate.sampling import Sampler, next_token, row_keys
+from gptsan.model import GPTSAN, load_config, unflatten
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_tf_dir, tiny_names):
+    config = load_config(tiny_tf_dir / "parameters.json")
+    params = unflatten({name: jnp.asarray(value) for name, value in tiny_names.items()})
+    return config, params
+
+
+def prompts_of(rows) -> list[Prompt]:
+    return [Prompt(tuple(int(t) for t in row)) for row in rows]
+
+
+def recompute_reference(config, params, ids, steps, sampler, end_id, spout=None, num_precontext=None, seed=0):
+    """Uncached decoding: a full forward over prompt + generated tokens for every new token."""
+    model = GPTSAN(config)
+    ids = jnp.asarray(ids)
+    rows = jnp.arange(ids.shape[0])
+    key = jax.random.key(seed)
+    generated = []
+    for step in range(steps):
+        logits = model.apply({"params": params}, ids, num_precontext=num_precontext, spout=spout).logits
+        token = next_token(row_keys(key, rows, jnp.asarray(step)), logits[:, -1], sampler)
+        generated.append(np.asarray(token))
+        ids = jnp.concatenate([ids, token[:, None]], axis=1)
+    tokens = np.stack(generated, axis=1)
+    for row in tokens:  # after the first end token a row holds only end tokens
+        ends = np.flatnonzero(row == end_id)
+        if len(ends):
+            row[ends[0]:] = end_id
+    return tokens
+
+
+def test_greedy_reproduces_fixture(tiny, tiny_cases):
+    config, params = tiny
+    prompt = tiny_cases["greedy_prompt"]
+    special = SpecialIds.swe_layout(config.num_vocabulary)
+    decoder = Decoder(config, Sampler(temperature=0.0, banned_ids=special.never_sampled), special.end)
+    result = decoder.generate(params, left_pad(prompts_of(prompt), special.not_token), max_new=12)
+    np.testing.assert_array_equal(result.tokens, tiny_cases["greedy_out"][:, prompt.shape[1]:])
+    np.testing.assert_array_equal(result.lengths, [12, 12])
+
+
+@pytest.mark.parametrize("sampler", [Sampler(temperature=0.0), Sampler(temperature=0.8, top_k=20, top_p=0.9)],
+                         ids=["greedy", "sampled"])
+def test_cached_equals_recomputed_with_spout_and_prefix(tiny, tiny_cases, sampler):
+    """50 tokens with a spout vector and a prefix-LM prompt: prompt 13 + spout 1 + 50 = the 64-token context."""
+    config, params = tiny
+    special = SpecialIds.swe_layout(config.num_vocabulary)
+    ids = tiny_cases["input_ids"][:, :13]
+    spout = jnp.asarray(tiny_cases["spout"])
+    prefix = tiny_cases["num_precontext"]  # 7 and 13
+    prompts = [Prompt(tuple(int(t) for t in row), int(n)) for row, n in zip(ids, prefix, strict=True)]
+    decoder = Decoder(config, sampler, special.end)
+    result = decoder.generate(params, left_pad(prompts, special.not_token), max_new=50, spout=spout, seed=3)
+    reference = recompute_reference(config, params, ids, 50, sampler, special.end, spout, jnp.asarray(prefix),
+                                    seed=3)
+    assert result.tokens.shape == (2, 50)
+    np.testing.assert_array_equal(result.tokens, reference)
+
+
+def test_left_padded_batch_equals_each_prompt_alone(tiny, tiny_cases):
+    config, params = tiny
+    special = SpecialIds.swe_layout(config.num_vocabulary)
+    rows = tiny_cases["input_ids"]
+    prompts = [Prompt(tuple(int(t) for t in rows[0, :5])), Prompt(tuple(int(t) for t in rows[1, :17]), 9),
+               Prompt(tuple(int(t) for t in rows[1, 3:12]))]
+    spout = jnp.asarray(np.concatenate([tiny_cases["spout"], tiny_cases["spout_onehot"][:1]]))
+    for sampler in (Sampler(temperature=0.0), Sampler(top_k=40)):
+        decoder = Decoder(config, sampler, special.end)
+        batched = decoder.generate(params, left_pad(prompts, special.not_token), 20, spout=spout, seed=5)
+        for i, prompt in enumerate(prompts):
+            alone = decoder.generate(params, left_pad([prompt], special.not_token), 20, spout=spout[i:i + 1],
+                                     seed=5, rows=[i])
+            np.testing.assert_array_equal(batched.tokens[i], alone.tokens[0])
+            assert batched.lengths[i] == alone.lengths[0]
+
+
+def test_each_row_stops_at_its_end_token(tiny, tiny_cases):
+    """Fixture row 1 greedily continues 125 492 7 335 ...: with 335 as the end token it stops after 3 tokens
+    and the other row is unaffected."""
+    config, params = tiny
+    prompt = tiny_cases["greedy_prompt"]
+    decoder = Decoder(config, Sampler(temperature=0.0), end_id=335)
+    result = decoder.generate(params, left_pad(prompts_of(prompt), 0), max_new=12)
+    np.testing.assert_array_equal(result.lengths, [12, 3])
+    np.testing.assert_array_equal(result.tokens[0], tiny_cases["greedy_out"][0, 8:])
+    np.testing.assert_array_equal(result.tokens[1], [125, 492, 7] + [335] * 9)
+
+
+def test_generation_stays_inside_the_context(tiny, tiny_cases):
+    config, params = tiny
+    ids = np.tile(tiny_cases["input_ids"], 3)  # 72 tokens: too long for the 64-token context
+    decoder = Decoder(config, Sampler(temperature=0.0), end_id=config.num_vocabulary - 1)
+    result = decoder.generate(params, left_pad(prompts_of([ids[0, :60], ids[1, :50]]), 0), max_new=300)
+    assert result.tokens.shape == (2, 14)
+    np.testing.assert_array_equal(result.lengths, [4, 14])
+    with pytest.raises(UserError, match="no room"):
+        decoder.generate(params, left_pad(prompts_of([ids[0, :64]]), 0), max_new=5)
+
+
+def test_stream_yields_the_generated_tokens_in_chunks(tiny, tiny_cases):
+    config, params = tiny
+    decoder = Decoder(config, Sampler(top_k=50), end_id=config.num_vocabulary - 1)
+    batch = left_pad(prompts_of(tiny_cases["greedy_prompt"]), 0)
+    whole = decoder.generate(params, batch, max_new=23, seed=1)
+    chunks = list(decoder.stream(params, batch, max_new=23, seed=1, chunk=5))
+    assert [c.shape[1] for c in chunks] == [1, 5, 5, 5, 5, 2]
+    np.testing.assert_array_equal(np.concatenate(chunks, axis=1), whole.tokens)
+
+
+def test_decoding_compiles_once_per_shape(tiny, tiny_cases):
+    config, params = tiny
+    decoder = Decoder(config, Sampler(top_k=10), end_id=config.num_vocabulary - 1)
+    ids = tiny_cases["input_ids"]
+    for offset in range(3):
+        decoder.generate(params, left_pad(prompts_of(ids[:, offset:offset + 10]), 0), max_new=16, seed=offset)
+    assert decoder._start._cache_size() == 1
+    assert decoder._advance._cache_size() == 1
