@@ -19,6 +19,7 @@ from gptsan.model.config import ModelConfig
 from gptsan.model.weights import Kernel, fan_in_normal, normal
 
 AUX_LOSS_COEF = 0.01
+FEW_TOKENS = 64  # dropless with at most this many tokens (decode steps) skips unchosen experts
 
 
 def route(router_logits: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -90,6 +91,21 @@ def dropless_dispatch(x: jax.Array, expert: jax.Array, wi: jax.Array, wo: jax.Ar
     return jnp.zeros_like(y_sorted).at[order].set(y_sorted)
 
 
+def few_token_dispatch(x: jax.Array, expert: jax.Array, wi: jax.Array, wo: jax.Array) -> jax.Array:
+    """Dropless for a few tokens (decoding): each expert that some token chose runs over all tokens and each
+    token keeps its own expert's output; experts no token chose are skipped, so their weights are never read.
+    x [N, d], expert [N]. Equals `dropless_dispatch`, which on CPU reads every expert for any N."""
+    y = jnp.zeros_like(x)
+    for e in range(wi.shape[0]):
+        chosen = expert == e
+
+        def run_expert(y, e=e, chosen=chosen):
+            return jnp.where(chosen[:, None], jax.nn.relu(x @ wi[e]) @ wo[e], y)
+
+        y = jax.lax.cond(jnp.any(chosen), run_expert, lambda y: y, y)
+    return y
+
+
 class SwitchFF(nn.Module):
     """GPTSAN's `moe{l}`: switch_gating [d, E], wi [E, d, 8d], wo [E, 8d, d], softmlp [d, d]; no biases."""
 
@@ -126,7 +142,8 @@ class SwitchFF(nn.Module):
             y = y.reshape(batch, length, d)
             dropped = 1.0 - kept.astype(jnp.float32).mean()
         else:
-            y = dropless_dispatch(x.reshape(num_tokens, d), expert.reshape(-1), wi_c, wo_c)
+            dispatch = few_token_dispatch if num_tokens <= FEW_TOKENS else dropless_dispatch
+            y = dispatch(x.reshape(num_tokens, d), expert.reshape(-1), wi_c, wo_c)
             y = y.reshape(batch, length, d)
             dropped = jnp.zeros((), jnp.float32)
 
