@@ -25,18 +25,18 @@ def prompts_of(rows) -> list[Prompt]:
 
 
 def recompute_reference(config, params, ids, steps, sampler, end_id, spout=None, num_precontext=None, seed=0):
-    """Uncached decoding: a full forward over prompt + generated tokens for every new token."""
-    model = GPTSAN(config)
-    ids = jnp.asarray(ids)
-    rows = jnp.arange(ids.shape[0])
-    key = jax.random.key(seed)
-    generated = []
+    """Uncached decoding: a full forward over prompt + generated tokens for every new token. The sequence
+    sits in a fixed [B, prompt + steps] buffer (one compile); a causal query never sees the slots after it."""
+    batch, width = ids.shape
+    forward = jax.jit(lambda p, x: GPTSAN(config).apply({"params": p}, x, num_precontext=num_precontext,
+                                                          spout=spout).logits)
+    buffer = np.zeros((batch, width + steps), np.int32)
+    buffer[:, :width] = ids
+    key, rows = jax.random.key(seed), jnp.arange(batch)
     for step in range(steps):
-        logits = model.apply({"params": params}, ids, num_precontext=num_precontext, spout=spout).logits
-        token = next_token(row_keys(key, rows, jnp.asarray(step)), logits[:, -1], sampler)
-        generated.append(np.asarray(token))
-        ids = jnp.concatenate([ids, token[:, None]], axis=1)
-    tokens = np.stack(generated, axis=1)
+        logits = forward(params, jnp.asarray(buffer))[:, width + step - 1]
+        buffer[:, width + step] = np.asarray(next_token(row_keys(key, rows, jnp.asarray(step)), logits, sampler))
+    tokens = buffer[:, width:]
     for row in tokens:  # after the first end token a row holds only end tokens
         ends = np.flatnonzero(row == end_id)
         if len(ends):
@@ -72,21 +72,23 @@ def test_cached_equals_recomputed_with_spout_and_prefix(tiny, tiny_cases, sample
     np.testing.assert_array_equal(result.tokens, reference)
 
 
-def test_left_padded_batch_equals_each_prompt_alone(tiny, tiny_cases):
+@pytest.mark.parametrize("sampler", [Sampler(temperature=0.0), Sampler(temperature=0.8, top_k=20, top_p=0.9)],
+                         ids=["greedy", "sampled"])
+def test_left_padded_batch_equals_each_prompt_alone(tiny, tiny_cases, sampler):
+    """A 5-token causal prompt and a 13-token prefix-LM prompt, each with its own spout vector: batched
+    (the short one left-padded by 8) and alone, 50 tokens. Sampling is keyed by row id, not by batch."""
     config, params = tiny
     special = SpecialIds.swe_layout(config.num_vocabulary)
-    rows = tiny_cases["input_ids"]
-    prompts = [Prompt(tuple(int(t) for t in rows[0, :5])), Prompt(tuple(int(t) for t in rows[1, :17]), 9),
-               Prompt(tuple(int(t) for t in rows[1, 3:12]))]
-    spout = jnp.asarray(np.concatenate([tiny_cases["spout"], tiny_cases["spout_onehot"][:1]]))
-    for sampler in (Sampler(temperature=0.0), Sampler(top_k=40)):
-        decoder = Decoder(config, sampler, special.end)
-        batched = decoder.generate(params, left_pad(prompts, special.not_token), 20, spout=spout, seed=5)
-        for i, prompt in enumerate(prompts):
-            alone = decoder.generate(params, left_pad([prompt], special.not_token), 20, spout=spout[i:i + 1],
-                                     seed=5, rows=[i])
-            np.testing.assert_array_equal(batched.tokens[i], alone.tokens[0])
-            assert batched.lengths[i] == alone.lengths[0]
+    ids = tiny_cases["input_ids"]
+    prompts = [Prompt(tuple(int(t) for t in ids[0, :5])), Prompt(tuple(int(t) for t in ids[1, :13]), 9)]
+    spout = jnp.asarray(tiny_cases["spout"])
+    decoder = Decoder(config, sampler, special.end)
+    batched = decoder.generate(params, left_pad(prompts, special.not_token), 50, spout=spout, seed=5)
+    for i, prompt in enumerate(prompts):
+        alone = decoder.generate(params, left_pad([prompt], special.not_token), 50, spout=spout[i:i + 1],
+                                 seed=5, rows=[i])
+        np.testing.assert_array_equal(batched.tokens[i], alone.tokens[0])
+        assert batched.lengths[i] == alone.lengths[0]
 
 
 def test_each_row_stops_at_its_end_token(tiny, tiny_cases):
@@ -94,8 +96,9 @@ def test_each_row_stops_at_its_end_token(tiny, tiny_cases):
     and the other row is unaffected."""
     config, params = tiny
     prompt = tiny_cases["greedy_prompt"]
-    decoder = Decoder(config, Sampler(temperature=0.0), end_id=335)
-    result = decoder.generate(params, left_pad(prompts_of(prompt), 0), max_new=12)
+    special = SpecialIds.swe_layout(config.num_vocabulary)
+    decoder = Decoder(config, Sampler(temperature=0.0, banned_ids=special.never_sampled), end_id=335)
+    result = decoder.generate(params, left_pad(prompts_of(prompt), special.not_token), max_new=12)
     np.testing.assert_array_equal(result.lengths, [12, 3])
     np.testing.assert_array_equal(result.tokens[0], tiny_cases["greedy_out"][0, 8:])
     np.testing.assert_array_equal(result.tokens[1], [125, 492, 7] + [335] * 9)
@@ -114,19 +117,20 @@ def test_generation_stays_inside_the_context(tiny, tiny_cases):
 
 def test_stream_yields_the_generated_tokens_in_chunks(tiny, tiny_cases):
     config, params = tiny
-    decoder = Decoder(config, Sampler(top_k=50), end_id=config.num_vocabulary - 1)
-    batch = left_pad(prompts_of(tiny_cases["greedy_prompt"]), 0)
-    whole = decoder.generate(params, batch, max_new=23, seed=1)
-    chunks = list(decoder.stream(params, batch, max_new=23, seed=1, chunk=5))
-    assert [c.shape[1] for c in chunks] == [1, 5, 5, 5, 5, 2]
+    special = SpecialIds.swe_layout(config.num_vocabulary)
+    decoder = Decoder(config, Sampler(temperature=0.0, banned_ids=special.never_sampled), special.end)
+    batch = left_pad(prompts_of(tiny_cases["greedy_prompt"]), special.not_token)
+    whole = decoder.generate(params, batch, max_new=12)
+    chunks = list(decoder.stream(params, batch, max_new=12, chunk=5))
+    assert [c.shape[1] for c in chunks] == [1, 5, 5, 1]
     np.testing.assert_array_equal(np.concatenate(chunks, axis=1), whole.tokens)
 
 
 def test_decoding_compiles_once_per_shape(tiny, tiny_cases):
     config, params = tiny
-    decoder = Decoder(config, Sampler(top_k=10), end_id=config.num_vocabulary - 1)
+    sampler = Sampler(top_k=11)  # used by no other test
     ids = tiny_cases["input_ids"]
     for offset in range(3):
+        decoder = Decoder(config, sampler, end_id=int(ids[0, offset + 12]))
         decoder.generate(params, left_pad(prompts_of(ids[:, offset:offset + 10]), 0), max_new=16, seed=offset)
-    assert decoder._start._cache_size() == 1
-    assert decoder._advance._cache_size() == 1
+    assert decoder.compiled["generate"]._cache_size() == 1

@@ -12,7 +12,8 @@ Both functions compile once per input shape and Sampler.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 
 import flax.struct
 import jax
@@ -36,6 +37,7 @@ class DecodeState:
     limit: jax.Array  # [B] most tokens the row may generate (room left in the context window)
     rows: jax.Array  # [B] row ids that seed each row's sampling
     seed_key: jax.Array
+    end_id: jax.Array  # () the token that stops a row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +56,64 @@ def room_left(config: ModelConfig, lengths: np.ndarray, has_spout: bool) -> np.n
     return room
 
 
+def _choose(sampler: Sampler, state: DecodeState, logits: jax.Array) -> DecodeState:
+    """Pick the next token of every live row from logits [B, V] and record it."""
+    keys = row_keys(state.seed_key, state.rows, state.step)
+    token = next_token(keys, logits, sampler)
+    token = jnp.where(state.done, state.end_id, token)
+    ended = ~state.done & (token == state.end_id)
+    lengths = state.lengths + (~state.done & ~ended)
+    done = state.done | ended | (lengths >= state.limit)
+    tokens = jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, state.step))
+    return state.replace(tokens=tokens, last=token, step=state.step + 1, done=done, lengths=lengths)
+
+
+def _start(config: ModelConfig, sampler: Sampler, params, ids, pad, num_precontext, spout, limit, rows, seed,
+           end_id, steps: int) -> DecodeState:
+    """Prefill the prompts into a fresh cache and choose the first token."""
+    batch, width = ids.shape
+    past = 0 if spout is None else 1
+    cache = KVCache.allocate(config, batch, past + width + steps)
+    out = GPTSAN(config).apply({"params": params}, ids, num_precontext=num_precontext, spout=spout, pad=pad,
+                               cache=cache)
+    state = DecodeState(
+        cache=out.cache, tokens=jnp.full((batch, steps), end_id, jnp.int32), last=ids[:, -1],
+        step=jnp.zeros((), jnp.int32), done=jnp.zeros((batch,), bool), lengths=jnp.zeros((batch,), jnp.int32),
+        limit=limit, rows=rows, seed_key=jax.random.key(seed), end_id=jnp.asarray(end_id, jnp.int32))
+    return _choose(sampler, state, out.logits[:, -1])
+
+
+def _advance(config: ModelConfig, sampler: Sampler, params, state: DecodeState, num_steps) -> DecodeState:
+    """Feed one token a step through the cache until `num_steps` more tokens or every row stopped."""
+    model = GPTSAN(config)
+    stop = jnp.minimum(state.step + num_steps, state.tokens.shape[1])
+
+    def running(s: DecodeState):
+        return (s.step < stop) & ~jnp.all(s.done)
+
+    def one_step(s: DecodeState):
+        out = model.apply({"params": params}, s.last[:, None], cache=s.cache)
+        return _choose(sampler, s.replace(cache=out.cache), out.logits[:, 0])
+
+    return jax.lax.while_loop(running, one_step, state)
+
+
+def _generate(config, sampler, params, ids, pad, num_precontext, spout, limit, rows, seed, end_id,
+              steps: int) -> DecodeState:
+    state = _start(config, sampler, params, ids, pad, num_precontext, spout, limit, rows, seed, end_id, steps)
+    return _advance(config, sampler, params, state, steps)
+
+
+@functools.cache
+def compiled(config: ModelConfig, sampler: Sampler) -> dict[str, Callable]:
+    """The jitted functions for one model config and Sampler, shared by every Decoder that uses them."""
+    return {
+        "generate": jax.jit(functools.partial(_generate, config, sampler), static_argnames=("steps",)),
+        "start": jax.jit(functools.partial(_start, config, sampler), static_argnames=("steps",)),
+        "advance": jax.jit(functools.partial(_advance, config, sampler), donate_argnames=("state",)),
+    }
+
+
 class Decoder:
     """Prefill + jitted decoding loop for one model config and one Sampler."""
 
@@ -61,69 +121,33 @@ class Decoder:
         self.config = config
         self.sampler = sampler
         self.end_id = end_id
-        self.model = GPTSAN(config)
-        self._start = jax.jit(self._start_impl, static_argnames=("steps",))
-        self._advance = jax.jit(self._advance_impl, donate_argnames=("state",))
+        self.compiled = compiled(config, sampler)
 
-    # Traced functions.
-    def _choose(self, state: DecodeState, logits: jax.Array) -> DecodeState:
-        """Pick the next token of every live row from logits [B, V] and record it."""
-        keys = row_keys(state.seed_key, state.rows, state.step)
-        token = next_token(keys, logits, self.sampler)
-        token = jnp.where(state.done, self.end_id, token)
-        ended = ~state.done & (token == self.end_id)
-        lengths = state.lengths + (~state.done & ~ended)
-        done = state.done | ended | (lengths >= state.limit)
-        tokens = jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, state.step))
-        return state.replace(tokens=tokens, last=token, step=state.step + 1, done=done, lengths=lengths)
+    def _inputs(self, batch: PromptBatch, max_new: int, spout, seed: int, rows) -> tuple[tuple, int]:
+        if max_new < 1:
+            raise UserError(f"--max_generate: expected at least 1, got {max_new}")
+        limit = np.minimum(room_left(self.config, batch.lengths, spout is not None), max_new)
+        rows = np.arange(len(limit)) if rows is None else np.asarray(rows)
+        spout = None if spout is None else jnp.asarray(spout, jnp.float32)
+        inputs = (jnp.asarray(batch.ids), jnp.asarray(batch.pad), jnp.asarray(batch.num_precontext), spout,
+                  jnp.asarray(limit, jnp.int32), jnp.asarray(rows, jnp.int32), seed, self.end_id)
+        return inputs, int(limit.max())
 
-    def _start_impl(self, params, ids, pad, num_precontext, spout, limit, rows, seed, steps: int):
-        batch, width = ids.shape
-        past = 0 if spout is None else 1
-        cache = KVCache.allocate(self.config, batch, past + width + steps)
-        out = self.model.apply({"params": params}, ids, num_precontext=num_precontext, spout=spout, pad=pad,
-                               cache=cache)
-        state = DecodeState(
-            cache=out.cache, tokens=jnp.full((batch, steps), self.end_id, jnp.int32),
-            last=ids[:, -1], step=jnp.zeros((), jnp.int32), done=jnp.zeros((batch,), bool),
-            lengths=jnp.zeros((batch,), jnp.int32), limit=limit, rows=rows, seed_key=jax.random.key(seed))
-        return self._choose(state, out.logits[:, -1])
-
-    def _advance_impl(self, params, state: DecodeState, num_steps) -> DecodeState:
-        stop = jnp.minimum(state.step + num_steps, state.tokens.shape[1])
-
-        def running(s: DecodeState):
-            return (s.step < stop) & ~jnp.all(s.done)
-
-        def one_step(s: DecodeState):
-            out = self.model.apply({"params": params}, s.last[:, None], cache=s.cache)
-            return self._choose(s.replace(cache=out.cache), out.logits[:, 0])
-
-        return jax.lax.while_loop(running, one_step, state)
-
-    # Host API.
     def start(self, params, batch: PromptBatch, max_new: int, spout=None, seed: int = 0,
               rows=None) -> DecodeState:
         """Prefill and choose the first token. `rows` [B]: the ids that seed each row's sampling (default
         0..B-1), so a row samples the same tokens whatever batch it is in."""
-        if max_new < 1:
-            raise UserError(f"--max_generate: expected at least 1, got {max_new}")
-        limit = np.minimum(room_left(self.config, batch.lengths, spout is not None), max_new)
-        steps = int(limit.max())
-        rows = np.arange(len(limit)) if rows is None else np.asarray(rows)
-        spout = None if spout is None else jnp.asarray(spout, jnp.float32)
-        return self._start(params, jnp.asarray(batch.ids), jnp.asarray(batch.pad),
-                           jnp.asarray(batch.num_precontext), spout, jnp.asarray(limit, jnp.int32),
-                           jnp.asarray(rows, jnp.int32), seed, steps=steps)
+        inputs, steps = self._inputs(batch, max_new, spout, seed, rows)
+        return self.compiled["start"](params, *inputs, steps=steps)
 
     def advance(self, params, state: DecodeState, num_steps: int) -> DecodeState:
         """Up to `num_steps` more tokens (fewer when every row has stopped)."""
-        return self._advance(params, state, jnp.asarray(num_steps, jnp.int32))
+        return self.compiled["advance"](params, state, jnp.asarray(num_steps, jnp.int32))
 
     def generate(self, params, batch: PromptBatch, max_new: int, spout=None, seed: int = 0,
                  rows=None) -> Generated:
-        state = self.start(params, batch, max_new, spout, seed, rows)
-        state = self.advance(params, state, state.tokens.shape[1])
+        inputs, steps = self._inputs(batch, max_new, spout, seed, rows)
+        state = self.compiled["generate"](params, *inputs, steps=steps)
         return Generated(np.asarray(state.tokens), np.asarray(state.lengths))
 
     def stream(self, params, batch: PromptBatch, max_new: int, spout=None, seed: int = 0, rows=None,
