@@ -9,9 +9,10 @@ import pytest
 from gptsan.model import ModelConfig
 from gptsan.model.moe import (
     SwitchFF,
-    capacity_dispatch,
-    dropless_dispatch,
+    block_size,
+    capacity_kept,
     expert_capacity,
+    expert_ffn,
     group_count,
     load_balancing_loss,
     positions_in_expert,
@@ -54,21 +55,54 @@ def test_capacity_drops_exactly_the_tokens_past_capacity_in_each_group(weights):
     # group 0: expert 0 chosen 4 times (tokens 0,1,3,5); capacity 2 keeps tokens 0 and 1 only.
     # group 1: expert 2 chosen 3 times (tokens 0,2,4); keeps 0 and 2.
     expert = np.array([[0, 0, 1, 0, 2, 0], [2, 1, 2, 0, 2, 1]])
-    y, kept = capacity_dispatch(jnp.asarray(x), jnp.asarray(expert), jnp.asarray(wi), jnp.asarray(wo), 2)
+    kept = capacity_kept(jnp.asarray(expert), 3, 2)
     expected_kept = np.array([[1, 1, 1, 0, 1, 0], [1, 1, 1, 1, 0, 1]], bool)
     np.testing.assert_array_equal(kept, expected_kept)
-    for g in range(2):
-        ref = reference_expert_ffn(x[g], expert[g], wi, wo) * expected_kept[g][:, None]
-        np.testing.assert_allclose(y[g], ref, rtol=1e-5, atol=1e-5)
+    y = expert_ffn(jnp.asarray(x.reshape(12, 4)), jnp.asarray(expert.reshape(-1)), kept.reshape(-1),
+                   jnp.asarray(wi), jnp.asarray(wo))
+    ref = reference_expert_ffn(x.reshape(12, 4), expert.reshape(-1), wi, wo) * expected_kept.reshape(-1, 1)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_dropless_drops_none_and_equals_loop_over_experts(weights):
+@pytest.mark.parametrize("num_tokens", [1, 9, 300])
+def test_dropless_drops_none_and_equals_loop_over_tokens(weights, num_tokens):
+    """Unbalanced routing (one expert takes most tokens), few tokens (one block) and many (several)."""
     wi, wo = weights
     rng = np.random.default_rng(2)
-    x = rng.normal(size=(9, 4)).astype(np.float32)
-    expert = np.array([0, 0, 0, 0, 0, 0, 0, 2, 0])  # heavily unbalanced: one expert takes 8 of 9
-    y = dropless_dispatch(jnp.asarray(x), jnp.asarray(expert), jnp.asarray(wi), jnp.asarray(wo))
+    x = rng.normal(size=(num_tokens, 4)).astype(np.float32)
+    expert = np.where(rng.random(num_tokens) < 0.8, 0, rng.integers(0, 3, num_tokens))
+    y = expert_ffn(jnp.asarray(x), jnp.asarray(expert), jnp.ones(num_tokens, bool), jnp.asarray(wi),
+                   jnp.asarray(wo))
     np.testing.assert_allclose(y, reference_expert_ffn(x, expert, wi, wo), rtol=1e-5, atol=1e-5)
+
+
+def test_expert_ffn_gradients_equal_the_dense_reference(weights):
+    """The block-sparse matmul's custom gradient equals autodiff of a plain per-token computation."""
+    wi, wo = (jnp.asarray(w) for w in weights)
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(200, 4)).astype(np.float32))
+    expert = jnp.asarray(rng.integers(0, 3, 200))
+    kept = jnp.asarray(rng.random(200) < 0.7)
+    target = jnp.asarray(rng.normal(size=(200, 4)).astype(np.float32))
+
+    def dense(x, wi, wo):
+        h = jax.nn.relu(jnp.einsum("nd,ndf->nf", x, wi[expert]))
+        return jnp.einsum("nf,nfd->nd", h, wo[expert]) * kept[:, None]
+
+    def loss(ffn):
+        return lambda x, wi, wo: jnp.sum((ffn(x, wi, wo) - target) ** 2)
+
+    ours = jax.grad(loss(lambda x, wi, wo: expert_ffn(x, expert, kept, wi, wo)), argnums=(0, 1, 2))(x, wi, wo)
+    reference = jax.grad(loss(dense), argnums=(0, 1, 2))(x, wi, wo)
+    for a, b in zip(ours, reference, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_block_size_keeps_decoding_to_one_block():
+    assert block_size(1, 16) == 1
+    assert block_size(16, 8) == 16
+    assert block_size(2048, 8) == 64
+    assert block_size(1 << 16, 16) == 128
 
 
 def test_aux_loss_equals_hand_computation():
