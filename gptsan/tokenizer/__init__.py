@@ -8,7 +8,9 @@ from gptsan.tokenizer.base import SpecialIds, Tokenizer
 KINDS = ("swe", "sentencepiece")
 
 
-def load_tokenizer(kind: str, path: str, *, emoji_file: str | None = None, clean_text: bool = False) -> Tokenizer:
+def load_tokenizer(
+    kind: str, path: str, *, emoji_file: str | None = None, clean_text: bool = False
+) -> Tokenizer:
     """`kind` "swe": `path` is `ja-swe36k.txt` (emoji.json beside it unless `emoji_file`);
     "sentencepiece": `path` is a `.model` file made by `tools/train_tokenizer.py`."""
     if kind == "swe":

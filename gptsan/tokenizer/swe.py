@@ -72,7 +72,7 @@ def read_emoji(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             emoji = json.load(f)
     except FileNotFoundError:
-        raise UserError(f"{path}: emoji.json not found (give --emoji, or put it beside the vocabulary)") from None
+        raise UserError(f"{path}: emoji.json not found (give --emoji, or put it beside)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: not a JSON emoji table ({err})") from None
     if not isinstance(emoji, dict) or "emoji" not in emoji or "emoji_inv" not in emoji:
@@ -119,7 +119,7 @@ class EmojiReplacer:
 
 
 class SWETokenizer(Tokenizer):
-    """GPTSAN's tokenizer. `vocab_file` is `ja-swe36k.txt`; `emoji_file` defaults to `emoji.json` beside it."""
+    """GPTSAN's tokenizer: `vocab_file` is `ja-swe36k.txt`, `emoji_file` defaults to emoji.json beside it."""
 
     def __init__(self, vocab_file: str, emoji_file: str | None = None, clean_text: bool = False):
         if emoji_file is None:
@@ -133,7 +133,8 @@ class SWETokenizer(Tokenizer):
             for spelling in spellings:
                 self.lookup[spelling] = token_id  # a later line wins, as in the port
         self.max_spelling = max(len(s) for s in self.lookup)
-        self.tag_lengths = sorted({len(s) for s in self.lookup if s.startswith("<") and len(s) > 2}, reverse=True)
+        tag_lengths = {len(s) for s in self.lookup if s.startswith("<") and len(s) > 2}
+        self.tag_lengths = sorted(tag_lengths, reverse=True)
         self.special = SpecialIds(**{role: self._required_id(piece) for role, piece in ROLE_PIECES.items()})
         self.byte_ids = [self.lookup.get(f"{_BYTE_PREFIX}{b}|>", self.special.nottoken) for b in range(256)]
         self.kigou_id = self._required_id("<KIGOU>")
@@ -143,7 +144,7 @@ class SWETokenizer(Tokenizer):
 
     def _required_id(self, piece: str) -> int:
         if piece not in self.lookup:
-            raise UserError(f"{self.vocab_file}: vocabulary has no {piece} (is this a GPTSAN SWE vocabulary?)")
+            raise UserError(f"{self.vocab_file}: no {piece} in the vocabulary (not a GPTSAN SWE vocabulary?)")
         return self.lookup[piece]
 
     def _is_plain_id(self, token_id: int) -> bool:
