@@ -238,6 +238,19 @@ def test_cli_runs_from_any_directory_with_two_processes(vocab, tmp_path):
     assert "wrote" in done.stderr
 
 
+def test_inspect_tool_prints_decoded_records(vocab, tmp_path):
+    write(tmp_path / "in" / "a.txt", "猫が好きです。\n")
+    encode(vocab, tmp_path / "in" / "*.txt", tmp_path / "out", num_context=16)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    tool = str(REPO / "tools" / "inspect_tfrecord.py")
+    cmd = [sys.executable, tool, "out/lm_0000.tfrecord", "--vocabulary", vocab]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    first = "[0] i=0 num_input=1 tokens=10/16 loss_targets=8 (in prefix: 0, masks in x: 0)"
+    assert done.stdout.splitlines()[0] == first
+    assert "body:   '猫が好きです\\n'" in done.stdout  # the separator decodes to nothing
+
+
 # ---- bad inputs -----------------------------------------------------------------------------------------
 
 

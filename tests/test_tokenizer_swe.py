@@ -91,3 +91,42 @@ def test_missing_emoji_file_is_a_user_error(tmp_path):
 def test_decoding_an_id_outside_the_vocabulary_is_a_user_error(swe):
     with pytest.raises(UserError, match="outside the vocabulary"):
         swe.decode([36000])
+
+
+# ---- gptsan-tokenize ------------------------------------------------------------------------------------
+
+
+def tokenize_cli(capsys, *args):
+    from gptsan.tokenize_cli import main
+
+    code = main(["--vocabulary", str(shared_path("vocab", "ja-swe36k.txt")), *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_encodes_and_decodes(capsys):
+    code, out, _ = tokenize_cli(capsys, "--text", "こんにちは、世界。")
+    assert code == 0 and json.loads(out) == [469, 1957, 30647, 35675, 271, 35676]
+    code, out, _ = tokenize_cli(capsys, "--decode", "--text", "[469, 1957, 30647, 35675, 271, 35676]")
+    assert code == 0 and out == "こんにちは、世界。\n"
+
+
+def test_cli_clean_text_flag(capsys):
+    _, out, _ = tokenize_cli(capsys, "--clean_text", "--text", "電話番号は03-1234-5678です")
+    assert json.loads(out) == [1026, 1883, 30647, 35720, 4]
+
+
+def test_cli_files_one_line_per_text_and_count(capsys, tmp_path):
+    (tmp_path / "a.txt").write_text("猫\n犬と猫\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("鳥\n", encoding="utf-8")
+    code, out, _ = tokenize_cli(capsys, "--files", str(tmp_path / "*.txt"))
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and len(lines) == 3 and lines[0] == [31448]
+    code, out, _ = tokenize_cli(capsys, "--count", "--files", str(tmp_path / "*.txt"))
+    expected_tokens = sum(len(ids) + 1 for ids in lines)
+    assert json.loads(out) == {"files": 2, "lines": 3, "characters": 5, "tokens": expected_tokens}
+
+
+def test_cli_bad_ids_are_one_line_errors(capsys):
+    code, _, err = tokenize_cli(capsys, "--decode", "--text", "hello")
+    assert code == 2 and err == "error: --text: expected a JSON list of integer ids, got 'hello'\n"
