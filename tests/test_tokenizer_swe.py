@@ -48,6 +48,14 @@ def test_fast_scan_agrees_with_the_straightforward_algorithm(swe):
             assert swe.encode(text, clean=clean) == naive_encode(swe, text, clean), (text, clean)
 
 
+def test_fast_scan_agrees_on_runs_of_vocabulary_pieces(swe):
+    rng = random.Random(1)
+    pieces = [spellings[0] for spellings in swe.spellings[:35700] if spellings[0]]
+    for _ in range(300):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 12)))
+        assert swe.encode(text) == naive_encode(swe, text), text
+
+
 def test_tags_written_in_the_text_are_single_tokens(swe):
     assert swe.encode("<SP><BR><|inputmask|>") == [35716, 35715, 35994]
 

@@ -152,10 +152,11 @@ def read_document(path: str) -> list[str]:
 # ---- one worker ---------------------------------------------------------------------------------------
 
 
-def encode_files(job: WorkerJob, report=lambda nbytes: None) -> WorkerSummary:
+def encode_files(job: WorkerJob, report=lambda nbytes: None, tokenizer=None) -> WorkerSummary:
     """Encode `job.files` into `job.out_path`; `report(nbytes)` after each file. Removes the file on error."""
     summary = WorkerSummary(job.proc)
-    encoder = DocumentEncoder(job.tokenizer.load(), job.layout, np.random.default_rng(job.seed + job.proc))
+    tokenizer = tokenizer or job.tokenizer.load()
+    encoder = DocumentEncoder(tokenizer, job.layout, np.random.default_rng(job.seed + job.proc))
     pad_id = encoder.tok.pad_id
     try:
         with open(job.out_path, "wb") as out:
@@ -241,7 +242,7 @@ class EncodeConfig:
 def run(config: EncodeConfig) -> list[WorkerSummary]:
     """Encode the corpus; returns one summary per worker. Raises UserError, leaving no tfrecord behind."""
     config.validate()
-    config.tokenizer.load()  # a bad vocabulary fails here, once, before any worker starts
+    tokenizer = config.tokenizer.load()  # a bad vocabulary fails here, once, before any worker starts
     inputs = list_inputs(config.input_files)
     order = np.random.default_rng(config.seed).permutation(len(inputs))
     shards = [s for s in np.array_split(order, min(config.num_process, len(inputs))) if len(s)]
@@ -259,7 +260,7 @@ def run(config: EncodeConfig) -> list[WorkerSummary]:
     ]
     total_bytes = sum(_size(item.path) for item in inputs)
     try:
-        summaries = _run_jobs(jobs, total_bytes, config.progress)
+        summaries = _run_jobs(jobs, total_bytes, config.progress, tokenizer)
         if sum(s.records for s in summaries) == 0:
             raise UserError(f"--input_files: no text in the {len(inputs)} file(s) of {config.input_files!r}")
         _publish(jobs, finals, config.output_dir, remote)
@@ -271,13 +272,13 @@ def run(config: EncodeConfig) -> list[WorkerSummary]:
     return summaries
 
 
-def _run_jobs(jobs: list[WorkerJob], total_bytes: int, progress: bool) -> list[WorkerSummary]:
+def _run_jobs(jobs: list[WorkerJob], total_bytes: int, progress: bool, tokenizer) -> list[WorkerSummary]:
     from tqdm import tqdm
 
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="encode", file=sys.stderr,
               disable=not progress) as bar:
         if len(jobs) == 1:
-            return [encode_files(jobs[0], report=bar.update)]
+            return [encode_files(jobs[0], report=bar.update, tokenizer=tokenizer)]
         return _run_in_processes(jobs, bar)
 
 

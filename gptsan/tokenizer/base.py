@@ -6,6 +6,8 @@ training inputs), input mask, not-a-token (padding), bag of tokens (a run of 3+)
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,9 +32,10 @@ class SpecialIds:
     def pad(self) -> int:
         return self.nottoken
 
+    @functools.cached_property
     def control_ids(self) -> frozenset[int]:
         """Every role but the newline, which is ordinary text."""
-        return frozenset(v for role, v in vars(self).items() if role != "newline")
+        return frozenset(getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "newline")
 
 
 class Tokenizer(ABC):

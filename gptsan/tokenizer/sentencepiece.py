@@ -56,7 +56,7 @@ class SentencePieceTokenizer(Tokenizer):
     def _is_plain_id(self, token_id: int) -> bool:
         sp = self.sp
         return not (sp.IsByte(token_id) or sp.IsControl(token_id) or sp.IsUnknown(token_id)
-                    or token_id in self.special.control_ids())
+                    or token_id in self.special.control_ids)
 
     def encode(self, text: str, clean: bool | None = None) -> list[int]:
         clean = self.clean_text if clean is None else clean
@@ -69,7 +69,7 @@ class SentencePieceTokenizer(Tokenizer):
         for token_id in map(int, ids):
             if not 0 <= token_id < self.vocab_size:
                 raise UserError(f"token id {token_id}: outside the vocabulary (0..{self.vocab_size - 1})")
-            if token_id in self.special.control_ids() or token_id in self._decoded_tag:
+            if token_id in self.special.control_ids or token_id in self._decoded_tag:
                 if run:
                     words.append(self.sp.DecodeIds(run))
                 words.append(self._decode_role(token_id, run, words))

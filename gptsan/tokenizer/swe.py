@@ -13,7 +13,8 @@ encoder as kept by the Hugging Face port (`GPTSanJapaneseTokenizer`):
 
 Speed: the port scans every emoji key over every text (4,314 substring searches per call) and builds,
 sorts and discards a candidate list per position. Here the emoji keys are bucketed by a character that
-must occur in the text for the key to match, and each position does at most three dict look-ups.
+must occur in the text for the key to match, and each position does two dict look-ups (the character;
+the pair, which also says whether a 3-character spelling can start there) and a third only when it can.
 `swe_reference.py` keeps the straightforward version; tests check both agree and `bench/encode.py` times them.
 """
 
@@ -133,6 +134,7 @@ class SWETokenizer(Tokenizer):
             for spelling in spellings:
                 self.lookup[spelling] = token_id  # a later line wins, as in the port
         self.max_spelling = max(len(s) for s in self.lookup)
+        self.pairs = self._index_pairs()
         tag_lengths = {len(s) for s in self.lookup if s.startswith("<") and len(s) > 2}
         self.tag_lengths = sorted(tag_lengths, reverse=True)
         self.special = SpecialIds(**{role: self._required_id(piece) for role, piece in ROLE_PIECES.items()})
@@ -142,6 +144,17 @@ class SWETokenizer(Tokenizer):
         self.replace_emoji = EmojiReplacer(self.emoji["emoji"])
         self._decode_table = self._build_decode_table()
 
+    def _index_pairs(self) -> dict[str, tuple[int | None, bool]]:
+        """For each 2-character string that is a spelling or begins a 3-character one: (its id or None,
+        whether a 3-character spelling begins with it). One look-up then settles two candidate lengths."""
+        pairs: dict[str, tuple[int | None, bool]] = {}
+        for spelling, token_id in self.lookup.items():
+            if len(spelling) == 2:
+                pairs[spelling] = (token_id, pairs.get(spelling, (None, False))[1])
+            elif len(spelling) == 3:
+                pairs[spelling[:2]] = (pairs.get(spelling[:2], (None, False))[0], True)
+        return pairs
+
     def _required_id(self, piece: str) -> int:
         if piece not in self.lookup:
             raise UserError(f"{self.vocab_file}: no {piece} in the vocabulary (not a GPTSAN SWE vocabulary?)")
@@ -149,7 +162,7 @@ class SWETokenizer(Tokenizer):
 
     def _is_plain_id(self, token_id: int) -> bool:
         first = self.spellings[token_id][0]
-        return not (first.startswith(_BYTE_PREFIX) or token_id in self.special.control_ids())
+        return not (first.startswith(_BYTE_PREFIX) or token_id in self.special.control_ids)
 
     # ---- encoding -------------------------------------------------------------------------------------
 
@@ -173,7 +186,7 @@ class SWETokenizer(Tokenizer):
 
     def scan(self, text: str) -> list[int]:
         """Step 5: the lowest-id candidate at each position."""
-        get, result, pos, n = self.lookup.get, [], 0, len(text)
+        get, get_pair, result, pos, n = self.lookup.get, self.pairs.get, [], 0, len(text)
         while pos < n:
             if text[pos] == "<":
                 tag_length = self._tag_at(text, pos)
@@ -182,11 +195,17 @@ class SWETokenizer(Tokenizer):
                     pos += tag_length
                     continue
             best_id, best_length = None, 0
-            for length in (3, 2, 1):
-                if pos + length <= n:
-                    token_id = get(text[pos : pos + length])
-                    if token_id is not None and (best_id is None or token_id < best_id):
-                        best_id, best_length = token_id, length
+            pair = get_pair(text[pos : pos + 2]) if pos + 1 < n else None
+            if pair is not None:
+                pair_id, starts_triple = pair
+                if starts_triple and pos + 2 < n:
+                    best_id = get(text[pos : pos + 3])
+                    best_length = 3 if best_id is not None else 0
+                if pair_id is not None and (best_id is None or pair_id < best_id):
+                    best_id, best_length = pair_id, 2
+            single_id = get(text[pos])
+            if single_id is not None and (best_id is None or single_id < best_id):
+                best_id, best_length = single_id, 1
             if best_id is None:
                 result.extend(self.unknown_char_ids(text[pos]))
                 pos += 1
