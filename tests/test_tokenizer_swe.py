@@ -8,6 +8,7 @@ import pytest
 
 from gptsan.errors import UserError
 from gptsan.tokenizer import load_tokenizer
+from gptsan.tokenizer.cleaning import clean_text, clean_text_unguarded
 from gptsan.tokenizer.swe import SWETokenizer
 from gptsan.tokenizer.swe_reference import naive_encode
 from tests.conftest import shared_path
@@ -46,6 +47,20 @@ def test_fast_scan_agrees_with_the_straightforward_algorithm(swe):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
         for clean in (False, True):
             assert swe.encode(text, clean=clean) == naive_encode(swe, text, clean), (text, clean)
+
+
+CLEAN_FRAGMENTS = [
+    "https://example.com/a?b=1", "ftp://x", "taro@example.jp", "03-1234-5678", "(03)1234-5678",
+    "2023年1月5日", "12/25", "平成3年4月5日(金)", "1,280円", "5万ドル", "3千ユーロ(税込)", "円",
+    "─│┌", "▀▀", "は", "、", " ", "1", "年", "@", ":", "-",
+]
+
+
+def test_guarded_clean_text_equals_the_original_rules():
+    rng = random.Random(2)
+    for _ in range(500):
+        text = "".join(rng.choice(CLEAN_FRAGMENTS) for _ in range(rng.randint(1, 8)))
+        assert clean_text(text) == clean_text_unguarded(text), text
 
 
 def test_fast_scan_agrees_on_runs_of_vocabulary_pieces(swe):

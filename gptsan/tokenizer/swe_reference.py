@@ -4,7 +4,7 @@ candidate list per position), as the original encoder does it. Used by the tests
 
 from __future__ import annotations
 
-from gptsan.tokenizer.cleaning import clean_text
+from gptsan.tokenizer.cleaning import clean_text_unguarded
 from gptsan.tokenizer.swe import WHITESPACE_RULES, SWETokenizer, split_specials
 
 
@@ -24,7 +24,7 @@ def _naive_normalise(tokenizer: SWETokenizer, text: str, clean: bool) -> str:
     for key, tag in tokenizer.emoji["emoji"].items():
         if key in text:
             text = text.replace(key, tag)
-    return clean_text(text) if clean else text
+    return clean_text_unguarded(text) if clean else text
 
 
 def _naive_scan(tokenizer: SWETokenizer, text: str) -> list[int]:
