@@ -238,6 +238,17 @@ def test_cli_runs_from_any_directory_with_two_processes(vocab, tmp_path):
     assert "wrote" in done.stderr
 
 
+def test_remote_output_dir_is_written_through_fsspec(vocab, tmp_path):
+    import fsspec
+
+    encode(vocab, corpus(tmp_path, files=2), "memory://encoded/run1", num_context=64, num_process=2)
+    encode(vocab, corpus(tmp_path, files=2), tmp_path / "local", num_context=64, num_process=2)
+    fs = fsspec.filesystem("memory")
+    names = ["/encoded/run1/lm_0000.tfrecord", "/encoded/run1/lm_0001.tfrecord"]
+    assert sorted(fs.ls("/encoded/run1", detail=False)) == names
+    assert fs.cat("/encoded/run1/lm_0001.tfrecord") == (tmp_path / "local" / "lm_0001.tfrecord").read_bytes()
+
+
 def test_inspect_tool_prints_decoded_records(vocab, tmp_path):
     write(tmp_path / "in" / "a.txt", "猫が好きです。\n")
     encode(vocab, tmp_path / "in" / "*.txt", tmp_path / "out", num_context=16)
