@@ -16,12 +16,16 @@ from gptsan import storage
 from gptsan.errors import UserError
 
 
+def refuse_existing(dst: str, flag: str = "--output") -> None:
+    if storage.exists(str(dst)):
+        raise UserError(f"{flag} {dst}: already exists; refusing to overwrite it (choose a new path)")
+
+
 @contextmanager
 def staged_output(dst: str, flag: str = "--output") -> Iterator[str]:
     """Yield a directory to write into; it becomes `dst` only if the block finishes without error."""
     dst = str(dst)
-    if storage.exists(dst):
-        raise UserError(f"{flag} {dst}: already exists; refusing to overwrite it (choose a new path)")
+    refuse_existing(dst, flag)
     if storage.is_remote(dst):
         fs, path = storage.filesystem(dst)
         try:

@@ -20,7 +20,7 @@ from typing import Any
 
 from gptsan import storage
 from gptsan.checkpoint import load_flat, native
-from gptsan.checkpoint.staging import staged_output
+from gptsan.checkpoint.staging import refuse_existing, staged_output
 from gptsan.convert.extend import add_extended_layers, resize_spout
 from gptsan.errors import UserError, cli_main
 from gptsan.model.config import read_parameters_json
@@ -60,8 +60,7 @@ def convert(src: str, dst: str, add_extra_stage: int = 0, num_spout: int | None 
         raise UserError(f"--add_extra_stage: expected a non-negative number of layers, got {add_extra_stage}")
     if dtype not in native.STORAGE_DTYPES:
         raise UserError(f"--dtype: expected one of {', '.join(native.STORAGE_DTYPES)}, got {dtype!r}")
-    if storage.exists(dst):
-        raise UserError(f"--output {dst}: already exists; refusing to overwrite it (choose a new path)")
+    refuse_existing(dst)  # before the (possibly long) load
     config, source = load_flat(src)
     train_params = source_train_params(src, dst)
     new_config, flat = add_extended_layers(config, source, add_extra_stage, seed)

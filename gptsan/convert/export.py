@@ -16,7 +16,7 @@ import sys
 
 from gptsan import storage
 from gptsan.checkpoint import hf, load_flat, native, tf_checkpoint
-from gptsan.checkpoint.staging import staged_output
+from gptsan.checkpoint.staging import refuse_existing, staged_output
 from gptsan.errors import UserError, cli_main
 from gptsan.model.config import read_parameters_json
 
@@ -35,8 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def export(model: str, fmt: str, output: str, dtype: str = "float32") -> None:
     if fmt not in EXPORT_FORMATS:
         raise UserError(f"--format: expected one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
-    if storage.exists(output):
-        raise UserError(f"--output {output}: already exists; refusing to overwrite it (choose a new path)")
+    refuse_existing(output)  # before the (possibly long) load
     config, flat = load_flat(model)
     with staged_output(output) as tmp:
         if fmt == "hf":
