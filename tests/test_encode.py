@@ -128,6 +128,13 @@ def test_csv_fileid_becomes_i(vocab, tmp_path):
     assert [i for i, _ in ids] == [3, 7]
 
 
+def test_list_file_recognised_by_its_header_whatever_its_name(vocab, tmp_path):
+    write(tmp_path / "data" / "A.txt", "あいうえお\n")
+    listing = write(tmp_path / "files.txt", "filename,fileid\ndata/A.txt,42\n")
+    encode(vocab, listing, tmp_path / "out", num_context=16)
+    assert [r.i for r in read_records(tmp_path / "out")] == [42]
+
+
 def test_glob_inputs_get_their_position_in_the_sorted_list(vocab, tmp_path):
     for name in ("c.txt", "a.txt", "b.txt"):
         write(tmp_path / "in" / name, f"{name}の中身\n")
