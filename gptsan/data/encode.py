@@ -3,7 +3,8 @@
 Inputs: a glob of UTF-8 text files (local or gs://), or a CSV list (a `.csv` file, or any file whose first
 line starts with `filename,`) with header `filename,fileid` naming files (relative names are looked up
 beside the list first, then from the working directory) and their class ids. One file is one document;
-`i` is its CSV `fileid`, else its position in the sorted list of inputs.
+`i` is its CSV `fileid`, else its position in the sorted list of inputs (the original numbered records
+instead; one number per file keeps a document's records together, e.g. for `stateless_uniform` spouts).
 How a document becomes records: `gptsan.data.layout`.
 
 Parallel and deterministic: the file list is shuffled with `--seed` and split over `--num_process` worker
