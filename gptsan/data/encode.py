@@ -78,7 +78,7 @@ class WorkerSummary:
 def list_inputs(spec: str) -> list[InputFile]:
     if _is_csv_list(spec):
         return _inputs_from_csv(spec)
-    paths = [p for p in glob_files(spec) if not storage.isdir(p)]
+    paths = [p for p in storage.glob(spec) if not storage.isdir(p)]
     if not paths:
         raise UserError(f"--input_files: no file matches {spec!r}")
     return [InputFile(path, class_id) for class_id, path in enumerate(paths)]
@@ -92,19 +92,6 @@ def _is_csv_list(spec: str) -> bool:
         return True
     with storage.open_file(spec, "rb") as f:
         return f.readline().lstrip(b"\xef\xbb\xbf").startswith(b"filename,")
-
-
-def glob_files(pattern: str) -> list[str]:
-    """Sorted matches of a local or remote glob. (`storage.glob` resolves its filesystem through
-    `get_fs_token_paths`, which expands the pattern and keeps only the first match.)"""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(pattern)
-    matches = sorted(fs.glob(path))
-    if storage.is_remote(pattern):
-        protocol = pattern.split("://", 1)[0]
-        return [f"{protocol}://{m}" for m in matches]
-    return matches
 
 
 def _inputs_from_csv(csv_path: str) -> list[InputFile]:
