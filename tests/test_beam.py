@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from gptsan.generate.beam import BeamDecoder, BeamSearch
-from gptsan.generate.prompt import Prompt, SpecialIds, left_pad
-from gptsan.model import GPTSAN, load_config, unflatten
+from gptsan.generate.prompt import Prompt, left_pad, never_sampled, swe_layout
+from gptsan.model import GPTSAN
 
 END = 5
 
@@ -89,15 +89,14 @@ def test_wide_beam_equals_exhaustive_search(length_penalty):
         assert len(seen) == width
 
 
-def test_beam_on_the_model_is_sorted_and_scored_right(tiny_tf_dir, tiny_names, tiny_cases):
-    config = load_config(tiny_tf_dir / "parameters.json")
-    params = unflatten({name: jnp.asarray(value) for name, value in tiny_names.items()})
-    special = SpecialIds.swe_layout(config.num_vocabulary)
+def test_beam_on_the_model_is_sorted_and_scored_right(tiny, tiny_cases):
+    config, params = tiny
+    special = swe_layout(config.num_vocabulary)
     prompts = [Prompt(tuple(int(t) for t in row)) for row in tiny_cases["greedy_prompt"]]
     prompts[1] = Prompt(prompts[1].ids[:5])  # left-padded by 3
     decoder = BeamDecoder(config, width=4, end_id=special.end, length_penalty=1.0,
-                          banned_ids=special.never_sampled)
-    result = decoder.generate(params, left_pad(prompts, special.not_token), max_new=12)
+                          banned_ids=never_sampled(special))
+    result = decoder.generate(params, left_pad(prompts, special.nottoken), max_new=12)
     model = GPTSAN(config)
     for row, prompt in enumerate(prompts):
         assert np.all(np.diff(result.scores[row]) <= 0)
@@ -106,7 +105,7 @@ def test_beam_on_the_model_is_sorted_and_scored_right(tiny_tf_dir, tiny_names, t
             tokens = result.tokens[row, hyp, :min(length + 1, 12)]
             ids = jnp.asarray([prompt.ids + tuple(int(t) for t in tokens)])
             logits = np.asarray(model.apply({"params": params}, ids).logits[0], np.float64)
-            logits[:, list(special.never_sampled)] = -np.inf
+            logits[:, list(never_sampled(special))] = -np.inf
             logprobs = np.asarray(jax.nn.log_softmax(logits, axis=-1))
             steps = np.arange(len(tokens))
             total = logprobs[len(prompt.ids) - 1 + steps, tokens].sum()
@@ -120,6 +119,6 @@ def test_beam_on_the_model_is_sorted_and_scored_right(tiny_tf_dir, tiny_names, t
 def greedy_logprob(model, params, prompt, tokens, special):
     ids = jnp.asarray([np.concatenate([prompt, tokens])])
     logits = np.asarray(model.apply({"params": params}, ids).logits[0], np.float64)
-    logits[:, list(special.never_sampled)] = -np.inf
+    logits[:, list(never_sampled(special))] = -np.inf
     logprobs = np.asarray(jax.nn.log_softmax(logits, axis=-1))
     return logprobs[len(prompt) - 1 + np.arange(len(tokens)), tokens].sum()

@@ -8,16 +8,9 @@ import pytest
 
 from gptsan.errors import UserError
 from gptsan.generate.decode import Decoder
-from gptsan.generate.prompt import Prompt, SpecialIds, left_pad
+from gptsan.generate.prompt import Prompt, left_pad, never_sampled, swe_layout
 from gptsan.generate.sampling import Sampler, next_token, row_keys
-from gptsan.model import GPTSAN, load_config, unflatten
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_tf_dir, tiny_names):
-    config = load_config(tiny_tf_dir / "parameters.json")
-    params = unflatten({name: jnp.asarray(value) for name, value in tiny_names.items()})
-    return config, params
+from gptsan.model import GPTSAN
 
 
 def prompts_of(rows) -> list[Prompt]:
@@ -47,9 +40,9 @@ def recompute_reference(config, params, ids, steps, sampler, end_id, spout=None,
 def test_greedy_reproduces_fixture(tiny, tiny_cases):
     config, params = tiny
     prompt = tiny_cases["greedy_prompt"]
-    special = SpecialIds.swe_layout(config.num_vocabulary)
-    decoder = Decoder(config, Sampler(temperature=0.0, banned_ids=special.never_sampled), special.end)
-    result = decoder.generate(params, left_pad(prompts_of(prompt), special.not_token), max_new=12)
+    special = swe_layout(config.num_vocabulary)
+    decoder = Decoder(config, Sampler(temperature=0.0, banned_ids=never_sampled(special)), special.end)
+    result = decoder.generate(params, left_pad(prompts_of(prompt), special.nottoken), max_new=12)
     np.testing.assert_array_equal(result.tokens, tiny_cases["greedy_out"][:, prompt.shape[1]:])
     np.testing.assert_array_equal(result.lengths, [12, 12])
 
@@ -59,13 +52,13 @@ def test_greedy_reproduces_fixture(tiny, tiny_cases):
 def test_cached_equals_recomputed_with_spout_and_prefix(tiny, tiny_cases, sampler):
     """50 tokens with a spout vector and a prefix-LM prompt: prompt 13 + spout 1 + 50 = the 64-token context."""
     config, params = tiny
-    special = SpecialIds.swe_layout(config.num_vocabulary)
+    special = swe_layout(config.num_vocabulary)
     ids = tiny_cases["input_ids"][:, :13]
     spout = jnp.asarray(tiny_cases["spout"])
     prefix = tiny_cases["num_precontext"]  # 7 and 13
     prompts = [Prompt(tuple(int(t) for t in row), int(n)) for row, n in zip(ids, prefix, strict=True)]
     decoder = Decoder(config, sampler, special.end)
-    result = decoder.generate(params, left_pad(prompts, special.not_token), max_new=50, spout=spout, seed=3)
+    result = decoder.generate(params, left_pad(prompts, special.nottoken), max_new=50, spout=spout, seed=3)
     reference = recompute_reference(config, params, ids, 50, sampler, special.end, spout, jnp.asarray(prefix),
                                     seed=3)
     assert result.tokens.shape == (2, 50)
@@ -78,14 +71,14 @@ def test_left_padded_batch_equals_each_prompt_alone(tiny, tiny_cases, sampler):
     """A 5-token causal prompt and a 13-token prefix-LM prompt, each with its own spout vector: batched
     (the short one left-padded by 8) and alone, 50 tokens. Sampling is keyed by row id, not by batch."""
     config, params = tiny
-    special = SpecialIds.swe_layout(config.num_vocabulary)
+    special = swe_layout(config.num_vocabulary)
     ids = tiny_cases["input_ids"]
     prompts = [Prompt(tuple(int(t) for t in ids[0, :5])), Prompt(tuple(int(t) for t in ids[1, :13]), 9)]
     spout = jnp.asarray(tiny_cases["spout"])
     decoder = Decoder(config, sampler, special.end)
-    batched = decoder.generate(params, left_pad(prompts, special.not_token), 50, spout=spout, seed=5)
+    batched = decoder.generate(params, left_pad(prompts, special.nottoken), 50, spout=spout, seed=5)
     for i, prompt in enumerate(prompts):
-        alone = decoder.generate(params, left_pad([prompt], special.not_token), 50, spout=spout[i:i + 1],
+        alone = decoder.generate(params, left_pad([prompt], special.nottoken), 50, spout=spout[i:i + 1],
                                  seed=5, rows=[i])
         np.testing.assert_array_equal(batched.tokens[i], alone.tokens[0])
         assert batched.lengths[i] == alone.lengths[0]
@@ -96,9 +89,9 @@ def test_each_row_stops_at_its_end_token(tiny, tiny_cases):
     and the other row is unaffected."""
     config, params = tiny
     prompt = tiny_cases["greedy_prompt"]
-    special = SpecialIds.swe_layout(config.num_vocabulary)
-    decoder = Decoder(config, Sampler(temperature=0.0, banned_ids=special.never_sampled), end_id=335)
-    result = decoder.generate(params, left_pad(prompts_of(prompt), special.not_token), max_new=12)
+    special = swe_layout(config.num_vocabulary)
+    decoder = Decoder(config, Sampler(temperature=0.0, banned_ids=never_sampled(special)), end_id=335)
+    result = decoder.generate(params, left_pad(prompts_of(prompt), special.nottoken), max_new=12)
     np.testing.assert_array_equal(result.lengths, [12, 3])
     np.testing.assert_array_equal(result.tokens[0], tiny_cases["greedy_out"][0, 8:])
     np.testing.assert_array_equal(result.tokens[1], [125, 492, 7] + [335] * 9)
@@ -117,9 +110,9 @@ def test_generation_stays_inside_the_context(tiny, tiny_cases):
 
 def test_stream_yields_the_generated_tokens_in_chunks(tiny, tiny_cases):
     config, params = tiny
-    special = SpecialIds.swe_layout(config.num_vocabulary)
-    decoder = Decoder(config, Sampler(temperature=0.0, banned_ids=special.never_sampled), special.end)
-    batch = left_pad(prompts_of(tiny_cases["greedy_prompt"]), special.not_token)
+    special = swe_layout(config.num_vocabulary)
+    decoder = Decoder(config, Sampler(temperature=0.0, banned_ids=never_sampled(special)), special.end)
+    batch = left_pad(prompts_of(tiny_cases["greedy_prompt"]), special.nottoken)
     whole = decoder.generate(params, batch, max_new=12)
     chunks = list(decoder.stream(params, batch, max_new=12, chunk=5))
     assert [c.shape[1] for c in chunks] == [1, 5, 5, 1]

@@ -12,29 +12,20 @@ from collections.abc import Sequence
 import numpy as np
 
 from gptsan.errors import UserError
+from gptsan.tokenizer.base import SpecialIds
 
 
-@dataclasses.dataclass(frozen=True)
-class SpecialIds:
-    """The special-token ids generation needs, by role."""
+def swe_layout(vocab_size: int) -> SpecialIds:
+    """GPTSAN's SWE vocabulary puts its roles last (35993..35999 for 36,000 ids): the ids a model of that
+    vocabulary size uses when no tokenizer is at hand."""
+    return SpecialIds(start=vocab_size - 7, mask=vocab_size - 6, separator=vocab_size - 5,
+                      nottoken=vocab_size - 4, bag=vocab_size - 3, segmenter=vocab_size - 2, end=vocab_size - 1,
+                      newline=vocab_size - 285)
 
-    start: int  # <|startoftext|>
-    segmenter: int  # <|segmenter|>
-    end: int  # <|endoftext|>
-    separator: int  # <|separator|>
-    not_token: int  # <|nottoken|>
-    input_mask: int  # <|inputmask|>
 
-    @classmethod
-    def swe_layout(cls, vocab_size: int) -> SpecialIds:
-        """GPTSAN's SWE vocabulary puts its control tokens last (35993..35999 for 36,000 ids)."""
-        return cls(start=vocab_size - 7, input_mask=vocab_size - 6, separator=vocab_size - 5,
-                   not_token=vocab_size - 4, segmenter=vocab_size - 2, end=vocab_size - 1)
-
-    @property
-    def never_sampled(self) -> tuple[int, ...]:
-        """Tokens generation never emits (as the original): not-token and separator."""
-        return (self.not_token, self.separator)
+def never_sampled(special: SpecialIds) -> tuple[int, ...]:
+    """Tokens generation never emits (as the original): not-token and separator."""
+    return (special.nottoken, special.separator)
 
 
 @dataclasses.dataclass(frozen=True)
