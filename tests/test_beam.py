@@ -97,28 +97,28 @@ def test_beam_on_the_model_is_sorted_and_scored_right(tiny, tiny_cases):
     decoder = BeamDecoder(config, width=4, end_id=special.end, length_penalty=1.0,
                           banned_ids=never_sampled(special))
     result = decoder.generate(params, left_pad(prompts, special.nottoken), max_new=12)
-    model = GPTSAN(config)
+    # Every hypothesis (and the fixture's greedy sequence) rescored by one causal forward over prompt +
+    # tokens, right-padded to 20 (a causal query never sees what follows it).
+    sequences, spans = [], []
     for row, prompt in enumerate(prompts):
         assert np.all(np.diff(result.scores[row]) <= 0)
         for hyp in range(4):
             length = result.lengths[row, hyp]
-            tokens = result.tokens[row, hyp, :min(length + 1, 12)]
-            ids = jnp.asarray([prompt.ids + tuple(int(t) for t in tokens)])
-            logits = np.asarray(model.apply({"params": params}, ids).logits[0], np.float64)
-            logits[:, list(never_sampled(special))] = -np.inf
-            logprobs = np.asarray(jax.nn.log_softmax(logits, axis=-1))
-            steps = np.arange(len(tokens))
-            total = logprobs[len(prompt.ids) - 1 + steps, tokens].sum()
-            np.testing.assert_allclose(result.logprobs[row, hyp], total, atol=1e-3)
-            np.testing.assert_allclose(result.scores[row, hyp], total / len(tokens), atol=1e-3)
-    greedy = tiny_cases["greedy_out"][0, 8:]
-    assert result.logprobs[0, 0] >= greedy_logprob(model, params, tiny_cases["greedy_prompt"][0], greedy,
-                                                   special) - 1e-4
-
-
-def greedy_logprob(model, params, prompt, tokens, special):
-    ids = jnp.asarray([np.concatenate([prompt, tokens])])
-    logits = np.asarray(model.apply({"params": params}, ids).logits[0], np.float64)
-    logits[:, list(never_sampled(special))] = -np.inf
+            tokens = [int(t) for t in result.tokens[row, hyp, :min(length + 1, 12)]]
+            sequences.append(list(prompt.ids) + tokens)
+            spans.append((len(prompt.ids), len(tokens)))
+    greedy = [int(t) for t in tiny_cases["greedy_out"][0]]
+    sequences.append(greedy)
+    spans.append((8, 12))
+    ids = np.zeros((len(sequences), 20), np.int32)
+    for i, seq in enumerate(sequences):
+        ids[i, :len(seq)] = seq
+    logits = np.asarray(jax.jit(GPTSAN(config).apply)({"params": params}, jnp.asarray(ids)).logits, np.float64)
+    logits[..., list(never_sampled(special))] = -np.inf
     logprobs = np.asarray(jax.nn.log_softmax(logits, axis=-1))
-    return logprobs[len(prompt) - 1 + np.arange(len(tokens)), tokens].sum()
+    totals = [logprobs[i, start - 1 + np.arange(n), ids[i, start:start + n]].sum()
+              for i, (start, n) in enumerate(spans)]
+    np.testing.assert_allclose(result.logprobs.reshape(-1), totals[:8], atol=1e-3)
+    normalised = [total / n for total, (_, n) in zip(totals, spans, strict=True)]
+    np.testing.assert_allclose(result.scores.reshape(-1), normalised[:8], atol=1e-3)
+    assert result.logprobs[0, 0] >= totals[8] - 1e-4  # at least as likely as the greedy continuation
