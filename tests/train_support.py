@@ -1,0 +1,53 @@
+"""Helpers for the training tests: small corpora written as GPTSAN tfrecords, and parameter files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+FIXTURE_PARAMETERS = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "gptsan_tiny"
+
+
+def counting_corpus(count: int, length: int, vocab: int, seed: int = 0, period: int = 32) -> dict:
+    """Records whose next token is (token + 1) mod period: learnable from the input alone."""
+    rng = np.random.default_rng(seed)
+    start = rng.integers(0, period, count)
+    x = (start[:, None] + np.arange(length)[None]) % period
+    y = np.concatenate([x[:, 1:], np.full((count, 1), -1)], axis=1)
+    return {"x": x, "y": y, "i": np.arange(count), "num_input": np.zeros(count, np.int64)}
+
+
+def class_corpus(count: int, length: int, num_classes: int, seed: int = 0) -> dict:
+    """Records whose targets are one token that depends only on the class id `i` (inputs are noise that
+    carries no information about it): only a path from `i` into the model can predict them."""
+    rng = np.random.default_rng(seed)
+    i = rng.integers(0, num_classes, count)
+    x = rng.integers(0, 64, (count, length))
+    y = np.broadcast_to((100 + i)[:, None], (count, length)).copy()
+    return {"x": x, "y": y, "i": i, "num_input": np.zeros(count, np.int64)}
+
+
+def write_records(path: Path, corpus: dict) -> Path:
+    import tensorflow as tf
+
+    def feature(values):
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in np.ravel(values)]))
+
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for n in range(len(corpus["x"])):
+            example = tf.train.Example(features=tf.train.Features(
+                feature={name: feature(corpus[name][n]) for name in ("x", "y", "i", "num_input")}))
+            writer.write(example.SerializeToString())
+    return path
+
+
+def write_parameters(folder: Path, output_dir: str, base: Path, **train_params) -> Path:
+    """A parameters.json in `folder`: the fixture's model_params and train_params with overrides."""
+    folder.mkdir(parents=True, exist_ok=True)
+    parameters = json.loads((base / "parameters.json").read_text())
+    parameters["train_params"].update(output_dir=str(output_dir), **train_params)
+    path = folder / "parameters.json"
+    path.write_text(json.dumps(parameters))
+    return path
