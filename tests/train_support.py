@@ -51,3 +51,26 @@ def write_parameters(folder: Path, output_dir: str, base: Path, **train_params) 
     path = folder / "parameters.json"
     path.write_text(json.dumps(parameters))
     return path
+
+
+# A model small enough to compile in seconds: 1 Switch layer + 1 extended layer.
+MINI_MODEL_PARAMS = {"num_contexts": 16, "num_switch_layers": 1, "num_ext_layers": 1, "num_hidden": 32,
+                     "num_header": 2, "num_experts": 2, "num_pallarelizm": 1, "num_spout": 8,
+                     "num_vocabulary": 128, "train_mode": "lm"}
+MINI_TRAIN_PARAMS = {"batch_size": 8, "base_lr": 3e-3, "num_warmup_steps": 10, "max_to_keep_save": 3,
+                     "checkpoint_per_hours": 1, "checkpoint_per_steps": 1000}
+
+
+def mini_config(**runtime):
+    from gptsan.model.config import ModelConfig
+
+    return ModelConfig.from_model_params(MINI_MODEL_PARAMS, "mini", **runtime)
+
+
+def write_mini_parameters(folder: Path, output_dir, **train_params) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    parameters = {"train_params": {**MINI_TRAIN_PARAMS, "output_dir": str(output_dir), **train_params},
+                  "model_params": dict(MINI_MODEL_PARAMS)}
+    path = folder / "parameters.json"
+    path.write_text(json.dumps(parameters))
+    return path
