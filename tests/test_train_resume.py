@@ -12,11 +12,25 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from gptsan.model.params import flatten
 from gptsan.train.config import RunConfig
 from gptsan.train.loop import run
-from tests.train_support import counting_corpus, write_mini_parameters, write_records
+from tests.train_support import (
+    counting_corpus,
+    persistent_compilation_cache,
+    write_mini_parameters,
+    write_records,
+)
+
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    with persistent_compilation_cache(tmp_path_factory.getbasetemp() / "jax-compilation-cache") as path:
+        yield path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,15 +66,17 @@ def test_resume_continues_exactly(tmp_path):
     got_opt = jax.tree_util.tree_leaves(jax.device_get(resumed.opt_state))
     for a, b in zip(want_opt, got_opt, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    steps = [json.loads(line)["step"] for line in (tmp_path / "b-out" / "metrics.jsonl").read_text().splitlines()]
+    metrics = (tmp_path / "b-out" / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in metrics]
     assert steps == list(range(1, 2 * k + 1))  # the restart went on from step k + 1
 
 
-def test_sigkill_loses_at_most_the_steps_since_the_last_save(tmp_path):
+def test_sigkill_loses_at_most_the_steps_since_the_last_save(tmp_path, compilation_cache):
     files = corpus_files(tmp_path)
     out = tmp_path / "out"
     parameter_file = write_mini_parameters(tmp_path / "model", out, checkpoint_per_steps=5)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_COMPILATION_CACHE_DIR": str(compilation_cache),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
     cmd = [sys.executable, str(ROOT / "run_training.py"), "--input_files", files, "--parameter_file",
            str(parameter_file), "--log_every", "1", "--no_progress"]
     process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

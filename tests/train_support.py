@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -74,3 +75,22 @@ def write_mini_parameters(folder: Path, output_dir, **train_params) -> Path:
     path = folder / "parameters.json"
     path.write_text(json.dumps(parameters))
     return path
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(directory: Path):
+    """JAX's persistent compilation cache in `directory`, so that runs compiling the same programs (a run
+    and its restart, a subprocess and the test) compile once. Restores the previous settings afterwards."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    cc.reset_cache()
+    try:
+        yield directory
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+        cc.reset_cache()
