@@ -1,12 +1,13 @@
 """Switch feed-forward (`moe{l}`): a float32 top-1 router, experts, and the always-on tanh bypass.
 
-Routing is written as small pure functions (router, positions in expert, aux loss, dispatch), with two
-dispatch modes chosen by `ModelConfig.routing`:
+Routing is written as small pure functions (router, positions in expert, aux loss, dispatch). Two rules
+decide which tokens an expert takes, chosen by `ModelConfig.routing`:
   - "capacity": the original Mesh-TensorFlow grouped capacity. Tokens (batch x length, flattened) are split
     into groups of at most `group_size`; each expert takes at most `max(min_capacity, int(S * cf / E))`
     tokens per group, in token order; tokens past capacity get MoE output 0 (the bypass still applies).
-  - "dropless": every token reaches its expert (tokens sorted by expert, one ragged matmul per weight).
-Both dispatch by indices (gather/scatter), never by one-hot einsums.
+  - "dropless": every token reaches its expert.
+One dispatch serves both: tokens sorted by expert into blocks, a block-sparse matmul over the blocks in use,
+results gathered back (indices, never one-hot einsums; no compute on capacity padding).
 """
 
 from __future__ import annotations
@@ -57,37 +58,105 @@ def positions_in_expert(expert: jax.Array, num_experts: int) -> jax.Array:
     return jnp.take_along_axis(before, expert[..., None], axis=-1)[..., 0]
 
 
-def expert_ffn(x: jax.Array, wi: jax.Array, wo: jax.Array) -> jax.Array:
-    """Per-expert FFN over a dispatch buffer. x [G, E, C, d], wi [E, d, f], wo [E, f, d] -> [G, E, C, d]."""
-    h = jax.nn.relu(jnp.einsum("gecd,edf->gecf", x, wi))
-    return jnp.einsum("gecf,efd->gecd", h, wo)
+def block_size(num_tokens: int, num_experts: int) -> int:
+    """Rows per block of the grouped expert matmul. Few tokens (decoding): one block holds them all, so
+    each chosen expert's weights are read once. Many tokens: blocks of 16..128 rows, about a quarter of an
+    expert's share, so padding each expert to whole blocks wastes little."""
+    if num_tokens <= 64:
+        return num_tokens
+    share = num_tokens // (4 * num_experts)
+    return int(min(128, max(16, 1 << max(share, 1).bit_length() - 1)))
 
 
-def capacity_dispatch(x: jax.Array, expert: jax.Array, wi: jax.Array, wo: jax.Array,
-                      capacity: int) -> tuple[jax.Array, jax.Array]:
-    """Grouped-capacity expert computation. x [G, S, d], expert [G, S] ->
-    (expert output [G, S, d] (0 for dropped tokens), kept [G, S] bool)."""
-    num_groups, group_tokens, d = x.shape
+def _blocks_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, block_used: jax.Array,
+                   transpose_w: bool = False) -> jax.Array:
+    """x [nb, b, k] @ w[block_expert] for each used block (zeros for unused ones), one block at a time."""
+    out_dim = w.shape[1] if transpose_w else w.shape[2]
+
+    def body(_, block):
+        xb, e, used = block
+
+        def compute(xb):
+            we = jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False)
+            return xb @ (we.T if transpose_w else we)
+
+        def skip(xb):
+            return jnp.zeros(xb.shape[:-1] + (out_dim,), xb.dtype)
+
+        return None, jax.lax.cond(used, compute, skip, xb)
+
+    return jax.lax.scan(body, None, (x, block_expert, block_used))[1]
+
+
+@jax.custom_vjp
+def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, block_used: jax.Array) -> jax.Array:
+    """Block-sparse expert matmul: block j of x [nb, b, k] times w[block_expert[j]] ([E, k, n]).
+
+    Unused blocks are skipped at run time (lax.cond), so the work is what the tokens need. The custom
+    gradient accumulates dw in place, block by block, instead of materialising a full [E, k, n] per block.
+    """
+    return _blocks_matmul(x, w, block_expert, block_used)
+
+
+def _grouped_matmul_fwd(x, w, block_expert, block_used):
+    return _blocks_matmul(x, w, block_expert, block_used), (x, w, block_expert, block_used)
+
+
+def _grouped_matmul_bwd(residuals, dy):
+    x, w, block_expert, block_used = residuals
+    dx = _blocks_matmul(dy, w, block_expert, block_used, transpose_w=True)
+
+    def accumulate(dw, block):
+        xb, dyb, e, used = block
+        dw = jax.lax.cond(used, lambda dw: dw.at[e].add((xb.T @ dyb).astype(dw.dtype)), lambda dw: dw, dw)
+        return dw, None
+
+    dw, _ = jax.lax.scan(accumulate, jnp.zeros_like(w), (x, dy, block_expert, block_used))
+    return dx, dw, None, None
+
+
+grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
+
+
+def expert_ffn(x: jax.Array, expert: jax.Array, kept: jax.Array, wi: jax.Array, wo: jax.Array) -> jax.Array:
+    """Each kept token through its expert's FFN (ReLU, no biases); dropped tokens get 0.
+
+    x [N, d], expert [N], kept [N] bool, wi [E, d, f], wo [E, f, d] -> [N, d]. Tokens are sorted by expert
+    into blocks (each expert's tokens padded to whole blocks; dropped tokens go nowhere), the blocks run
+    through `grouped_matmul`, and the results are gathered back in token order.
+    """
+    num_tokens, d = x.shape
     num_experts = wi.shape[0]
-    position = positions_in_expert(expert, num_experts)
-    kept = position < capacity
-    slot = jnp.where(kept, position, capacity)  # dropped tokens write past the end and are discarded
-    g = jnp.arange(num_groups)[:, None]
-    buffer = jnp.zeros((num_groups, num_experts, capacity, d), x.dtype)
-    buffer = buffer.at[g, expert, slot].set(x, mode="drop")
-    out = expert_ffn(buffer, wi, wo)
-    y = out.at[g, expert, slot].get(mode="fill", fill_value=0)
-    return y, kept
+    b = block_size(num_tokens, num_experts)
+    num_blocks = -(-num_tokens // b) + num_experts  # static bound: every expert may waste one block
+    slots = num_blocks * b
+
+    bucket = jnp.where(kept, expert, num_experts)  # dropped tokens sort last, into no block
+    order = jnp.argsort(bucket, stable=True)
+    sorted_bucket = bucket[order]
+    counts = jnp.bincount(bucket, length=num_experts + 1)[:num_experts]
+    padded = (counts + b - 1) // b * b
+    padded_end = jnp.cumsum(padded)
+    padded_start = padded_end - padded
+    token_start = jnp.cumsum(counts) - counts
+    expert_of_sorted = jnp.minimum(sorted_bucket, num_experts - 1)
+    rank = jnp.arange(num_tokens) - token_start[expert_of_sorted]
+    dest = jnp.where(sorted_bucket < num_experts, padded_start[expert_of_sorted] + rank, slots)
+
+    buffer = jnp.zeros((slots, d), x.dtype).at[dest].set(x[order], mode="drop")
+    block_first_row = jnp.arange(num_blocks) * b
+    block_expert = jnp.minimum(jnp.searchsorted(padded_end, block_first_row, side="right"), num_experts - 1)
+    block_used = block_first_row < padded_end[-1]
+
+    h = jax.nn.relu(grouped_matmul(buffer.reshape(num_blocks, b, d), wi, block_expert, block_used))
+    y = grouped_matmul(h, wo, block_expert, block_used).reshape(slots, d)
+    y_sorted = y.at[dest].get(mode="fill", fill_value=0)
+    return jnp.zeros_like(x).at[order].set(y_sorted)
 
 
-def dropless_dispatch(x: jax.Array, expert: jax.Array, wi: jax.Array, wo: jax.Array) -> jax.Array:
-    """Every token through its expert: sort by expert, ragged matmuls, unsort. x [N, d], expert [N]."""
-    num_experts = wi.shape[0]
-    order = jnp.argsort(expert)
-    group_sizes = jnp.bincount(expert, length=num_experts).astype(jnp.int32)
-    h = jax.nn.relu(jax.lax.ragged_dot(x[order], wi, group_sizes))
-    y_sorted = jax.lax.ragged_dot(h, wo, group_sizes)
-    return jnp.zeros_like(y_sorted).at[order].set(y_sorted)
+def capacity_kept(expert: jax.Array, num_experts: int, capacity: int) -> jax.Array:
+    """The original's rule: within each group, an expert keeps its first `capacity` tokens. expert [G, S]."""
+    return positions_in_expert(expert, num_experts) < capacity
 
 
 class SwitchFF(nn.Module):
@@ -114,21 +183,18 @@ class SwitchFF(nn.Module):
             router_in = router_in * jitter
         expert, gate, probs = route(router_in @ router)  # [B, T], [B, T], [B, T, E]
 
-        wi_c, wo_c = wi.astype(x.dtype), wo.astype(x.dtype)
         groups = group_count(num_tokens, c.group_size)
         group_tokens = num_tokens // groups
         aux = load_balancing_loss(probs.reshape(groups, group_tokens, -1), expert.reshape(groups, -1))
         if c.routing == "capacity":
             cf = c.capacity_factor_train if train else c.capacity_factor_eval
             capacity = expert_capacity(group_tokens, num_experts, cf, c.min_capacity)
-            y, kept = capacity_dispatch(x.reshape(groups, group_tokens, d), expert.reshape(groups, -1),
-                                        wi_c, wo_c, capacity)
-            y = y.reshape(batch, length, d)
-            dropped = 1.0 - kept.astype(jnp.float32).mean()
+            kept = capacity_kept(expert.reshape(groups, group_tokens), num_experts, capacity).reshape(-1)
         else:
-            y = dropless_dispatch(x.reshape(num_tokens, d), expert.reshape(-1), wi_c, wo_c)
-            y = y.reshape(batch, length, d)
-            dropped = jnp.zeros((), jnp.float32)
+            kept = jnp.ones((num_tokens,), bool)
+        y = expert_ffn(x.reshape(num_tokens, d), expert.reshape(-1), kept, wi.astype(x.dtype),
+                       wo.astype(x.dtype)).reshape(batch, length, d)
+        dropped = 1.0 - kept.astype(jnp.float32).mean()
 
         moe_out = y * gate[..., None].astype(x.dtype)
         bypass = jnp.tanh(x @ softmlp.astype(x.dtype))

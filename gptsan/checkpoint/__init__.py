@@ -1,0 +1,67 @@
+"""Model checkpoints in every format gptsan reads: `load_model(path)` finds out which one it is.
+
+Formats (one module each; name tables in names.py):
+- native (native.py): `parameters.json` + `params/` (Orbax), what gptsan writes;
+- original TF1 checkpoint (tf_checkpoint.py): `checkpoint` + `model.index` + `model.data-*`, with the
+  `parameters.json` of the original in the same directory;
+- Hugging Face GPTSanJapanese folder (hf.py): `config.json` + `model.safetensors` (or `pytorch_model.bin`).
+Parameters come back as a nested dict of float32 numpy arrays under GPTSAN's names (host memory; callers
+place them on devices as they need).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from gptsan import storage
+from gptsan.checkpoint import hf, native, tf_checkpoint
+from gptsan.errors import UserError
+from gptsan.model.config import ModelConfig, load_config
+from gptsan.model.params import expected_shapes, unflatten
+
+FORMATS = ("native", "gptsan-tf", "hf")
+
+
+def detect_format(path: str) -> str:
+    """'native', 'gptsan-tf' or 'hf' for the model directory `path`; a UserError when it is none of them."""
+    path = str(path)
+    if not storage.isdir(path):
+        raise UserError(f"{path}: model directory not found")
+    if native.is_native_dir(path):
+        return "native"
+    if tf_checkpoint.is_tf_dir(path):
+        if not storage.exists(storage.join(path, native.PARAMETERS)):
+            raise UserError(f"{path}: TF checkpoint without parameters.json; put the model's parameters.json "
+                            "in the checkpoint directory")
+        return "gptsan-tf"
+    if hf.is_hf_dir(path):
+        return "hf"
+    raise UserError(f"{path}: not a model directory (expected parameters.json + params/, a TF checkpoint "
+                    "with parameters.json, or config.json + model.safetensors)")
+
+
+def load_flat(path: str, **runtime: Any) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """(config, {GPTSAN name: float32 array}) from a model directory of any format."""
+    path = str(path)
+    fmt = detect_format(path)
+    if fmt == "native":
+        return native.read(path, **runtime)
+    if fmt == "hf":
+        return hf.read(path, **runtime)
+    config = load_config(storage.join(path, native.PARAMETERS), **runtime)
+    return config, tf_checkpoint.read(path, expected_shapes(config))
+
+
+def load_model(path: str, **runtime: Any) -> tuple[ModelConfig, dict[str, Any]]:
+    """(ModelConfig, nested float32 parameter tree) from a model directory of any format, local or gs://.
+
+    `runtime` (dtype, routing, ...) goes to the ModelConfig. Names and shapes are checked against the
+    configuration: missing, extra or misshapen tensors and unreadable files are one UserError.
+    """
+    config, flat = load_flat(path, **runtime)
+    return config, unflatten(flat)
+
+
+__all__ = ["FORMATS", "detect_format", "load_flat", "load_model"]

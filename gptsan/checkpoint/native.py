@@ -1,0 +1,91 @@
+"""gptsan's native model directory: `parameters.json` + `params/`, an Orbax PyTree checkpoint.
+
+`params/` is written by `orbax.checkpoint.PyTreeCheckpointer` (OCDBT/tensorstore, so local paths and gs://
+work alike) and holds the parameter tree under GPTSAN's names (`model/att0/qkv/kernel` is
+`{"model": {"att0": {"qkv": {"kernel": ...}}}}`) in float32 or bfloat16. Reading always yields float32
+numpy arrays on the host, whatever the storage dtype and whatever devices wrote it. `parameters.json` is
+written last: its presence marks a complete directory.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from gptsan import storage
+from gptsan.checkpoint.staging import staged_output
+from gptsan.checkpoint.validate import check_tensors, error_summary
+from gptsan.errors import UserError
+from gptsan.model.config import ModelConfig, load_config
+from gptsan.model.params import expected_shapes, flatten, unflatten
+
+PARAMETERS = "parameters.json"
+PARAMS_DIR = "params"
+STORAGE_DTYPES = ("float32", "bfloat16")
+
+
+def is_native_dir(path: str) -> bool:
+    return storage.exists(storage.join(path, PARAMETERS)) and storage.isdir(storage.join(path, PARAMS_DIR))
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+
+    return ocp.PyTreeCheckpointer()
+
+
+def read_params(path: str, config: ModelConfig) -> dict[str, np.ndarray]:
+    """GPTSAN-named float32 arrays from `path/params`, checked against `config`'s names and shapes."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    directory = storage.join(path, PARAMS_DIR)
+    checkpointer = _checkpointer()
+    try:
+        metadata = checkpointer.metadata(directory).item_metadata
+    except Exception as err:  # orbax/tensorstore raise several types for an unreadable directory
+        raise UserError(f"{directory}: not a readable Orbax checkpoint (truncated or corrupt?): "
+                        f"{error_summary(err)}") from None
+    if metadata is None or not isinstance(metadata.tree, dict):
+        raise UserError(f"{directory}: not a readable Orbax checkpoint (truncated or corrupt?): "
+                        "no parameter metadata")
+    metadata = metadata.tree
+    shapes = {name: tuple(meta.shape) for name, meta in flatten(metadata).items()}
+    check_tensors(directory, shapes, expected_shapes(config))
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.float32),
+                                metadata)
+    try:
+        tree = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    except Exception as err:  # truncated or corrupt chunk files
+        raise UserError(f"{directory}: cannot read the checkpoint (truncated or corrupt?): "
+                        f"{error_summary(err)}") from None
+    return {name: np.asarray(value, np.float32) for name, value in flatten(tree).items()}
+
+
+def read(path: str, **runtime: Any) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    config = load_config(storage.join(path, PARAMETERS), **runtime)
+    return config, read_params(path, config)
+
+
+def write(path: str, config: ModelConfig, flat: dict[str, Any], train_params: dict[str, Any] | None = None,
+          dtype: str = "float32") -> None:
+    """Write `params/` and then `parameters.json` into the (new, empty or staged) directory `path`."""
+    import jax.numpy as jnp
+
+    if dtype not in STORAGE_DTYPES:
+        raise UserError(f"--dtype: expected one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
+    check_tensors(str(path), {k: np.shape(v) for k, v in flat.items()}, expected_shapes(config), "parameters")
+    tree = unflatten({name: np.asarray(jnp.asarray(value, dtype)) for name, value in flat.items()})
+    _checkpointer().save(storage.join(path, PARAMS_DIR), tree)
+    parameters = {"train_params": dict(train_params or {}), "model_params": config.to_model_params()}
+    storage.write_text_atomic(storage.join(path, PARAMETERS), json.dumps(parameters, indent=1) + "\n")
+
+
+def save(path: str, config: ModelConfig, flat: dict[str, Any], train_params: dict[str, Any] | None = None,
+         dtype: str = "float32") -> None:
+    """A new native model directory at `path` (refused if it exists), all or nothing."""
+    with staged_output(path) as tmp:
+        write(tmp, config, flat, train_params, dtype)
+

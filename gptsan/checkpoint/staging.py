@@ -1,0 +1,49 @@
+"""All-or-nothing output directories: write into a temporary sibling, rename onto the destination at the end.
+
+On gs:// (no atomic directory rename) the destination is written directly, and the writer writes its commit
+marker (parameters.json) last; a failure removes what was written.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from gptsan import storage
+from gptsan.errors import UserError
+
+
+def refuse_existing(dst: str, flag: str = "--output") -> None:
+    if storage.exists(str(dst)):
+        raise UserError(f"{flag} {dst}: already exists; refusing to overwrite it (choose a new path)")
+
+
+@contextmanager
+def staged_output(dst: str, flag: str = "--output") -> Iterator[str]:
+    """Yield a directory to write into; it becomes `dst` only if the block finishes without error."""
+    dst = str(dst)
+    refuse_existing(dst, flag)
+    if storage.is_remote(dst):
+        fs, path = storage.filesystem(dst)
+        try:
+            yield dst
+        except BaseException:
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+            raise
+        return
+    parent = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
+    try:
+        yield tmp
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

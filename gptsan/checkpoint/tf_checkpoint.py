@@ -1,0 +1,76 @@
+"""Original GPTSAN TF1 checkpoints: a directory with `checkpoint`, `<prefix>.index`, `<prefix>.data-*`.
+
+Names are GPTSAN's own (the identity table in names.py); optimizer slots (`*/adam_m`, `*/adam_v`) and
+`global_step` are skipped. TensorFlow is imported only here, and only when a TF checkpoint is touched.
+The writer calls the `SaveV2` op directly, which stores exactly the given names (no object-graph keys),
+and writes the `checkpoint` state file, so the result is what a TF1 `Saver` would have written.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from gptsan import storage
+from gptsan.checkpoint.names import is_tf_parameter
+from gptsan.checkpoint.validate import check_tensors, error_summary
+from gptsan.errors import UserError
+
+STATE_FILE = "checkpoint"
+PREFIX = "model"
+
+
+def _tf():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep stderr for our own one-line errors
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # its start-up notice ignores the level above
+    import tensorflow as tf
+
+    return tf
+
+
+def is_tf_dir(path: str) -> bool:
+    return storage.exists(storage.join(path, STATE_FILE)) or bool(storage.glob(storage.join(path, "*.index")))
+
+
+def _checkpoint_prefix(path: str) -> str:
+    """The checkpoint prefix named by the `checkpoint` state file, else the directory's only `*.index`."""
+    tf = _tf()
+    if storage.exists(storage.join(path, STATE_FILE)):
+        prefix = tf.train.latest_checkpoint(str(path))
+        if prefix:
+            return prefix
+    indexes = storage.glob(storage.join(path, "*.index"))
+    if len(indexes) != 1:
+        raise UserError(f"{path}: expected one TF checkpoint (`checkpoint` file or a single *.index), "
+                        f"found {len(indexes)} index files")
+    return indexes[0][: -len(".index")]
+
+
+def read(path: str, expected: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """GPTSAN-named float32 arrays from the TF checkpoint in `path`, checked against `expected` shapes."""
+    tf = _tf()
+    prefix = _checkpoint_prefix(path)
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        shapes = {name: tuple(shape) for name, shape in reader.get_variable_to_shape_map().items()
+                  if is_tf_parameter(name)}
+        check_tensors(prefix, shapes, expected, "checkpoint variables")
+        return {name: np.asarray(reader.get_tensor(name), np.float32) for name in sorted(shapes)}
+    except (tf.errors.OpError, ValueError, IndexError) as err:  # IndexError: "Read less bytes than requested"
+        raise UserError(f"{prefix}: not a readable TF checkpoint (truncated or corrupt?): "
+                        f"{error_summary(err)}") from None
+
+
+def write(path: str, flat: dict[str, Any], dtype: str = "float32") -> None:
+    """Write `flat` (GPTSAN name -> array) as an original-style TF1 checkpoint into the directory `path`."""
+    tf = _tf()
+    names = sorted(flat)
+    with tf.device("/cpu:0"):
+        tensors = [tf.constant(np.asarray(flat[name], np.float32), dtype=tf.dtypes.as_dtype(dtype))
+                   for name in names]
+        tf.raw_ops.SaveV2(prefix=storage.join(path, PREFIX), tensor_names=names,
+                          shape_and_slices=[""] * len(names), tensors=tensors)
+    state = f'model_checkpoint_path: "{PREFIX}"\nall_model_checkpoint_paths: "{PREFIX}"\n'
+    storage.write_text_atomic(storage.join(path, STATE_FILE), state)

@@ -1,0 +1,97 @@
+"""gptsan-convert / run_modelconvert.py: copy a model into a new native model directory, optionally adding
+extended layers (`--add_extra_stage N`) or changing the spout width, as the original converter did.
+
+    run_modelconvert.py --checkpoint SRC --output DST --add_extra_stage N
+        [--num_spout P] [--freeze spout] [--dtype float32|bfloat16] [--seed S]
+
+SRC: an original TF checkpoint dir, an HF folder or a native model dir (local or gs://). DST (refused if it
+exists) gets the native checkpoint, parameters.json (train_params.output_dir = DST), ignore-params.json
+(every SRC parameter except the spout network, plus the spout with --freeze spout), transformer-params.json
+(the parameters copied from SRC unchanged) and all-params.json (every parameter of DST).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from gptsan import storage
+from gptsan.checkpoint import load_flat, native
+from gptsan.checkpoint.staging import refuse_existing, staged_output
+from gptsan.convert.extend import add_extended_layers, resize_spout
+from gptsan.errors import UserError, cli_main
+from gptsan.model.config import read_parameters_json
+
+SPOUT_PREFIX = "pasts/"
+# train_params for a source without parameters.json (an HF folder): the release's values (spec section 3).
+DEFAULT_TRAIN_PARAMS = {"batch_size": 16, "base_lr": 1e-4, "num_warmup_steps": 2000, "max_to_keep_save": 12,
+                        "checkpoint_per_hours": 1, "checkpoint_per_steps": 10000}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="run_modelconvert.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="source model directory (TF, HF or native)")
+    parser.add_argument("--output", required=True, help="new native model directory (must not exist)")
+    parser.add_argument("--add_extra_stage", type=int, default=0, help="extended layers to append")
+    parser.add_argument("--num_spout", type=int, help="new spout width (re-initialises the spout network)")
+    parser.add_argument("--freeze", choices=["spout"], action="append", default=[],
+                        help="also list the spout network in ignore-params.json")
+    parser.add_argument("--dtype", default="float32", choices=native.STORAGE_DTYPES, help="storage dtype")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the newly initialised parameters")
+    return parser.parse_args(argv)
+
+
+def source_train_params(src: str, dst: str) -> dict[str, Any]:
+    """SRC's train_params (or the defaults when SRC has no parameters.json) with output_dir = DST."""
+    parameters = storage.join(src, native.PARAMETERS)
+    train_params = (dict(read_parameters_json(parameters)["train_params"]) if storage.exists(parameters)
+                    else dict(DEFAULT_TRAIN_PARAMS))
+    train_params["output_dir"] = dst if storage.is_remote(dst) else os.path.abspath(dst)
+    return train_params
+
+
+def convert(src: str, dst: str, add_extra_stage: int = 0, num_spout: int | None = None,
+            freeze_spout: bool = False, dtype: str = "float32", seed: int = 0) -> dict[str, list[str]]:
+    """Write the converted model to `dst` (all or nothing); returns the name lists written beside it."""
+    if add_extra_stage < 0:
+        raise UserError(f"--add_extra_stage: expected a non-negative number of layers, got {add_extra_stage}")
+    if dtype not in native.STORAGE_DTYPES:
+        raise UserError(f"--dtype: expected one of {', '.join(native.STORAGE_DTYPES)}, got {dtype!r}")
+    refuse_existing(dst)  # before the (possibly long) load
+    config, source = load_flat(src)
+    train_params = source_train_params(src, dst)
+    new_config, flat = add_extended_layers(config, source, add_extra_stage, seed)
+    if num_spout is not None:
+        new_config, flat = resize_spout(new_config, flat, num_spout, seed)
+
+    frozen = [name for name in source if not name.startswith(SPOUT_PREFIX)]
+    if freeze_spout:
+        frozen += [name for name in flat if name.startswith(SPOUT_PREFIX)]
+    lists = {
+        "ignore-params.json": sorted(frozen),
+        "transformer-params.json": sorted(name for name in source if flat.get(name) is source[name]),
+        "all-params.json": sorted(flat),
+    }
+    with staged_output(dst) as tmp:
+        for file, names in lists.items():
+            storage.write_text_atomic(storage.join(tmp, file), json.dumps(names, indent=1) + "\n")
+        native.write(tmp, new_config, flat, train_params, dtype)  # parameters.json last
+    return lists
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    lists = convert(args.checkpoint, args.output, args.add_extra_stage, args.num_spout,
+                    "spout" in args.freeze, args.dtype, args.seed)
+    print(f"wrote {args.output}: {len(lists['all-params.json'])} parameters, "
+          f"{len(lists['transformer-params.json'])} copied from {args.checkpoint}, "
+          f"{len(lists['ignore-params.json'])} frozen")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

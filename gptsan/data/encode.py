@@ -1,0 +1,377 @@
+"""Encode text corpora into GPTSAN tfrecords (`gptsan-encode`, `tools/make_tfrecord_simple.py`).
+
+Inputs: a glob of UTF-8 text files (local or gs://), or a CSV list (a `.csv` file, or any file whose first
+line starts with `filename,`) with header `filename,fileid` naming files (relative names are looked up
+beside the list first, then from the working directory) and their class ids. One file is one document;
+`i` is its CSV `fileid`, else its position in the sorted list of inputs (the original numbered records
+instead; one number per file keeps a document's records together, e.g. for `stateless_uniform` spouts).
+How a document becomes records: `gptsan.data.layout`.
+
+Parallel and deterministic: the file list is shuffled with `--seed` and split over `--num_process` worker
+processes (at most one per file); worker `p` draws from `seed + p` and writes `{mode}_{p:04d}.tfrecord`.
+The same inputs, seed and process count give byte-identical files. Each worker writes to a temporary
+name; only when every worker succeeded are the files renamed (or, for a gs:// `--output_dir`, uploaded
+with fsspec), so a failed run leaves no tfrecord behind. Files are read whole, as UTF-8 (a leading BOM is
+dropped); a file that is not UTF-8 stops the run with its name, or is skipped and counted with
+`--skip_bad_files`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import queue
+import shutil
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gptsan import storage
+from gptsan.data.layout import MIN_CONTEXT, MODES, DocumentEncoder, LayoutSettings
+from gptsan.data.schema import frame, serialize_example
+from gptsan.errors import UserError, cli_main
+from gptsan.tokenizer import KINDS, load_tokenizer
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    kind: str
+    path: str
+    emoji_file: str | None = None
+
+    def load(self):
+        return load_tokenizer(self.kind, self.path, emoji_file=self.emoji_file)
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str
+    class_id: int
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    proc: int
+    files: tuple[InputFile, ...]
+    tokenizer: TokenizerSpec
+    layout: LayoutSettings
+    seed: int
+    out_path: str
+    skip_bad_files: bool
+
+
+@dataclass
+class WorkerSummary:
+    proc: int
+    records: int = 0
+    tokens: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+
+# ---- inputs -------------------------------------------------------------------------------------------
+
+
+def list_inputs(spec: str) -> list[InputFile]:
+    if _is_csv_list(spec):
+        return _inputs_from_csv(spec)
+    paths = [p for p in storage.glob(spec) if not storage.isdir(p)]
+    if not paths:
+        raise UserError(f"--input_files: no file matches {spec!r}")
+    return [InputFile(path, class_id) for class_id, path in enumerate(paths)]
+
+
+def _is_csv_list(spec: str) -> bool:
+    """A `.csv` file, or any existing file whose first line starts with `filename,` (the original's test)."""
+    if any(ch in spec for ch in "*?[") or not storage.exists(spec) or storage.isdir(spec):
+        return False
+    if spec.lower().endswith(".csv"):
+        return True
+    with storage.open_file(spec, "rb") as f:
+        return f.readline().lstrip(b"\xef\xbb\xbf").startswith(b"filename,")
+
+
+def _inputs_from_csv(csv_path: str) -> list[InputFile]:
+    rows = list(csv.reader(storage.read_text(csv_path).lstrip("\ufeff").splitlines()))
+    header = [name.strip() for name in rows[0]] if rows else []
+    if "filename" not in header or "fileid" not in header:
+        got = ",".join(header)
+        raise UserError(f"{csv_path}: expected a header with columns filename,fileid, got {got!r}")
+    name_col, id_col = header.index("filename"), header.index("fileid")
+    inputs = []
+    for line_number, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) <= max(name_col, id_col):
+            raise UserError(f"{csv_path}:{line_number}: expected filename,fileid, got {','.join(row)!r}")
+        name, class_id = row[name_col].strip(), row[id_col].strip()
+        if not class_id.lstrip("-").isdigit():
+            raise UserError(f"{csv_path}:{line_number}: fileid must be an integer, got {class_id!r}")
+        inputs.append(InputFile(_resolve_listed(csv_path, name, line_number), int(class_id)))
+    if not inputs:
+        raise UserError(f"{csv_path}: no files listed")
+    return inputs
+
+
+def _resolve_listed(csv_path: str, name: str, line_number: int) -> str:
+    candidates = [name] if storage.is_remote(name) or os.path.isabs(name) else []
+    if not candidates:
+        base = csv_path.rsplit("/", 1)[0] if storage.is_remote(csv_path) else os.path.dirname(csv_path)
+        candidates = [storage.join(base, name), name]
+    for candidate in candidates:
+        if storage.exists(candidate) and not storage.isdir(candidate):
+            return candidate
+    raise UserError(f"{csv_path}:{line_number}: {name} not found")
+
+
+class NotUTF8Error(UserError):
+    pass
+
+
+def read_document(path: str) -> list[str]:
+    """The lines of a UTF-8 text file (CR LF and CR count as line ends)."""
+    try:
+        data = storage.read_bytes(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        bad = f"byte 0x{data[err.start]:02x} at offset {err.start}"
+        raise NotUTF8Error(f"{path}: not UTF-8 ({bad})") from None
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+# ---- one worker ---------------------------------------------------------------------------------------
+
+
+def encode_files(job: WorkerJob, report=lambda nbytes: None, tokenizer=None) -> WorkerSummary:
+    """Encode `job.files` into `job.out_path`; `report(nbytes)` after each file. Removes the file on error."""
+    summary = WorkerSummary(job.proc)
+    tokenizer = tokenizer or job.tokenizer.load()
+    encoder = DocumentEncoder(tokenizer, job.layout, np.random.default_rng(job.seed + job.proc))
+    pad_id = encoder.tok.pad_id
+    try:
+        with open(job.out_path, "wb") as out:
+            for item in job.files:
+                try:
+                    lines = read_document(item.path)
+                except NotUTF8Error:
+                    if not job.skip_bad_files:
+                        raise
+                    summary.skipped.append(item.path)
+                    continue
+                if any(line.strip() for line in lines):
+                    for x, y, num_input in encoder.records(lines):
+                        features = {"x": x, "y": y, "i": [item.class_id], "num_input": [num_input]}
+                        out.write(frame(serialize_example(features)))
+                        summary.records += 1
+                        summary.tokens += int(np.count_nonzero(x != pad_id))
+                report(_size(item.path))
+    except BaseException:
+        _remove_quietly(job.out_path)
+        raise
+    return summary
+
+
+def _size(path: str) -> int:
+    fs, p = storage.filesystem(path)
+    return int(fs.size(p) or 0)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _worker_entry(job: WorkerJob, messages) -> None:
+    """Body of a worker process: progress, the summary or the error go back through `messages`."""
+    try:
+        summary = encode_files(job, report=lambda nbytes: messages.put(("progress", job.proc, nbytes)))
+        messages.put(("done", job.proc, summary))
+    except UserError as err:
+        messages.put(("user_error", job.proc, str(err)))
+    except BaseException as err:  # a bug: hand the parent the text, it re-raises
+        import traceback
+
+        messages.put(("crash", job.proc, f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
+
+
+# ---- the run ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    input_files: str
+    tokenizer: TokenizerSpec
+    layout: LayoutSettings
+    output_dir: str = "."
+    num_process: int = 1
+    seed: int = 0
+    skip_bad_files: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        s = self.layout
+        if s.mode not in MODES:
+            raise UserError(f"--mode: expected one of {', '.join(MODES)}, got {s.mode!r}")
+        if s.num_context < MIN_CONTEXT:
+            raise UserError(
+                f"--num_context: must be at least {MIN_CONTEXT} (start, segmenter and end tokens, "
+                f"a lead sentence and text), got {s.num_context}"
+            )
+        if not 0.0 <= s.num_mask <= 1.0:
+            raise UserError(f"--num_mask: expected a rate in [0, 1], got {s.num_mask}")
+        if s.max_mask < 0:
+            raise UserError(f"--max_mask: expected a count >= 0, got {s.max_mask}")
+        if not 0.0 <= s.hybrid_rate <= 1.0:
+            raise UserError(f"--hybrid_rate: expected a rate in [0, 1], got {s.hybrid_rate}")
+        if self.num_process < 1:
+            raise UserError(f"--num_process: expected at least 1, got {self.num_process}")
+
+
+def run(config: EncodeConfig) -> list[WorkerSummary]:
+    """Encode the corpus; returns one summary per worker. Raises UserError, leaving no tfrecord behind."""
+    config.validate()
+    tokenizer = config.tokenizer.load()  # a bad vocabulary fails here, once, before any worker starts
+    inputs = list_inputs(config.input_files)
+    order = np.random.default_rng(config.seed).permutation(len(inputs))
+    shards = [s for s in np.array_split(order, min(config.num_process, len(inputs))) if len(s)]
+    remote = storage.is_remote(config.output_dir)
+    staging = tempfile.mkdtemp(prefix="gptsan-encode-") if remote else config.output_dir
+    os.makedirs(staging, exist_ok=True)
+    run_tag = uuid.uuid4().hex[:8]
+    finals = [f"{config.layout.mode}_{proc:04d}.tfrecord" for proc in range(len(shards))]
+    jobs = [
+        WorkerJob(
+            proc, tuple(inputs[k] for k in shard), config.tokenizer, config.layout, config.seed,
+            os.path.join(staging, f".{finals[proc]}.partial-{run_tag}"), config.skip_bad_files,
+        )
+        for proc, shard in enumerate(shards)
+    ]
+    total_bytes = sum(_size(item.path) for item in inputs)
+    try:
+        summaries = _run_jobs(jobs, total_bytes, config.progress, tokenizer)
+        if sum(s.records for s in summaries) == 0:
+            raise UserError(f"--input_files: no text in the {len(inputs)} file(s) of {config.input_files!r}")
+        _publish(jobs, finals, config.output_dir, remote)
+    finally:
+        for job in jobs:
+            _remove_quietly(job.out_path)
+        if remote:
+            shutil.rmtree(staging, ignore_errors=True)
+    return summaries
+
+
+def _run_jobs(jobs: list[WorkerJob], total_bytes: int, progress: bool, tokenizer) -> list[WorkerSummary]:
+    from tqdm import tqdm
+
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="encode", file=sys.stderr,
+              disable=not progress) as bar:
+        if len(jobs) == 1:
+            return [encode_files(jobs[0], report=bar.update, tokenizer=tokenizer)]
+        return _run_in_processes(jobs, bar)
+
+
+def _run_in_processes(jobs: list[WorkerJob], bar) -> list[WorkerSummary]:
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # safe whatever the parent imported (TensorFlow, JAX)
+    messages = context.Queue()
+    workers = [context.Process(target=_worker_entry, args=(job, messages), daemon=True) for job in jobs]
+    for worker in workers:
+        worker.start()
+    summaries: dict[int, WorkerSummary] = {}
+    try:
+        while len(summaries) < len(jobs):
+            try:
+                kind, proc, payload = messages.get(timeout=1.0)
+            except queue.Empty:
+                dead = [w for w in workers if w.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"an encoder worker died (exit code {dead[0].exitcode})") from None
+                continue
+            if kind == "progress":
+                bar.update(payload)
+            elif kind == "done":
+                summaries[proc] = payload
+            elif kind == "user_error":
+                raise UserError(payload)
+            else:
+                raise RuntimeError(f"encoder worker {proc} failed: {payload}")
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+            worker.join()
+    return [summaries[k] for k in range(len(jobs))]
+
+
+def _publish(jobs: list[WorkerJob], finals: list[str], output_dir: str, remote: bool) -> None:
+    for job, name in zip(jobs, finals, strict=True):
+        if remote:
+            fs, base = storage.filesystem(output_dir)
+            fs.put_file(job.out_path, f"{base.rstrip('/')}/{name}")
+        else:
+            os.replace(job.out_path, os.path.join(output_dir, name))
+
+
+# ---- command line -------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gptsan-encode", description=__doc__.split("\n\n")[0])
+    p.add_argument("--input_files", required=True, help="glob of text files, or a CSV with filename,fileid")
+    p.add_argument("--mode", default="lm", help="lm | hybrid | mlm")
+    p.add_argument("--no_offset_mlm", action="store_true", help="mask targets at the masked position itself")
+    p.add_argument("--tokenizer", default="swe", help=" | ".join(KINDS))
+    p.add_argument("--vocabulary", required=True, help="ja-swe36k.txt (swe) or a .model file (sentencepiece)")
+    p.add_argument("--emoji", default=None, help="emoji.json (swe; default: beside the vocabulary)")
+    p.add_argument("--num_process", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--num_context", type=int, default=1280)
+    p.add_argument("--num_mask", type=float, default=0.08, help="mask rate in the prefix")
+    p.add_argument("--max_mask", type=int, default=100, help="most masks per record")
+    p.add_argument("--use_nextsent", action="store_true", help="lead sentence with a next-sentence target")
+    p.add_argument("--hybrid_rate", type=float, default=1.0, help="share of hybrid records with a prefix")
+    p.add_argument("--output_dir", default=".", help="local folder or gs:// prefix")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip_bad_files", action="store_true", help="skip (and count) files that are not UTF-8")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> EncodeConfig:
+    layout = LayoutSettings(
+        mode=args.mode, num_context=args.num_context, num_mask=args.num_mask, max_mask=args.max_mask,
+        use_nextsent=args.use_nextsent, hybrid_rate=args.hybrid_rate, no_offset_mlm=args.no_offset_mlm,
+    )
+    return EncodeConfig(
+        input_files=args.input_files, tokenizer=TokenizerSpec(args.tokenizer, args.vocabulary, args.emoji),
+        layout=layout, output_dir=args.output_dir, num_process=args.num_process, seed=args.seed,
+        skip_bad_files=args.skip_bad_files, progress=not args.quiet,
+    )
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    config = config_from_args(build_parser().parse_args(argv))
+    summaries = run(config)
+    records, tokens = sum(s.records for s in summaries), sum(s.tokens for s in summaries)
+    skipped = [path for s in summaries for path in s.skipped]
+    print(f"wrote {records} records ({tokens} tokens) in {len(summaries)} file(s) to {config.output_dir}",
+          file=sys.stderr)
+    if skipped:
+        print(f"skipped {len(skipped)} file(s) that are not UTF-8: {', '.join(skipped)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""The training reader: tfrecords (local or gs://) → shuffled, repeated, batched numpy dicts.
+
+    batches = make_dataset("gs://bucket/corpus/lm_*.tfrecord", num_contexts=1280, batch_size=16, seed=0)
+    batch = next(batches)  # {"x": int32 [16, 1280], "y": int32 [16, 1280], "i": int32 [16], "num_input": ...}
+
+- Records are read in Python (TFRecord frames through fsspec, checksums verified, Examples parsed with
+  protobuf) and handed to tf.data, which shuffles, batches and prefetches. One code path serves local
+  files and gs:// (gcsfs honours STORAGE_EMULATOR_HOST; TensorFlow's own GCS client does not), and every
+  problem names its file and record index.
+- Each record's `x`/`y` length must equal `num_contexts`; a mismatch stops with a UserError naming the file
+  (the corpus was encoded for another context length).
+- Corrupt records: `on_corrupt="stop"` (default) raises UserError with the file and record index;
+  `"skip"` skips them and counts them in `iterator.skipped` (a frame whose length is unreadable loses
+  the rest of its file, counted as one).
+- Order: per epoch the file list is shuffled with `(seed, epoch)`, then records pass a seeded shuffle
+  buffer. Everything is deterministic for a given seed, file list and process layout.
+- Processes: with at least as many files as processes, process k reads files k, k+P, ...; otherwise
+  every process reads every file and keeps records k, k+P, ... of the stream.
+- Resuming: `start_step=N` skips the first N batches (reading through them), so a run restarted from a
+  checkpoint saved after N steps sees exactly the batches it would have seen. Store the step; that is all.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+
+import numpy as np
+
+from gptsan import storage
+from gptsan.data.schema import CorruptRecordError, read_frames
+from gptsan.errors import UserError
+
+CORRUPT_POLICIES = ("stop", "skip")
+
+
+class RecordSource:
+    """A Python generator of validated records over files, which remembers the error it stopped on."""
+
+    def __init__(self, files, num_contexts, *, seed, repeat, shuffle_files, keep_every=1, keep_offset=0,
+                 on_corrupt="stop"):
+        self.files, self.num_contexts, self.seed, self.repeat = files, num_contexts, seed, repeat
+        self.shuffle_files, self.keep_every, self.keep_offset = shuffle_files, keep_every, keep_offset
+        self.on_corrupt, self.skipped, self.error = on_corrupt, 0, None
+
+    def __call__(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.int32, np.int32]]:
+        try:
+            yield from self._records()
+        except Exception as err:  # tf.data turns generator errors into opaque OpErrors: keep the original
+            self.error = err
+            raise
+
+    def _records(self):
+        epoch, position = 0, 0
+        while True:
+            order = np.arange(len(self.files))
+            if self.shuffle_files:
+                order = np.random.default_rng([self.seed, epoch]).permutation(len(self.files))
+            for k in order:
+                for record in self._file_records(self.files[k]):
+                    if position % self.keep_every == self.keep_offset:
+                        yield record
+                    position += 1
+            epoch += 1
+            if not self.repeat:
+                return
+
+    def _file_records(self, path: str):
+        from tensorflow.core.example import example_pb2
+
+        skip = self.on_corrupt == "skip"
+        with storage.open_file(path, "rb") as stream:
+            frames = read_frames(stream, path, skip_bad_data=skip)
+            index = -1
+            while True:
+                try:
+                    data = next(frames)
+                except StopIteration:
+                    return
+                except CorruptRecordError as err:
+                    if not skip:
+                        raise UserError(str(err)) from None
+                    self._note_skip(str(err) + "; rest of the file skipped")
+                    return
+                index += 1
+                try:
+                    if data is None:
+                        raise ValueError("data checksum mismatch")
+                    example = example_pb2.Example.FromString(data)
+                    record = self._arrays(example, path, index)
+                except (ValueError, KeyError, IndexError) as err:
+                    if not skip:
+                        raise UserError(f"{path}: record {index} is corrupt ({err})") from None
+                    self._note_skip(f"{path}: record {index} is corrupt ({err})")
+                    continue
+                yield record
+
+    def _arrays(self, example, path: str, index: int):
+        feature = example.features.feature
+        missing = [name for name in ("x", "y", "i", "num_input") if name not in feature]
+        if missing:
+            raise ValueError(f"missing features {missing}")
+        x = np.array(feature["x"].int64_list.value, dtype=np.int32)
+        y = np.array(feature["y"].int64_list.value, dtype=np.int32)
+        if len(x) != self.num_contexts or len(y) != self.num_contexts:
+            raise UserError(
+                f"{path}: record {index} has {len(x)} tokens but the model's num_contexts is "
+                f"{self.num_contexts} (encode the corpus with --num_context {self.num_contexts})"
+            )
+        i = np.int32(feature["i"].int64_list.value[0])
+        num_input = np.int32(feature["num_input"].int64_list.value[0])
+        return x, y, i, num_input
+
+    def _note_skip(self, message: str) -> None:
+        self.skipped += 1
+        print(f"warning: skipped {message}", file=sys.stderr)
+
+
+class BatchIterator:
+    """Iterates over batches as numpy dicts; `skipped` counts corrupt records passed over so far."""
+
+    def __init__(self, dataset, source: RecordSource):
+        self._iterator, self._source = iter(dataset.as_numpy_iterator()), source
+
+    @property
+    def skipped(self) -> int:
+        return self._source.skipped
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        import tensorflow as tf
+
+        try:
+            return next(self._iterator)
+        except tf.errors.OpError:
+            error = self._source.error
+            if isinstance(error, UserError):
+                raise UserError(str(error)) from None
+            raise
+
+
+def make_dataset(pattern: str, num_contexts: int, batch_size: int, *, seed: int, shuffle: bool = True,
+                 repeat: bool = True, process_index: int = 0, process_count: int = 1,
+                 on_corrupt: str = "stop", shuffle_buffer: int = 10_000, start_step: int = 0,
+                 drop_remainder: bool = True) -> BatchIterator:
+    """Batches of `{x, y: int32 [B, T], i, num_input: int32 [B]}`; see the module docstring."""
+    if on_corrupt not in CORRUPT_POLICIES:
+        raise UserError(f"on_corrupt: expected one of {', '.join(CORRUPT_POLICIES)}, got {on_corrupt!r}")
+    if not 0 <= process_index < process_count:
+        raise UserError(f"process_index: expected 0..{process_count - 1}, got {process_index}")
+
+    files = storage.glob(pattern)
+    if not files:
+        raise UserError(f"{pattern}: no tfrecord file matches")
+    by_file = len(files) >= process_count
+    source = RecordSource(
+        files[process_index::process_count] if by_file else files, num_contexts, seed=seed, repeat=repeat,
+        shuffle_files=shuffle, keep_every=1 if by_file else process_count,
+        keep_offset=0 if by_file else process_index, on_corrupt=on_corrupt,
+    )
+    return BatchIterator(_tf_dataset(source, num_contexts, batch_size, shuffle, shuffle_buffer, seed,
+                                     start_step, drop_remainder), source)
+
+
+def _tf_dataset(source, num_contexts, batch_size, shuffle, shuffle_buffer, seed, start_step, drop_remainder):
+    import tensorflow as tf
+
+    sequence = tf.TensorSpec([num_contexts], tf.int32)
+    scalar = tf.TensorSpec([], tf.int32)
+    dataset = tf.data.Dataset.from_generator(source, output_signature=(sequence, sequence, scalar, scalar))
+    if shuffle:
+        dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
+    dataset = dataset.map(lambda x, y, i, n: {"x": x, "y": y, "i": i, "num_input": n})
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    if start_step:
+        dataset = dataset.skip(start_step)
+    return dataset.prefetch(tf.data.AUTOTUNE)

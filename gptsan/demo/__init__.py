@@ -1,0 +1,1 @@
+"""gptsan-demo: the whole GPTSAN workflow on a generated sample corpus."""

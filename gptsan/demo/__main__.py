@@ -1,0 +1,5 @@
+import sys
+
+from gptsan.demo.run import main
+
+sys.exit(main())

@@ -1,0 +1,118 @@
+"""gptsan-logits: the logits of a model (any checkpoint format) for given token ids, as a .npy file.
+
+    gptsan-logits --model DIR --ids IDS.npy [--num_precontext N.npy] [--spout S.npy] [--dtype float32]
+                  --output LOGITS.npy
+
+IDS [B, T] integers in [0, vocabulary); N [B] prefix lengths (prefix-LM: the first N[b] positions of row b
+see each other); S [B, num_spout] spout vectors. Output: float32 logits [B, T, vocabulary].
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptsan import storage
+from gptsan.errors import UserError, cli_main
+from gptsan.model import GPTSAN
+from gptsan.model.config import COMPUTE_DTYPES, ROUTING_MODES, ModelConfig
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="gptsan-logits", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="model directory: native, original TF or HF folder")
+    parser.add_argument("--ids", required=True, help=".npy of token ids [batch, length]")
+    parser.add_argument("--num_precontext", help=".npy of prefix lengths [batch] (default: causal)")
+    parser.add_argument("--spout", help=".npy of spout vectors [batch, num_spout] (default: no spout)")
+    parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES, help="compute dtype")
+    parser.add_argument("--routing", default="dropless", choices=ROUTING_MODES, help="expert routing")
+    parser.add_argument("--output", required=True, help="where to write the logits .npy")
+    return parser.parse_args(argv)
+
+
+def read_npy(path: str, flag: str) -> np.ndarray:
+    try:
+        with storage.open_file(path, "rb") as f:
+            return np.load(io.BytesIO(f.read()), allow_pickle=False)
+    except FileNotFoundError:
+        raise UserError(f"{flag} {path}: file not found") from None
+    except (ValueError, OSError) as err:
+        raise UserError(f"{flag} {path}: not a readable .npy array ({err})") from None
+
+
+def check_inputs(config: ModelConfig, ids: np.ndarray, num_precontext: np.ndarray | None,
+                 spout: np.ndarray | None) -> None:
+    """A UserError naming the flag for inputs the model cannot take."""
+    if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise UserError(f"--ids: expected integer token ids of shape [batch, length], got {ids.dtype} "
+                        f"{list(ids.shape)}")
+    batch, length = ids.shape
+    if length > config.num_contexts:
+        raise UserError(f"--ids: length {length} exceeds the model's context of {config.num_contexts}")
+    if ids.min() < 0 or ids.max() >= config.num_vocabulary:
+        raise UserError(f"--ids: token ids must lie in [0, {config.num_vocabulary}), found "
+                        f"{int(ids.min())}..{int(ids.max())}")
+    if num_precontext is not None:
+        if num_precontext.shape != (batch,) or not np.issubdtype(num_precontext.dtype, np.integer):
+            raise UserError(f"--num_precontext: expected integers of shape [{batch}], got "
+                            f"{num_precontext.dtype} {list(num_precontext.shape)}")
+        if num_precontext.min() < 0 or num_precontext.max() > length:
+            raise UserError(f"--num_precontext: prefix lengths must lie in [0, {length}]")
+    if spout is not None:
+        if spout.shape != (batch, config.num_spout) or not np.issubdtype(spout.dtype, np.number):
+            raise UserError(f"--spout: expected numbers of shape [{batch}, {config.num_spout}], got "
+                            f"{spout.dtype} {list(spout.shape)}")
+        if not np.all(np.isfinite(spout)):
+            raise UserError("--spout: values must be finite")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(config: ModelConfig, params, ids, num_precontext, spout):
+    return GPTSAN(config).apply({"params": params}, ids, num_precontext=num_precontext, spout=spout).logits
+
+
+def compute_logits(config: ModelConfig, params, ids, num_precontext=None, spout=None) -> np.ndarray:
+    """Float32 logits [B, T, V] of one full forward (compiled once per config and input shapes)."""
+    optional = [None if a is None else jnp.asarray(a, dtype) for a, dtype in
+                ((num_precontext, jnp.int32), (spout, jnp.float32))]
+    return np.asarray(_forward(config, params, jnp.asarray(ids, jnp.int32), *optional), np.float32)
+
+
+def write_npy_atomic(path: str, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    fs, target = storage.filesystem(path)
+    tmp = f"{target}.tmp-{os.getpid()}"
+    with fs.open(tmp, "wb") as f:
+        f.write(buffer.getvalue())
+    fs.mv(tmp, target)
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    ids = read_npy(args.ids, "--ids")
+    num_precontext = read_npy(args.num_precontext, "--num_precontext") if args.num_precontext else None
+    spout = read_npy(args.spout, "--spout") if args.spout else None
+    if storage.exists(args.output) and storage.isdir(args.output):
+        raise UserError(f"--output {args.output}: is a directory; give a file name")
+
+    from gptsan.checkpoint import load_model
+
+    config, params = load_model(args.model, dtype=args.dtype, routing=args.routing)
+    check_inputs(config, ids, num_precontext, spout)
+    logits = compute_logits(config, params, ids, num_precontext, spout)
+    write_npy_atomic(args.output, logits)
+    print(f"wrote logits {list(logits.shape)} to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

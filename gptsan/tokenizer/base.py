@@ -1,0 +1,85 @@
+"""The interface every gptsan tokenizer offers: encode, decode, and the ids of the special roles.
+
+The roles are GPTSAN's: start of text, segmenter (end of the prefix), separator (sentence punctuation in
+training inputs), input mask, not-a-token (padding), bag of tokens (a run of 3+), end of text, newline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """The id of each GPTSAN role in one vocabulary."""
+
+    start: int
+    segmenter: int
+    separator: int
+    mask: int
+    nottoken: int
+    bag: int
+    end: int
+    newline: int
+
+    @property
+    def pad(self) -> int:
+        return self.nottoken
+
+    @functools.cached_property
+    def control_ids(self) -> frozenset[int]:
+        """Every role but the newline, which is ordinary text."""
+        return frozenset(getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "newline")
+
+
+def _role_id(role: str) -> property:
+    return property(lambda self: getattr(self.special, role), doc=f"The id of the {role} role.")
+
+
+class Tokenizer(ABC):
+    """Text to ids and back. `clean` turns URLs, e-mail addresses, phone numbers, dates, prices and box
+    drawing into tag tokens (the GPTSAN clean-text rules); None means the tokenizer's default."""
+
+    special: SpecialIds
+    vocab_size: int
+
+    @abstractmethod
+    def encode(self, text: str, clean: bool | None = None) -> list[int]: ...
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    @abstractmethod
+    def _is_plain_id(self, token_id: int) -> bool:
+        """True for ordinary text pieces: not a role token, not a byte-fallback piece."""
+
+    def plain_token_mask(self) -> np.ndarray:
+        """A `[vocab_size]` bool array: ids that run-compression, masking and random replacement may use."""
+        if getattr(self, "_plain_mask", None) is None:
+            self._plain_mask = np.array([self._is_plain_id(i) for i in range(self.vocab_size)], dtype=bool)
+        return self._plain_mask
+
+    def ids_of_chars(self, chars: str) -> frozenset[int]:
+        """The ids that the single characters of `chars` encode to (each character on its own)."""
+        ids = set()
+        for ch in chars:
+            encoded = self.encode(ch, clean=False)
+            if len(encoded) == 1:
+                ids.add(encoded[0])
+        return frozenset(ids)
+
+    # Role ids as attributes, so callers need not reach into `special`.
+    start_id = _role_id("start")
+    segmenter_id = _role_id("segmenter")
+    separator_id = _role_id("separator")
+    mask_id = _role_id("mask")
+    pad_id = _role_id("nottoken")
+    bag_id = _role_id("bag")
+    end_id = _role_id("end")
+    newline_id = _role_id("newline")

@@ -1,0 +1,194 @@
+"""Checkpoint formats: every loader yields the fixture's parameters exactly; bad checkpoints are one error."""
+
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from gptsan.checkpoint import detect_format, load_flat, load_model, native
+from gptsan.checkpoint.names import hf_entries
+from gptsan.errors import UserError
+from gptsan.model import GPTSAN, flatten
+
+
+def assert_same_params(flat, reference):
+    assert sorted(flat) == sorted(reference)
+    for name, value in reference.items():
+        assert flat[name].dtype == np.float32, name
+        np.testing.assert_array_equal(flat[name], value, err_msg=name)
+
+
+@pytest.mark.parametrize("fixture, fmt", [("tiny_tf_dir", "gptsan-tf"), ("tiny_hf_dir", "hf")])
+def test_fixture_formats_load_to_the_reference_names(request, fixture, fmt, tiny_names):
+    path = request.getfixturevalue(fixture)
+    assert detect_format(str(path)) == fmt
+    config, params = load_model(str(path))
+    assert (config.num_switch_layers, config.num_ext_layers, config.num_spout) == (2, 2, 16)
+    assert_same_params(flatten(params), tiny_names)
+
+
+def test_hf_table_covers_every_key_once(tiny_hf_dir, tiny_tf_dir):
+    config, _ = load_flat(str(tiny_tf_dir))
+    keys = [key for entry in hf_entries(config) for key in entry.hf_keys]
+    assert len(keys) == len(set(keys))
+    assert set(keys) == set(load_file(str(tiny_hf_dir / "model.safetensors")))
+
+
+def test_native_round_trip_gives_identical_params_and_logits(tmp_path, tiny_tf_dir, tiny_names, tiny_cases):
+    config, flat = load_flat(str(tiny_tf_dir))
+    out = tmp_path / "native"
+    native.save(str(out), config, flat, {"output_dir": str(out)})
+    assert detect_format(str(out)) == "native"
+    assert json.loads((out / "parameters.json").read_text())["model_params"] == config.to_model_params()
+    config2, params2 = load_model(str(out))
+    assert config2 == config
+    assert_same_params(flatten(params2), tiny_names)
+    logits = GPTSAN(config2).apply({"params": params2}, tiny_cases["input_ids"]).logits
+    np.testing.assert_allclose(np.asarray(logits), tiny_cases["logits_causal"], rtol=0, atol=1e-4)
+    with pytest.raises(UserError, match="already exists"):
+        native.save(str(out), config, flat)
+    assert [p.name for p in tmp_path.iterdir()] == ["native"]  # no temp directories left behind
+
+
+def test_native_bfloat16_storage_loads_as_float32(tmp_path, tiny_tf_dir):
+    config, flat = load_flat(str(tiny_tf_dir))
+    native.save(str(tmp_path / "bf16"), config, flat, dtype="bfloat16")
+    _, loaded = load_flat(str(tmp_path / "bf16"))
+    for name, value in flat.items():
+        assert loaded[name].dtype == np.float32
+        np.testing.assert_allclose(loaded[name], value, rtol=2**-8, atol=0, err_msg=name)
+
+
+def test_hf_float16_folder_with_tied_head_loads_as_float32(tmp_path, tiny_hf_dir, tiny_names):
+    tensors = load_file(tiny_hf_dir / "model.safetensors")
+    tensors = {key: value.astype(np.float16) for key, value in tensors.items()}
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    hf_config = json.loads((tiny_hf_dir / "config.json").read_text())
+    hf_config.pop("dtype")
+    hf_config["torch_dtype"] = "float16"
+    (tmp_path / "config.json").write_text(json.dumps(hf_config))
+    _, flat = load_flat(str(tmp_path))
+    for name, value in tiny_names.items():
+        assert flat[name].dtype == np.float32
+        np.testing.assert_array_equal(flat[name], value.astype(np.float16).astype(np.float32), err_msg=name)
+
+
+def test_hf_untied_head_is_refused(tmp_path, tiny_hf_dir):
+    tensors = load_file(tiny_hf_dir / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"] + 1
+    save_file(tensors, tmp_path / "model.safetensors")
+    shutil.copy(tiny_hf_dir / "config.json", tmp_path)
+    with pytest.raises(UserError, match="lm_head.weight differs"):
+        load_flat(str(tmp_path))
+
+
+def test_pytorch_bin_without_torch_is_a_clear_error(tmp_path, tiny_hf_dir, monkeypatch):
+    shutil.copy(tiny_hf_dir / "config.json", tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
+    with pytest.raises(UserError, match="needs torch.*model.safetensors"):
+        load_flat(str(tmp_path))
+
+
+def test_pytorch_bin_loads_with_torch_weights_only(tmp_path, tiny_hf_dir, tiny_names):
+    torch = pytest.importorskip("torch", reason="torch is an optional peer dependency ([peer] extra)")
+    tensors = load_file(tiny_hf_dir / "model.safetensors")
+    state = {key: torch.from_numpy(value) for key, value in tensors.items()}
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    shutil.copy(tiny_hf_dir / "config.json", tmp_path)
+    _, flat = load_flat(str(tmp_path))
+    assert_same_params(flat, tiny_names)
+
+
+def test_tf_checkpoint_without_parameters_json_is_refused(tmp_path, tiny_tf_dir):
+    for file in tiny_tf_dir.iterdir():
+        if file.name != "parameters.json":
+            shutil.copy(file, tmp_path)
+    with pytest.raises(UserError, match="without parameters.json"):
+        load_model(str(tmp_path))
+
+
+def _corrupt_tf(src, dst, how):
+    shutil.copytree(src, dst)
+    if how == "truncated":
+        data = next(dst.glob("model.data-*"))
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    else:
+        from gptsan.checkpoint import tf_checkpoint
+
+        _, flat = load_flat(str(src))
+        if how == "missing":
+            del flat["model/att1/o/kernel"]
+        elif how == "extra":
+            flat["model/att9/o/kernel"] = flat["model/att1/o/kernel"]
+        else:
+            flat["model/wte"] = flat["model/wte"][:-1]
+        for file in list(dst.glob("model.*")) + [dst / "checkpoint"]:
+            file.unlink()
+        tf_checkpoint.write(str(dst), flat)
+
+
+def _corrupt_hf(src, dst, how):
+    shutil.copytree(src, dst)
+    file = dst / "model.safetensors"
+    if how == "truncated":
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+        return
+    tensors = load_file(file)
+    if how == "missing":
+        del tensors["model.blocks.1.self_attn.self_attn.out_proj.weight"]
+    elif how == "extra":
+        tensors["model.blocks.9.self_attn.norm.weight"] = tensors["model.blocks.1.self_attn.norm.weight"]
+    else:
+        tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"][:-1]
+    save_file(tensors, file)
+
+
+def _corrupt_native(src, dst, how):
+    config, flat = load_flat(str(src))
+    native.save(str(dst), config, flat)
+    if how == "truncated":
+        for chunk in (dst / "params").rglob("d/*"):  # the data files (metadata stays intact)
+            if chunk.stat().st_size > 10000:
+                chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+        return
+    parameters = json.loads((dst / "parameters.json").read_text())
+    key = {"missing": "num_ext_layers", "extra": "num_switch_layers", "misshapen": "num_vocabulary"}[how]
+    parameters["model_params"][key] += 1  # the stored tensors no longer match the configuration
+    (dst / "parameters.json").write_text(json.dumps(parameters))
+
+
+EXPECTED_MESSAGE = {
+    "truncated": "truncated or corrupt",
+    "missing": "missing",
+    "extra": "unexpected",
+    "misshapen": "wrong shape",
+}
+CORRUPTERS = {"gptsan-tf": _corrupt_tf, "hf": _corrupt_hf, "native": _corrupt_native}
+
+
+@pytest.mark.parametrize("how", sorted(EXPECTED_MESSAGE))
+@pytest.mark.parametrize("fmt", sorted(CORRUPTERS))
+def test_bad_checkpoints_fail_with_one_clear_error(tmp_path, tiny_tf_dir, tiny_hf_dir, fmt, how):
+    src = tiny_hf_dir if fmt == "hf" else tiny_tf_dir
+    dst = tmp_path / "bad"
+    CORRUPTERS[fmt](src, dst, how)
+    with pytest.raises(UserError) as caught:
+        load_model(str(dst))
+    message = str(caught.value)
+    assert message.startswith(str(dst)), message
+    assert EXPECTED_MESSAGE[how] in message, message
+    assert "\n" not in message
+
+
+def test_native_missing_extra_and_misshapen_are_named(tmp_path, tiny_tf_dir):
+    """The native case above changes parameters.json; name the offending tensors in the message."""
+    dst = tmp_path / "bad"
+    _corrupt_native(tiny_tf_dir, dst, "missing")
+    named = r"missing model/an4/b, model/an4/g, model/att4/o/kernel and \d+ more"
+    with pytest.raises(UserError, match=named):
+        load_model(str(dst))

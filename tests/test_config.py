@@ -1,0 +1,63 @@
+"""parameters.json is read into a validated ModelConfig."""
+
+import json
+
+import pytest
+
+from gptsan.errors import UserError
+from gptsan.model import ModelConfig, load_config
+from gptsan.model.config import DEFAULT_NUM_SPOUT
+
+BASE = {"num_contexts": 64, "num_switch_layers": 2, "num_ext_layers": 2, "num_hidden": 64, "num_header": 4,
+        "num_experts": 4, "num_pallarelizm": 1, "num_spout": 16, "num_vocabulary": 512, "train_mode": "lm"}
+
+
+def test_fixture_parameters_json(tiny_tf_dir):
+    config = load_config(tiny_tf_dir / "parameters.json")
+    assert (config.num_hidden, config.head_dim, config.num_layers, config.num_spout) == (64, 16, 4, 16)
+    assert config.to_model_params() == json.loads((tiny_tf_dir / "parameters.json").read_text())["model_params"]
+
+
+def test_hf_config_gives_the_same_architecture(tiny_tf_dir, tiny_hf_dir):
+    from_hf = ModelConfig.from_hf_config(json.loads((tiny_hf_dir / "config.json").read_text()))
+    assert from_hf == load_config(tiny_tf_dir / "parameters.json")
+
+
+def test_heads_must_divide_hidden():
+    with pytest.raises(UserError, match="num_hidden \\(64\\) must be divisible by num_header \\(5\\)"):
+        ModelConfig.from_model_params({**BASE, "num_header": 5})
+
+
+def test_missing_num_spout_defaults_to_128_with_a_warning():
+    params = dict(BASE)
+    del params["num_spout"]
+    with pytest.warns(UserWarning, match="num_spout missing"):
+        config = ModelConfig.from_model_params(params)
+    assert config.num_spout == DEFAULT_NUM_SPOUT == 128
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("num_hidden", 0, "num_hidden must be a positive integer"),
+    ("num_experts", "4", "num_experts must be a positive integer"),
+    ("num_ext_layers", -1, "num_ext_layers must be a non-negative integer"),
+    ("train_mode", "mask", "train_mode must be lm, hybrid or mlm"),
+])
+def test_bad_values_are_named(key, value, message):
+    with pytest.raises(UserError, match=message):
+        ModelConfig.from_model_params({**BASE, key: value})
+
+
+def test_missing_keys_are_listed(tmp_path):
+    path = tmp_path / "parameters.json"
+    path.write_text(json.dumps({"model_params": {"num_hidden": 64}}))
+    with pytest.raises(UserError, match="lacks num_contexts, num_switch_layers"):
+        load_config(path)
+
+
+def test_unreadable_parameter_file_is_named(tmp_path):
+    path = tmp_path / "parameters.json"
+    path.write_text("{not json")
+    with pytest.raises(UserError, match="parameters.json: not valid JSON"):
+        load_config(path)
+    with pytest.raises(UserError, match="parameter file not found"):
+        load_config(tmp_path / "missing.json")

@@ -1,0 +1,170 @@
+"""The training reader: round trip from the encoder, TensorFlow agreement with the pure-Python writer,
+length validation, corrupt-record policy, shuffling, sharding, resuming, fsspec (non-local) paths."""
+
+import io
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+
+from gptsan.data.encode import EncodeConfig, TokenizerSpec, run
+from gptsan.data.layout import LayoutSettings
+from gptsan.data.pipeline import make_dataset
+from gptsan.data.schema import frame, parse_example, read_frames, serialize_example, tf_feature_spec
+from gptsan.errors import UserError
+from tests.conftest import shared_path
+
+T = 32
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory) -> Path:
+    """Hybrid records of 32 tokens from a generated corpus, dealt into four files."""
+    root = tmp_path_factory.mktemp("corpus")
+    for f in range(6):
+        lines = [f"文書{f}の{k}行目です。猫が好き！" for k in range(25)]
+        (root / f"{f}.txt").write_text("\n".join(lines), encoding="utf-8")
+    config = EncodeConfig(
+        input_files=str(root / "*.txt"),
+        tokenizer=TokenizerSpec("swe", str(shared_path("vocab", "ja-swe36k.txt"))),
+        layout=LayoutSettings(mode="hybrid", num_context=T), output_dir=str(root / "out"), num_process=1,
+        seed=0, progress=False,
+    )
+    run(config)
+    data = (root / "out" / "hybrid_0000.tfrecord").read_bytes()
+    frames = list(read_frames(io.BytesIO(data), "x"))
+    for part in range(4):  # split into four files for sharding tests
+        (root / "out" / f"part_{part}.tfrecord").write_bytes(b"".join(frame(f) for f in frames[part::4]))
+    (root / "out" / "hybrid_0000.tfrecord").unlink()
+    return root / "out"
+
+
+def python_records(paths):
+    records = []
+    for path in paths:
+        with open(path, "rb") as f:
+            records += [parse_example(d) for d in read_frames(f, str(path))]
+    return records
+
+
+def all_batches(iterator):
+    return [batch for batch in iterator]
+
+
+def test_round_trip_gives_the_written_arrays(corpus_dir):
+    expected = python_records(sorted(corpus_dir.glob("part_*.tfrecord")))
+    batches = all_batches(make_dataset(str(corpus_dir / "part_*.tfrecord"), T, 1, seed=0, shuffle=False,
+                                       repeat=False))
+    assert len(batches) == len(expected) > 10
+    for batch, record in zip(batches, expected, strict=True):
+        assert batch["x"].dtype == np.int32 and batch["x"].shape == (1, T)
+        assert batch["i"].shape == (1,)
+        np.testing.assert_array_equal(batch["x"][0], record["x"])
+        np.testing.assert_array_equal(batch["y"][0], record["y"])
+        assert batch["i"][0] == record["i"][0] and batch["num_input"][0] == record["num_input"][0]
+
+
+def test_tensorflow_parses_the_pure_python_examples():
+    import tensorflow as tf
+
+    x = np.arange(T) * 1000 - 5
+    data = serialize_example({"x": x, "y": -x, "i": [7], "num_input": [3]})
+    parsed = tf.io.parse_single_example(data, tf_feature_spec(T))
+    np.testing.assert_array_equal(parsed["x"].numpy(), x)
+    np.testing.assert_array_equal(parsed["y"].numpy(), -x)
+    assert parsed["i"].numpy().tolist() == [7] and parsed["num_input"].numpy().tolist() == [3]
+    assert tf.train.Example.FromString(data).features.feature["y"].int64_list.value[1] == -995
+
+
+def test_tensorflow_reads_the_frames(corpus_dir):
+    import tensorflow as tf
+
+    path = str(corpus_dir / "part_0.tfrecord")
+    with open(path, "rb") as f:
+        ours = list(read_frames(f, path))
+    assert [bytes(r.numpy()) for r in tf.data.TFRecordDataset(path)] == ours
+
+
+def test_length_mismatch_names_the_file(corpus_dir):
+    expected = r"part_0.tfrecord: record 0 has 32 tokens but the model's num_contexts is 64"
+    with pytest.raises(UserError, match=expected):
+        next(make_dataset(str(corpus_dir / "part_0.tfrecord"), 64, 1, seed=0, shuffle=False))
+
+
+def corrupt_copy(corpus_dir, tmp_path) -> Path:
+    frames = list(read_frames(open(corpus_dir / "part_0.tfrecord", "rb"), "x"))
+    raw = bytearray(b"".join(frame(f) for f in frames))
+    second = len(frame(frames[0]))
+    raw[second + 12 + 5] ^= 0xFF  # a data byte of record 1
+    path = tmp_path / "bad.tfrecord"
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_corrupt_record_stops_with_file_and_index(corpus_dir, tmp_path):
+    path = corrupt_copy(corpus_dir, tmp_path)
+    with pytest.raises(UserError, match=rf"{path}: record 1 is corrupt \(data checksum mismatch\)"):
+        all_batches(make_dataset(str(path), T, 1, seed=0, shuffle=False, repeat=False))
+
+
+def test_corrupt_record_skipped_and_counted(corpus_dir, tmp_path):
+    path = corrupt_copy(corpus_dir, tmp_path)
+    total = len(python_records([corpus_dir / "part_0.tfrecord"]))
+    iterator = make_dataset(str(path), T, 1, seed=0, shuffle=False, repeat=False, on_corrupt="skip")
+    assert len(all_batches(iterator)) == total - 1
+    assert iterator.skipped == 1
+
+
+def test_shuffle_is_seeded_and_repeat_continues(corpus_dir):
+    pattern = str(corpus_dir / "part_*.tfrecord")
+
+    def take(seed):
+        iterator = make_dataset(pattern, T, 4, seed=seed, shuffle_buffer=50)
+        return [next(iterator)["x"] for _ in range(12)]  # about two epochs
+
+    first, again, other = take(1), take(1), take(2)
+    assert all((a == b).all() for a, b in zip(first, again, strict=True))
+    assert any((a != b).any() for a, b in zip(first, other, strict=True))
+
+
+def test_processes_read_disjoint_shards_covering_everything(corpus_dir):
+    for pattern in ("part_*.tfrecord", "part_0.tfrecord"):  # by file, then by record (1 file, 2 processes)
+        shards = [
+            all_batches(make_dataset(str(corpus_dir / pattern), T, 1, seed=0, shuffle=False, repeat=False,
+                                     process_index=k, process_count=2))
+            for k in range(2)
+        ]
+        everything = python_records(sorted(corpus_dir.glob(pattern)))
+        keys = [sorted(b["x"][0].tobytes() for b in shard) for shard in shards]
+        assert not set(keys[0]) & set(keys[1])
+        assert sorted(keys[0] + keys[1]) == sorted(r["x"].astype(np.int32).tobytes() for r in everything)
+
+
+def test_start_step_resumes_the_same_batches(corpus_dir):
+    pattern = str(corpus_dir / "part_*.tfrecord")
+    fresh = make_dataset(pattern, T, 3, seed=5, shuffle_buffer=50)
+    batches = [next(fresh) for _ in range(40)]
+    resumed = make_dataset(pattern, T, 3, seed=5, shuffle_buffer=50, start_step=35)
+    for expected in batches[35:]:
+        np.testing.assert_array_equal(next(resumed)["x"], expected["x"])
+
+
+def test_reads_through_fsspec_urls(corpus_dir):
+    fs = fsspec.filesystem("memory")
+    for path in sorted(corpus_dir.glob("part_*.tfrecord")):
+        fs.pipe(f"/corpus/{path.name}", path.read_bytes())
+    local = all_batches(make_dataset(str(corpus_dir / "part_*.tfrecord"), T, 2, seed=0, shuffle=False,
+                                     repeat=False))
+    remote = all_batches(make_dataset("memory://corpus/part_*.tfrecord", T, 2, seed=0, shuffle=False,
+                                      repeat=False))
+    assert len(local) == len(remote)
+    for a, b in zip(local, remote, strict=True):
+        np.testing.assert_array_equal(a["y"], b["y"])
+
+
+def test_bad_arguments_are_user_errors(corpus_dir):
+    with pytest.raises(UserError, match="on_corrupt"):
+        make_dataset(str(corpus_dir / "*.tfrecord"), T, 1, seed=0, on_corrupt="ignore")
+    with pytest.raises(UserError, match="no tfrecord file matches"):
+        make_dataset(str(corpus_dir / "none_*.tfrecord"), T, 1, seed=0)

@@ -1,0 +1,336 @@
+"""The corpus encoder: record layout per mode, class ids, splitting, determinism, bad inputs."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gptsan.data.encode import EncodeConfig, TokenizerSpec, main, run
+from gptsan.data.layout import SENTENCE_PUNCTUATION, LayoutSettings, compress_runs
+from gptsan.data.schema import parse_example, read_frames, record_from_example
+from gptsan.tokenizer.swe import SWETokenizer
+from tests.conftest import shared_path
+
+REPO = Path(__file__).resolve().parents[1]
+SOT, MASK, SEP, PAD, BAG, SEG, EOT, BR = 35993, 35994, 35995, 35996, 35997, 35998, 35999, 35715
+
+
+@pytest.fixture(scope="module")
+def vocab() -> str:
+    return str(shared_path("vocab", "ja-swe36k.txt"))
+
+
+@pytest.fixture(scope="module")
+def swe(vocab) -> SWETokenizer:
+    return SWETokenizer(vocab)
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def encode(vocab, inputs, out_dir, *, seed=0, num_process=1, **layout):
+    config = EncodeConfig(
+        input_files=str(inputs), tokenizer=TokenizerSpec("swe", vocab), layout=LayoutSettings(**layout),
+        output_dir=str(out_dir), num_process=num_process, seed=seed, progress=False,
+    )
+    return run(config)
+
+
+def read_records(out_dir, pattern="*.tfrecord"):
+    records = []
+    for path in sorted(Path(out_dir).glob(pattern)):
+        with open(path, "rb") as f:
+            records += [record_from_example(parse_example(data)) for data in read_frames(f, str(path))]
+    return records
+
+
+def body_tokens(swe, line):
+    """What a body line becomes: clean-text ids, runs compressed, then <BR>."""
+    return compress_runs(swe.encode(line.strip(), clean=True), swe.plain_token_mask(), BAG) + [BR]
+
+
+# ---- lm layout ----------------------------------------------------------------------------------------
+
+
+def test_lm_record_layout_targets_and_padding(vocab, swe, tmp_path):
+    lines = ["今日は良い天気です。", "ああああああ、すごい！"]
+    write(tmp_path / "in" / "a.txt", "\n".join(lines) + "\n")
+    encode(vocab, tmp_path / "in" / "*.txt", tmp_path / "out", num_context=48)
+    (record,) = read_records(tmp_path / "out")
+    body = body_tokens(swe, lines[0]) + body_tokens(swe, lines[1])
+    dots = swe.ids_of_chars(SENTENCE_PUNCTUATION)
+    body_x = [SEP if t in dots else t for t in body]
+    n = 2 + len(body) + 1
+    assert record.x[:n].tolist() == [SOT, SEG, *body_x, EOT]
+    assert (record.x[n:] == PAD).all()
+    assert record.y[:n].tolist() == [-1, *body, EOT, -1]
+    assert (record.y[n:] == -1).all()
+    assert record.num_input == 1 and record.i == 0
+
+
+def test_every_line_ends_with_br_and_runs_become_bag(vocab, swe, tmp_path):
+    write(tmp_path / "in" / "a.txt", "ああああああ\n\nいい\n")
+    encode(vocab, tmp_path / "in" / "*.txt", tmp_path / "out", num_context=16)
+    (record,) = read_records(tmp_path / "out")
+    a, i = swe.encode("あ")[0], swe.encode("い")[0]
+    assert record.x[:8].tolist() == [SOT, SEG, a, BAG, BR, BR, i, i]
+    assert record.x[8:10].tolist() == [BR, EOT]
+
+
+def test_separator_replaces_sentence_punctuation_in_x_only(vocab, swe, tmp_path):
+    write(tmp_path / "in" / "a.txt", "はい。いいえ！本当？\n")
+    encode(vocab, tmp_path / "in" / "*.txt", tmp_path / "out", num_context=24)
+    (record,) = read_records(tmp_path / "out")
+    punctuation = [swe.encode(c)[0] for c in "。！？"]
+    assert (record.x == SEP).sum() == 3
+    assert not np.isin(record.x, punctuation).any()
+    assert np.isin(record.y, punctuation).sum() == 3
+    shifted = record.x[1:].copy()
+    shifted[shifted == SEP] = record.y[:-1][shifted == SEP]
+    counted = record.y[:-1] != -1
+    assert (record.y[:-1][counted] == shifted[counted]).all()
+
+
+def test_long_document_splits_into_records_without_losing_tokens(vocab, swe, tmp_path):
+    lines = [f"{k}番目の行です。" for k in range(30)]
+    write(tmp_path / "in" / "a.txt", "\n".join(lines))
+    encode(vocab, tmp_path / "in" / "*.txt", tmp_path / "out", num_context=16)
+    records = read_records(tmp_path / "out")
+    stream = [t for line in lines for t in body_tokens(swe, line)]
+    assert len(records) > 5
+    collected = []
+    for k, record in enumerate(records):
+        last = k == len(records) - 1
+        assert record.x[:2].tolist() == [SOT, SEG]
+        assert (EOT in record.x.tolist()) == last
+        collected += record.y[1:][record.y[1:] != -1].tolist()[: None if last else 14]
+        if not last:
+            assert record.y[-1] == records[k + 1].y[1]  # the continuation's first token
+    assert collected == stream + [EOT]
+
+
+# ---- class ids ----------------------------------------------------------------------------------------
+
+
+def test_csv_fileid_becomes_i(vocab, tmp_path):
+    write(tmp_path / "data" / "A.txt", "あいうえお\n")
+    write(tmp_path / "data" / "B.txt", "かきくけこ\n")
+    csv_path = write(tmp_path / "list.csv", "filename,fileid\ndata/A.txt,7\ndata/B.txt,3\n")
+    encode(vocab, csv_path, tmp_path / "out", num_context=16)
+    ids = sorted((r.i, r.x[2]) for r in read_records(tmp_path / "out"))
+    assert [i for i, _ in ids] == [3, 7]
+
+
+def test_list_file_recognised_by_its_header_whatever_its_name(vocab, tmp_path):
+    write(tmp_path / "data" / "A.txt", "あいうえお\n")
+    listing = write(tmp_path / "files.txt", "filename,fileid\ndata/A.txt,42\n")
+    encode(vocab, listing, tmp_path / "out", num_context=16)
+    assert [r.i for r in read_records(tmp_path / "out")] == [42]
+
+
+def test_glob_inputs_get_their_position_in_the_sorted_list(vocab, tmp_path):
+    for name in ("c.txt", "a.txt", "b.txt"):
+        write(tmp_path / "in" / name, f"{name}の中身\n")
+    encode(vocab, tmp_path / "in" / "*.txt", tmp_path / "out", num_context=32)
+    assert sorted(r.i for r in read_records(tmp_path / "out")) == [0, 1, 2]
+
+
+# ---- hybrid and mlm -----------------------------------------------------------------------------------
+
+
+def corpus(tmp_path, files=4, lines=40):
+    for f in range(files):
+        text = "\n".join(f"文書{f}の{k}行目は東京と大阪の話です。" for k in range(lines))
+        write(tmp_path / "in" / f"{f}.txt", text + "\n")
+    return tmp_path / "in" / "*.txt"
+
+
+def test_hybrid_prefix_has_no_loss_and_segmenter_at_num_input(vocab, tmp_path):
+    encode(vocab, corpus(tmp_path), tmp_path / "out", mode="hybrid", num_context=64, num_mask=0.0)
+    records = read_records(tmp_path / "out")
+    lengths = {r.num_input for r in records}
+    assert len(lengths) > 5  # random prefix lengths
+    for r in records:
+        assert r.x[r.num_input] == SEG and r.x[0] == SOT
+        assert (r.y[: r.num_input] == -1).all()
+
+
+def test_hybrid_rate_zero_gives_lm_records(vocab, tmp_path):
+    encode(vocab, corpus(tmp_path, files=1), tmp_path / "out", mode="hybrid", hybrid_rate=0.0, num_context=64)
+    assert {r.num_input for r in read_records(tmp_path / "out")} == {1}
+
+
+def unmasked_prefixes(vocab, tmp_path, **layout):
+    """Records encoded with and without masks (same seed, so the same prefixes)."""
+    encode(vocab, corpus(tmp_path), tmp_path / "plain", mode="mlm", num_context=128, num_mask=0.0, **layout)
+    return read_records(tmp_path / "plain")
+
+
+def test_mlm_masking_rate_replacements_and_targets(vocab, tmp_path):
+    plain = unmasked_prefixes(vocab, tmp_path)
+    encode(vocab, corpus(tmp_path), tmp_path / "out", mode="mlm", num_context=128, num_mask=0.2, max_mask=100)
+    masked = read_records(tmp_path / "out")
+    replaced = total_masks = 0
+    for r, p in zip(masked, plain, strict=True):
+        prefix_len = r.num_input - 1
+        assert r.num_input == 126 or EOT in r.x  # all prefix but one slot, unless the document ended
+        targets = np.flatnonzero(r.y[: r.num_input - 1] != -1)  # target positions inside the prefix
+        assert len(targets) == int(0.2 * prefix_len)
+        for t in targets:
+            assert r.y[t] == p.x[t + 1]  # the original token, at the preceding position
+        total_masks += len(targets)
+        replaced += int((r.x[targets + 1] == MASK).sum())
+        assert (r.x != p.x).sum() <= len(targets)
+    assert 0.7 < replaced / total_masks < 0.9
+
+
+def test_mlm_max_mask_caps_and_no_offset_puts_targets_on_the_mask(vocab, tmp_path):
+    plain = unmasked_prefixes(vocab, tmp_path)
+    encode(vocab, corpus(tmp_path), tmp_path / "out", mode="mlm", num_context=128, num_mask=0.5, max_mask=5,
+           no_offset_mlm=True)
+    for r, p in zip(read_records(tmp_path / "out"), plain, strict=True):
+        targets = np.flatnonzero(r.y[1 : r.num_input] != -1) + 1
+        assert len(targets) == 5
+        assert (r.y[targets] == p.x[targets]).all()
+
+
+def test_nextsent_lead_sentence_and_targets(vocab, swe, tmp_path):
+    encode(vocab, corpus(tmp_path, files=6, lines=12), tmp_path / "out", mode="mlm", num_context=64,
+           num_mask=0.0, use_nextsent=True)
+    line_id = re.compile(r"文書(\d+)の(\d+)行目")
+    outcomes, records = [], read_records(tmp_path / "out")
+    for r in records:
+        if SEP not in r.x:  # no lead possible: text resumes mid-line and no earlier document yet
+            continue
+        sep_at = int(np.flatnonzero(r.x == SEP)[0])
+        assert 1 < sep_at < r.num_input
+        outcomes.append(int(r.y[sep_at - 1]))
+        lead = line_id.match(swe.decode(r.x[1:sep_at].tolist())).groups()
+        text = line_id.match(swe.decode(r.x[sep_at + 1 : r.num_input].tolist()))
+        if outcomes[-1] == SEP:  # "continues": the text starts with the line after the lead
+            assert (int(text[1]), int(text[2])) == (int(lead[0]), int(lead[1]) + 1)
+        elif text:  # "unrelated": the lead comes from another document
+            assert text[1] != lead[0]
+    assert set(outcomes) == {SEP, EOT} and len(outcomes) > len(records) / 2
+
+
+# ---- determinism and processes --------------------------------------------------------------------------
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(vocab, tmp_path):
+    inputs = corpus(tmp_path)
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        encode(vocab, inputs, tmp_path / name, mode="hybrid", num_context=64, seed=seed, num_process=2)
+    names = ("hybrid_0000.tfrecord", "hybrid_0001.tfrecord")
+    a, b, c = ([(tmp_path / d / name).read_bytes() for name in names] for d in "abc")
+    assert a == b and a != c
+
+
+def test_cli_runs_from_any_directory_with_two_processes(vocab, tmp_path):
+    inputs = corpus(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the tool finds its own package
+    cmd = [sys.executable, str(REPO / "tools" / "make_tfrecord_simple.py"), "--input_files", str(inputs),
+           "--vocabulary", vocab, "--num_process", "2", "--num_context", "64", "--output_dir", "out"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert sorted(os.listdir(tmp_path / "out")) == ["lm_0000.tfrecord", "lm_0001.tfrecord"]
+    assert sorted({r.i for r in read_records(tmp_path / "out")}) == [0, 1, 2, 3]
+    assert "wrote" in done.stderr
+
+
+def test_remote_output_dir_is_written_through_fsspec(vocab, tmp_path):
+    import fsspec
+
+    encode(vocab, corpus(tmp_path, files=2), "memory://encoded/run1", num_context=64, num_process=2)
+    encode(vocab, corpus(tmp_path, files=2), tmp_path / "local", num_context=64, num_process=2)
+    fs = fsspec.filesystem("memory")
+    names = ["/encoded/run1/lm_0000.tfrecord", "/encoded/run1/lm_0001.tfrecord"]
+    assert sorted(fs.ls("/encoded/run1", detail=False)) == names
+    assert fs.cat("/encoded/run1/lm_0001.tfrecord") == (tmp_path / "local" / "lm_0001.tfrecord").read_bytes()
+
+
+def test_inspect_tool_prints_decoded_records(vocab, tmp_path):
+    write(tmp_path / "in" / "a.txt", "猫が好きです。\n")
+    encode(vocab, tmp_path / "in" / "*.txt", tmp_path / "out", num_context=16)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    tool = str(REPO / "tools" / "inspect_tfrecord.py")
+    cmd = [sys.executable, tool, "out/lm_0000.tfrecord", "--vocabulary", vocab]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    first = "[0] i=0 num_input=1 tokens=10/16 loss_targets=8 (in prefix: 0, masks in x: 0)"
+    assert done.stdout.splitlines()[0] == first
+    assert "body:   '猫が好きです\\n'" in done.stdout  # the separator decodes to nothing
+
+
+# ---- bad inputs -----------------------------------------------------------------------------------------
+
+
+def run_cli(vocab, tmp_path, capsys, *args):
+    code = main(["--vocabulary", vocab, "--output_dir", str(tmp_path / "out"), "--quiet", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    leftovers = list((tmp_path / "out").glob("*")) if (tmp_path / "out").exists() else []
+    return code, err[-1] if err else "", leftovers
+
+
+def test_csv_without_fileid_column(vocab, tmp_path, capsys):
+    write(tmp_path / "a.txt", "あ\n")
+    csv_path = write(tmp_path / "list.csv", "filename\na.txt\n")
+    code, err, left = run_cli(vocab, tmp_path, capsys, "--input_files", str(csv_path))
+    assert code == 2 and err.startswith(f"error: {csv_path}: expected a header with columns filename,fileid")
+    assert left == []
+
+
+def test_csv_naming_a_missing_file(vocab, tmp_path, capsys):
+    csv_path = write(tmp_path / "list.csv", "filename,fileid\nmissing.txt,1\n")
+    code, err, left = run_cli(vocab, tmp_path, capsys, "--input_files", str(csv_path))
+    assert code == 2 and err == f"error: {csv_path}:2: missing.txt not found" and left == []
+
+
+def test_glob_matching_nothing(vocab, tmp_path, capsys):
+    code, err, left = run_cli(vocab, tmp_path, capsys, "--input_files", str(tmp_path / "none" / "*.txt"))
+    assert code == 2 and "no file matches" in err and left == []
+
+
+def test_non_utf8_file_is_named_and_nothing_is_left(vocab, tmp_path, capsys):
+    write(tmp_path / "in" / "good.txt", "よい文章です。\n" * 50)
+    bad = tmp_path / "in" / "bad.txt"
+    bad.write_bytes("シフトJISの文章".encode("shift_jis"))
+    args = ("--input_files", str(tmp_path / "in" / "*.txt"), "--num_context", "32")
+    code, err, left = run_cli(vocab, tmp_path, capsys, *args, "--num_process", "2")
+    assert code == 2 and err.startswith(f"error: {bad}: not UTF-8") and left == []
+    code = main(["--vocabulary", vocab, "--output_dir", str(tmp_path / "out"), "--quiet", *args,
+                 "--skip_bad_files"])
+    assert code == 0
+    assert f"skipped 1 file(s) that are not UTF-8: {bad}" in capsys.readouterr().err
+    assert len(read_records(tmp_path / "out")) > 0
+
+
+def test_empty_corpus(vocab, tmp_path, capsys):
+    write(tmp_path / "in" / "a.txt", "")
+    write(tmp_path / "in" / "b.txt", "\n  \n")
+    code, err, left = run_cli(vocab, tmp_path, capsys, "--input_files", str(tmp_path / "in" / "*.txt"))
+    assert code == 2 and "no text" in err and left == []
+
+
+def test_num_context_below_the_fixed_overhead(vocab, tmp_path, capsys):
+    write(tmp_path / "in" / "a.txt", "あ\n")
+    args = ("--input_files", str(tmp_path / "in" / "*.txt"), "--num_context", "4")
+    code, err, left = run_cli(vocab, tmp_path, capsys, *args)
+    assert code == 2 and err.startswith("error: --num_context: must be at least 8") and left == []
+
+
+def test_cli_error_is_one_line_and_exit_2(vocab, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "gptsan.data.encode", "--input_files", str(tmp_path / "x.csv"),
+           "--vocabulary", vocab, "--output_dir", str(tmp_path / "out")]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    expected = f"error: --input_files: no file matches '{tmp_path / 'x.csv'}'"
+    assert done.stderr.strip().splitlines() == [expected]

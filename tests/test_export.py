@@ -1,0 +1,116 @@
+"""gptsan-export: HF and original TF exports load back to identical parameters; transformers 4.40 agrees."""
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from gptsan.checkpoint import detect_format, load_flat
+from gptsan.convert.cli import main as convert_main
+from gptsan.convert.export import main as export_main
+from gptsan.logits_cli import compute_logits
+from gptsan.model import unflatten
+
+
+@pytest.fixture(scope="module")
+def extended_model(tmp_path_factory, tiny_tf_dir):
+    """A native model with new (random) layers: the fixture plus 2 extended layers."""
+    dst = tmp_path_factory.mktemp("export") / "native"
+    args = ["--checkpoint", str(tiny_tf_dir), "--output", str(dst), "--add_extra_stage", "2"]
+    assert convert_main(args) == 0
+    return dst
+
+
+@pytest.fixture(scope="module")
+def exports(extended_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("exports")
+    for fmt in ("hf", "gptsan-tf"):
+        args = ["--model", str(extended_model), "--format", fmt, "--output", str(root / fmt)]
+        assert export_main(args) == 0
+    return root
+
+
+@pytest.mark.parametrize("fmt", ["hf", "gptsan-tf"])
+def test_export_loads_back_to_identical_parameters(extended_model, exports, fmt):
+    config, flat = load_flat(str(extended_model))
+    assert detect_format(str(exports / fmt)) == fmt
+    config2, flat2 = load_flat(str(exports / fmt))
+    assert config2 == config
+    assert sorted(flat2) == sorted(flat)
+    for name, value in flat.items():
+        np.testing.assert_array_equal(flat2[name], value, err_msg=name)
+
+
+def test_tf_export_is_an_original_style_checkpoint(extended_model, exports):
+    import tensorflow as tf
+
+    _, flat = load_flat(str(extended_model))
+    out = exports / "gptsan-tf"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "model.data-00000-of-00001", "model.index",
+                                                     "parameters.json"]
+    assert tf.train.latest_checkpoint(str(out)) == str(out / "model")
+    variables = tf.train.load_checkpoint(str(out)).get_variable_to_shape_map()
+    assert {name: tuple(shape) for name, shape in variables.items()} == {k: v.shape for k, v in flat.items()}
+    parameters = json.loads((out / "parameters.json").read_text())
+    assert parameters == json.loads((extended_model / "parameters.json").read_text())
+
+
+def test_hf_export_config(exports):
+    hf_config = json.loads((exports / "hf" / "config.json").read_text())
+    assert hf_config["model_type"] == "gptsan-japanese"
+    assert (hf_config["num_switch_layers"], hf_config["num_ext_layers"], hf_config["d_spout"]) == (2, 4, 16)
+    assert hf_config["torch_dtype"] == "float32"
+
+
+def test_float16_hf_export_loads_as_rounded_float32(extended_model, tmp_path):
+    out = tmp_path / "hf16"
+    assert export_main(["--model", str(extended_model), "--format", "hf", "--output", str(out),
+                        "--dtype", "float16"]) == 0
+    _, flat = load_flat(str(extended_model))
+    _, flat16 = load_flat(str(out))
+    for name, value in flat.items():
+        np.testing.assert_array_equal(flat16[name], value.astype(np.float16).astype(np.float32), err_msg=name)
+
+
+PEER_INSTALLED = all(importlib.util.find_spec(name) for name in ("torch", "transformers"))
+
+
+@pytest.mark.skipif(not PEER_INSTALLED, reason="needs the [peer] extra (torch, transformers 4.40)")
+def test_transformers_loads_the_hf_export_and_agrees(extended_model, exports, tiny_cases):
+    import torch
+    from transformers import GPTSanJapaneseForConditionalGeneration
+
+    model, info = GPTSanJapaneseForConditionalGeneration.from_pretrained(str(exports / "hf"),
+                                                                         output_loading_info=True)
+    assert all(not keys for keys in info.values()), info
+    model.eval()
+    config, flat = load_flat(str(extended_model))
+    ids = tiny_cases["input_ids"]
+    with torch.no_grad():
+        for spout in (None, tiny_cases["spout"]):
+            kwargs = {} if spout is None else {"spout": torch.from_numpy(spout)}
+            mask = torch.ones(ids.shape, dtype=torch.long)  # the HF port's spout path needs a mask
+            theirs = model(input_ids=torch.from_numpy(ids), attention_mask=mask, **kwargs).logits.numpy()
+            ours = compute_logits(config, unflatten(flat), ids, spout=spout)
+            np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["existing", "bad_model", "bad_format"])
+def test_bad_exports_fail_and_write_nothing(tmp_path, extended_model, capsys, case):
+    out = tmp_path / "out"
+    model = tmp_path / "nowhere" if case == "bad_model" else extended_model
+    fmt = "onnx" if case == "bad_format" else "hf"
+    if case == "existing":
+        out.mkdir()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    if case == "bad_format":
+        with pytest.raises(SystemExit) as caught:  # argparse: usage line and exit status 2
+            export_main(["--model", str(model), "--format", fmt, "--output", str(out)])
+        assert caught.value.code == 2
+    else:
+        assert export_main(["--model", str(model), "--format", fmt, "--output", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert ("already exists" if case == "existing" else "not found") in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

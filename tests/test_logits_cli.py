@@ -1,0 +1,118 @@
+"""gptsan-logits: fixture logits from any checkpoint format; bad input is one `error:` line, exit 2."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gptsan.checkpoint import load_model
+from gptsan.logits_cli import compute_logits, main
+
+ROOT = Path(__file__).resolve().parents[1]
+TOLERANCE = 1e-4
+CASES = {  # reference logits -> the inputs that produce them
+    "logits_causal": {},
+    "logits_prefix": {"--num_precontext": "num_precontext"},
+    "logits_spout": {"--spout": "spout"},
+    "logits_spout_onehot": {"--spout": "spout_onehot"},
+}
+
+
+def run_cli(*args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "gptsan.logits_cli", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def write_inputs(tmp_path, tiny_cases, case):
+    np.save(tmp_path / "ids.npy", tiny_cases["input_ids"])
+    args = ["--ids", tmp_path / "ids.npy"]
+    for flag, source in CASES[case].items():
+        np.save(tmp_path / f"{source}.npy", tiny_cases[source])
+        args += [flag, tmp_path / f"{source}.npy"]
+    return args
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cli_reproduces_fixture_logits(tmp_path, tiny_hf_dir, tiny_cases, case):
+    output = tmp_path / "logits.npy"
+    result = run_cli("--model", tiny_hf_dir, *write_inputs(tmp_path, tiny_cases, case), "--output", output)
+    assert result.returncode == 0, result.stderr
+    logits = np.load(output)
+    assert logits.dtype == np.float32 and logits.shape == tiny_cases[case].shape
+    np.testing.assert_allclose(logits, tiny_cases[case], rtol=0, atol=TOLERANCE)
+
+
+def test_tf_checkpoint_gives_the_same_logits_as_the_cli(tiny_tf_dir, tiny_cases):
+    """The CLI's forward (compute_logits) on the TF fixture, every case (the subprocess runs use HF)."""
+    config, params = load_model(str(tiny_tf_dir))
+    for case, inputs in CASES.items():
+        kwargs = {flag.lstrip("-"): tiny_cases[source] for flag, source in inputs.items()}
+        logits = compute_logits(config, params, tiny_cases["input_ids"], **kwargs)
+        np.testing.assert_allclose(logits, tiny_cases[case], rtol=0, atol=TOLERANCE, err_msg=case)
+
+
+def test_cli_truncated_checkpoint_is_one_error_line(tmp_path, tiny_hf_dir, tiny_cases):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_hf_dir, bad)
+    data = bad / "model.safetensors"
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    output = tmp_path / "logits.npy"
+    result = run_cli("--model", bad, *write_inputs(tmp_path, tiny_cases, "logits_causal"), "--output", output)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert str(bad) in result.stderr and "truncated or corrupt" in result.stderr
+    assert not output.exists()
+
+
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        ({"ids": np.full((2, 4), 512)}, r"--ids: token ids must lie in \[0, 512\)"),
+        ({"ids": np.zeros((2, 65), np.int64)}, "--ids: length 65 exceeds the model's context of 64"),
+        ({"ids": np.zeros((8,), np.int64)}, r"--ids: expected integer token ids of shape \[batch, length\]"),
+        ({"ids": np.zeros((2, 4), np.float32)}, "--ids: expected integer token ids"),
+        ({"num_precontext": np.array([1, 2, 3])}, r"--num_precontext: expected integers of shape \[2\]"),
+        ({"num_precontext": np.array([1, 9])}, r"--num_precontext: prefix lengths must lie in \[0, 4\]"),
+        ({"spout": np.zeros((2, 15), np.float32)}, r"--spout: expected numbers of shape \[2, 16\]"),
+        ({"spout": np.full((2, 16), np.nan, np.float32)}, "--spout: values must be finite"),
+    ],
+)
+def test_cli_rejects_bad_inputs(tmp_path, tiny_hf_dir, capsys, inputs, message):
+    arrays = {"ids": np.zeros((2, 4), np.int64), **inputs}
+    args = ["--model", str(tiny_hf_dir), "--output", str(tmp_path / "logits.npy")]
+    for name, array in arrays.items():
+        np.save(tmp_path / f"{name}.npy", array)
+        args += [f"--{name}", str(tmp_path / f"{name}.npy")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert re.search(message, err), err
+    assert not (tmp_path / "logits.npy").exists()
+
+
+def test_cli_missing_input_file_and_model(tmp_path, tiny_hf_dir, capsys):
+    assert main(["--model", str(tiny_hf_dir), "--ids", str(tmp_path / "none.npy"), "--output",
+                 str(tmp_path / "o.npy")]) == 2
+    assert f"error: --ids {tmp_path / 'none.npy'}: file not found" in capsys.readouterr().err
+    np.save(tmp_path / "ids.npy", np.zeros((1, 2), np.int64))
+    assert main(["--model", str(tmp_path / "nomodel"), "--ids", str(tmp_path / "ids.npy"), "--output",
+                 str(tmp_path / "o.npy")]) == 2
+    assert "model directory not found" in capsys.readouterr().err
+
+
+def test_greedy_continuation_from_loaded_checkpoint(tiny_tf_dir, tiny_cases):
+    """12 greedy tokens by full forwards of the loaded model reproduce the fixture's greedy_out. The causal
+    mask lets every step run on the final length (later slots hold zeros) and compile once."""
+    config, params = load_model(str(tiny_tf_dir))
+    prompt, expected = tiny_cases["greedy_prompt"], tiny_cases["greedy_out"]
+    ids = np.zeros_like(expected)
+    ids[:, : prompt.shape[1]] = prompt
+    for t in range(prompt.shape[1], expected.shape[1]):
+        ids[:, t] = compute_logits(config, params, ids)[:, t - 1].argmax(-1)
+    np.testing.assert_array_equal(ids, expected)

@@ -1,0 +1,124 @@
+"""SentencePiece tokenizer: training with the reserved role pieces, encode/decode, use in the encoder."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gptsan.data.encode import EncodeConfig, TokenizerSpec, run
+from gptsan.data.layout import LayoutSettings
+from gptsan.data.schema import parse_example, read_frames, record_from_example
+from gptsan.errors import UserError
+from gptsan.tokenizer import load_tokenizer
+from gptsan.tokenizer.sentencepiece import RESERVED_PIECES, train_sentencepiece
+
+REPO = Path(__file__).resolve().parents[1]
+SUBJECTS = ["猫", "犬", "鳥", "先生", "学生", "友達", "母", "父"]
+PLACES = ["東京", "大阪", "京都", "公園", "学校", "駅", "図書館", "海"]
+ACTIONS = ["行きました", "歩きました", "本を読みました", "写真を撮りました", "遊びました"]
+
+
+def japanese_lines(count: int) -> list[str]:
+    return [
+        f"{SUBJECTS[k % 8]}は{PLACES[(k * 3) % 8]}へ{ACTIONS[(k * 7) % 5]}。今日は{k % 31 + 1}日です。"
+        for k in range(count)
+    ]
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("spm")
+    (root / "a.txt").write_text("\n".join(japanese_lines(300)), encoding="utf-8")
+    lines = japanese_lines(50)
+    records = [json.dumps({"text": line, "id": k}, ensure_ascii=False) for k, line in enumerate(lines)]
+    (root / "b.jsonl").write_text("\n".join(records), encoding="utf-8")
+    inputs = [str(root / "a.txt"), str(root / "b.jsonl")]
+    return train_sentencepiece(inputs, str(root / "tiny"), vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def sp(model_path):
+    return load_tokenizer("sentencepiece", model_path)
+
+
+def test_roles_have_fixed_ids_after_unk(sp):
+    roles = sp.special
+    assert (roles.start, roles.segmenter, roles.separator, roles.mask) == (1, 2, 3, 4)
+    assert (roles.nottoken, roles.bag, roles.end, roles.newline) == (5, 6, 7, 8)
+    assert [sp.sp.IdToPiece(k) for k in range(1, len(RESERVED_PIECES) + 1)] == list(RESERVED_PIECES)
+    assert sp.pad_id == 5 and sp.end_id == 7
+
+
+def test_round_trip_with_newline_tab_and_unseen_characters(sp):
+    text = "猫は東京へ行きました。\n犬は\t海へ🍣"
+    ids = sp.encode(text)
+    assert sp.newline_id in ids
+    assert sp.decode(ids) == text
+
+
+def test_role_pieces_in_text_are_single_tokens(sp):
+    assert sp.encode("<|endoftext|>")[-1] == sp.end_id
+    assert sp.decode([sp.start_id, *sp.encode("猫"), sp.end_id]) == "猫"
+
+
+def test_bag_token_repeats_the_previous_piece(sp):
+    cat = sp.encode("猫")
+    assert sp.decode(cat + [sp.bag_id]) == sp.decode(cat) * 4
+
+
+def test_clean_text_uses_the_reserved_tags(sp):
+    ids = sp.encode("電話は03-1234-5678です", clean=True)
+    assert sp.sp.PieceToId("<TEL>") in ids
+
+
+def test_plain_mask_excludes_roles_and_bytes(sp):
+    mask = sp.plain_token_mask()
+    assert not mask[[0, 1, 2, 3, 4, 5, 6, 7]].any() and mask[sp.newline_id]
+    assert not any(mask[i] for i in range(sp.vocab_size) if sp.sp.IsByte(i))
+
+
+def test_model_without_reserved_pieces_is_refused(tmp_path):
+    import sentencepiece as spm
+
+    (tmp_path / "t.txt").write_text("\n".join(japanese_lines(200)), encoding="utf-8")
+    with open(os.devnull, "w") as quiet:
+        spm.SentencePieceTrainer.Train(input=str(tmp_path / "t.txt"), model_prefix=str(tmp_path / "plain"),
+                                       vocab_size=100, hard_vocab_limit=False, logstream=quiet)
+    with pytest.raises(UserError, match=re.escape("no reserved piece <|startoftext|>")):
+        load_tokenizer("sentencepiece", str(tmp_path / "plain.model"))
+
+
+def test_encoder_writes_records_with_the_sentencepiece_roles(model_path, sp, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("猫は東京へ行きました。\n犬は海へ。\n", encoding="utf-8")
+    config = EncodeConfig(
+        input_files=str(tmp_path / "in" / "*.txt"), tokenizer=TokenizerSpec("sentencepiece", model_path),
+        layout=LayoutSettings(num_context=40), output_dir=str(tmp_path / "out"), progress=False,
+    )
+    run(config)
+    with open(tmp_path / "out" / "lm_0000.tfrecord", "rb") as f:
+        (record,) = [record_from_example(parse_example(d)) for d in read_frames(f, "x")]
+    assert record.x[:2].tolist() == [sp.start_id, sp.segmenter_id]
+    assert (record.x == sp.newline_id).sum() == 2 and sp.end_id in record.x
+    assert sp.separator_id in record.x  # 。 became the separator
+    assert sp.decode(record.y[record.y != -1].tolist()) == "猫は東京へ行きました。\n犬は海へ。\n"
+
+
+def test_train_tool_from_another_directory(tmp_path):
+    (tmp_path / "corpus.txt").write_text("\n".join(japanese_lines(200)), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the tool finds its own package
+    cmd = [sys.executable, str(REPO / "tools" / "train_tokenizer.py"), "--input_files", "corpus.txt",
+           "--model_prefix", "out/ja", "--vocab_size", "350"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "ja.model").exists() and "start 1" in done.stderr
+
+
+def test_train_tool_refuses_a_tiny_vocabulary(tmp_path):
+    (tmp_path / "corpus.txt").write_text("猫\n", encoding="utf-8")
+    with pytest.raises(UserError, match="--vocab_size: must exceed"):
+        train_sentencepiece([str(tmp_path / "corpus.txt")], str(tmp_path / "m"), vocab_size=100)
