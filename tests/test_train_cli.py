@@ -30,8 +30,8 @@ def test_records_of_the_wrong_length(inputs, capsys):
     parameters = write_mini_parameters(inputs / "model", inputs / "out")
     status, err = call(capsys, "--input_files", str(inputs / "short.tfrecord"), "--parameter_file",
                        str(parameters))
-    assert status == 2 and err == [f"error: {inputs / 'short.tfrecord'}: record 0: 'x' has 12 values, "
-                                   "expected 16 (num_contexts 16)"]
+    assert status == 2 and err == [f"error: {inputs / 'short.tfrecord'}: record 0 has 12 tokens but the "
+                                   "model's num_contexts is 16 (encode the corpus with --num_context 16)"]
     assert not (inputs / "out").exists()
 
 

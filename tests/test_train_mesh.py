@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
+from gptsan.data.schema import FEATURES
 from gptsan.model.params import abstract_params, flatten, init_params
 from gptsan.model.sharding import batch_sharding, make_mesh
-from gptsan.train.data import FEATURES, batches
 from gptsan.train.loop import state_shardings
 from gptsan.train.optim import make_optimizer
 from gptsan.train.precision import LossScale
 from gptsan.train.state import create_state
 from gptsan.train.step import StepOptions, make_train_step
-from tests.train_support import counting_corpus, mini_config
+from tests.train_support import counting_corpus, memory_batches, mini_config
 
 # float32 on CPU; the sharded program sums in a different order (measured: 3.6e-7 relative over 4 steps).
 TOLERANCE = 1e-5
@@ -32,8 +32,7 @@ def losses_on(mesh, steps=4):
     batch_shard = {name: batch_sharding(mesh) for name in FEATURES}
     step = jax.jit(make_train_step(config, optimizer, schedule, StepOptions(spout="uniform")),
                    in_shardings=(shardings, batch_shard), out_shardings=(shardings, None), donate_argnums=0)
-    corpus = {k: np.asarray(v, np.int32) for k, v in counting_corpus(32, 16, 128, period=8).items()}
-    stream = batches(corpus, 8, seed=0)
+    stream = memory_batches(counting_corpus(32, 16, 128, period=8), 8)
     losses = []
     for _ in range(steps):
         state, metrics = step(state, jax.device_put(next(stream), batch_shard))

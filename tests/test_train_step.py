@@ -12,12 +12,11 @@ import pytest
 from gptsan.errors import UserError
 from gptsan.model import load_config, unflatten
 from gptsan.model.params import flatten, init_params
-from gptsan.train.data import batches
 from gptsan.train.optim import make_optimizer
 from gptsan.train.precision import LossScale
 from gptsan.train.state import check_frozen_names, create_state
 from gptsan.train.step import StepOptions, make_train_step
-from tests.train_support import class_corpus, counting_corpus, mini_config
+from tests.train_support import class_corpus, counting_corpus, memory_batches, mini_config
 
 
 def extended_fixture(tiny_tf_dir, tiny_names, extra: int = 2):
@@ -32,15 +31,11 @@ def extended_fixture(tiny_tf_dir, tiny_names, extra: int = 2):
     return config, unflatten(fresh)
 
 
-def int32_corpus(corpus):
-    return {name: np.asarray(value, np.int32) for name, value in corpus.items()}
-
-
 def train(config, params, frozen, corpus, steps, *, lr=3e-3, warmup=0, spout="none", batch_size=8):
     optimizer, schedule = make_optimizer("adam", lr, warmup)
     state = create_state(params, frozen, optimizer, 0, LossScale.for_dtype(config.dtype))
     step = jax.jit(make_train_step(config, optimizer, schedule, StepOptions(spout=spout)))
-    stream = batches(int32_corpus(corpus), batch_size, seed=0)
+    stream = memory_batches(corpus, batch_size)
     losses = []
     for _ in range(steps):
         state, metrics = step(state, next(stream))
@@ -100,7 +95,7 @@ def test_float16_overflow_skips_the_step_and_keeps_finite_weights():
     params = init_params(config, 0)
     corpus = counting_corpus(16, config.num_contexts, config.num_vocabulary, period=8)
     state, _, step = train(config, params, frozenset(), corpus, steps=2)
-    batch = next(batches(int32_corpus(corpus), 8, seed=1))
+    batch = next(memory_batches(corpus, 8, seed=1))
 
     # Inject an overflow: a loss scale so large that the float16 backward pass overflows.
     overflowing = state.replace(loss_scale=state.loss_scale.replace(scale=jnp.float32(1e30)))

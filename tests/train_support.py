@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 from pathlib import Path
 
@@ -31,17 +32,23 @@ def class_corpus(count: int, length: int, num_classes: int, seed: int = 0) -> di
 
 
 def write_records(path: Path, corpus: dict) -> Path:
-    import tensorflow as tf
+    from gptsan.data.schema import frame, serialize_example
 
-    def feature(values):
-        return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in np.ravel(values)]))
-
-    with tf.io.TFRecordWriter(str(path)) as writer:
+    with open(path, "wb") as f:
         for n in range(len(corpus["x"])):
-            example = tf.train.Example(features=tf.train.Features(
-                feature={name: feature(corpus[name][n]) for name in ("x", "y", "i", "num_input")}))
-            writer.write(example.SerializeToString())
+            f.write(frame(serialize_example({name: np.ravel(corpus[name][n]) for name in corpus})))
     return path
+
+
+def memory_batches(corpus: dict, batch_size: int, seed: int = 0):
+    """Endless int32 batches of an in-memory corpus, reshuffled each epoch (for step-level tests)."""
+    corpus = {name: np.asarray(value, np.int32) for name, value in corpus.items()}
+    count = len(corpus["x"])
+    for epoch in itertools.count():
+        order = np.random.default_rng([seed, epoch]).permutation(count)
+        for start in range(0, count - batch_size + 1, batch_size):
+            rows = order[start:start + batch_size]
+            yield {name: value[rows] for name, value in corpus.items()}
 
 
 def write_parameters(folder: Path, output_dir: str, base: Path, **train_params) -> Path:

@@ -2,7 +2,8 @@
 donated jitted step -> loop with metrics, checkpoints and preemption handling.
 
 Resume order (the only place it is written): an existing run's checkpoint in train_params.output_dir ->
-the converted/initial model (parameters.json's own folder holding `params/`, as the converter writes) ->
+the converted/initial model (parameters.json's own folder holding `params/`, as the converter writes, or
+another model format gptsan.checkpoint reads) ->
 fresh initialisation (spec section 1).
 """
 
@@ -20,11 +21,12 @@ import numpy as np
 import optax
 
 from gptsan import storage
+from gptsan.data.pipeline import make_dataset
+from gptsan.data.schema import FEATURES
 from gptsan.errors import UserError
 from gptsan.model.config import ModelConfig, read_parameters_json
 from gptsan.model.params import abstract_params, expected_shapes, flatten, init_params
 from gptsan.model.sharding import batch_sharding, make_mesh, param_shardings, replicated
-from gptsan.train import data as train_data
 from gptsan.train.checkpoint import Checkpointer
 from gptsan.train.config import RunConfig, TrainParams
 from gptsan.train.metrics import MetricsWriter, summarise
@@ -34,7 +36,7 @@ from gptsan.train.spout import check_spout_kind
 from gptsan.train.state import TrainState, check_frozen_names, create_state, split_params
 from gptsan.train.step import StepOptions, make_eval_step, make_train_step
 
-NATIVE_PARAMS_DIR = "params"
+PARAMETERS = "parameters.json"
 
 
 # ---- inputs, checked before any step runs -------------------------------------------------------------
@@ -89,24 +91,28 @@ def step_options(cfg: RunConfig, config: ModelConfig) -> StepOptions:
     return StepOptions(mode=mode, spout=check_spout_kind(cfg.spout_vector))
 
 
+def local_batch_size(batch_size: int) -> int:
+    """This process's rows of each global batch."""
+    if batch_size % jax.process_count():
+        raise UserError(f"train_params.batch_size {batch_size} must divide over {jax.process_count()} "
+                        "processes")
+    return batch_size // jax.process_count()
+
+
 # ---- initial parameters ---------------------------------------------------------------------------------
 def load_initial_params(model_dir: str, config: ModelConfig) -> dict | None:
-    """The converted model's parameters in `model_dir/params` (Orbax), or None when there are none."""
-    path = storage.join(model_dir, NATIVE_PARAMS_DIR)
-    if not storage.exists(path):
-        return None
-    try:
-        from gptsan.checkpoint import load_model
-    except ImportError:
-        import orbax.checkpoint as ocp
+    """The converted/initial model in the parameter file's folder (native `params/`, an original TF
+    checkpoint or a Hugging Face folder), or None when that folder holds no model."""
+    from gptsan.checkpoint import detect_format, load_model
 
-        params = ocp.StandardCheckpointer().restore(os.path.abspath(path) if not storage.is_remote(path)
-                                                    else path)
-    else:
-        _, params = load_model(model_dir)
+    try:
+        detect_format(model_dir)
+    except UserError:
+        return None
+    _, params = load_model(model_dir)
     have = {name: tuple(np.shape(value)) for name, value in flatten(params).items()}
     if have != expected_shapes(config):
-        raise UserError(f"{path}: parameters do not match model_params (names or shapes differ)")
+        raise UserError(f"{model_dir}: the model's parameters do not match {PARAMETERS}")
     return params
 
 
@@ -141,8 +147,10 @@ def run(cfg: RunConfig) -> TrainState:
     options = step_options(cfg, config)
     optimizer, schedule = make_optimizer(cfg.optimizer, train.base_lr, train.num_warmup_steps,
                                          clip_norm=cfg.clip_gradients, total_steps=cfg.max_training_step)
-    records = train_data.read_records(cfg.input_files, config.num_contexts)
-    eval_records = train_data.read_records(cfg.eval_files, config.num_contexts) if cfg.eval_files else None
+    local_batch = local_batch_size(train.batch_size)
+    for pattern in filter(None, (cfg.input_files, cfg.eval_files)):
+        next(make_dataset(pattern, config.num_contexts, local_batch, seed=cfg.seed, shuffle=False,
+                          repeat=False))  # unreadable or misshapen records stop the run here
     parameters["model_params"] = {**parameters["model_params"], "num_vocabulary": config.num_vocabulary}
     prepare_output_dir(train.output_dir, parameters)
 
@@ -170,7 +178,7 @@ def run(cfg: RunConfig) -> TrainState:
         state = jax.jit(lambda: init(init_params(config, cfg.seed)), out_shardings=shardings)()
 
     # The step: pure, jitted, state donated.
-    batch_shard = {name: batch_sharding(mesh) for name in train_data.FEATURES}
+    batch_shard = {name: batch_sharding(mesh) for name in FEATURES}
     train_step = jax.jit(make_train_step(config, optimizer, schedule, options),
                          in_shardings=(shardings, batch_shard), out_shardings=(shardings, None),
                          donate_argnums=0)
@@ -183,20 +191,24 @@ def run(cfg: RunConfig) -> TrainState:
 
     step = int(state.step)
     last_step = cfg.max_training_step if cfg.max_training_step > 0 else None
-    stream = train_data.batches(records, train.batch_size, seed=cfg.seed, position=int(state.data_position),
-                                process_index=jax.process_index(), process_count=jax.process_count())
+    stream = make_dataset(cfg.input_files, config.num_contexts, local_batch, seed=cfg.seed,
+                          process_index=jax.process_index(), process_count=jax.process_count(),
+                          start_step=int(state.data_position))
     writer = MetricsWriter(train.output_dir, enabled=jax.process_index() == 0, total_steps=last_step,
                            first_step=step, progress=cfg.progress)
     run_record = {"parameters": parameters, "ignore_parameters": sorted(frozen_names),
                   "spout_vector": cfg.spout_vector, "mode": options.mode, "seed": cfg.seed}
 
     def evaluate() -> None:
-        if eval_records is None:
+        if not cfg.eval_files:
             return
-        rows = [jax.device_get(eval_step(state, to_global(batch))) for batch, _ in zip(
-            train_data.batches(eval_records, train.batch_size, seed=0, shuffle=False,
-                               process_index=jax.process_index(), process_count=jax.process_count()),
-            range(cfg.eval_batches), strict=False)]
+        batches = make_dataset(cfg.eval_files, config.num_contexts, local_batch, seed=0, shuffle=False,
+                               repeat=False, process_index=jax.process_index(),
+                               process_count=jax.process_count())
+        rows = [jax.device_get(eval_step(state, to_global(batch)))
+                for batch, _ in zip(batches, range(cfg.eval_batches), strict=False)]
+        if not rows:
+            return
         writer.write(step, {name: float(np.mean([row[name] for row in rows])) for name in rows[0]}, "eval")
 
     with StopFlag() as stop:
