@@ -26,6 +26,8 @@ from gptsan.demo.corpus import CLASS_NAMES, classify, write_corpus
 from gptsan.errors import UserError, cli_main
 
 NUM_CONTEXT = 96
+CONSOLE_SCRIPTS = {"gptsan.data.encode": "gptsan-encode", "gptsan.train.cli": "gptsan-train",
+                   "gptsan.convert.cli": "gptsan-convert", "gptsan.generate.cli": "gptsan-generate"}
 NUM_SPOUT = 16
 
 
@@ -39,7 +41,7 @@ class DemoSize:
 
 
 FULL = DemoSize(docs_per_class=300, vocab_size=1000, pretrain_steps=400, finetune_steps=300, samples_per_class=20)
-QUICK = DemoSize(docs_per_class=60, vocab_size=400, pretrain_steps=20, finetune_steps=20, samples_per_class=4)
+QUICK = DemoSize(docs_per_class=60, vocab_size=800, pretrain_steps=20, finetune_steps=20, samples_per_class=4)
 
 
 def base_parameters(output_dir: Path, vocab_size: int, steps: int) -> dict:
@@ -65,9 +67,8 @@ class Pipeline:
         print(f"[{time.monotonic() - self.started:6.1f}s] {message}", flush=True)
 
     def command(self, module: str, *args: str) -> str:
-        """Run `python -m module args` as a user would run the console script; return its stdout."""
-        shown = module.replace("gptsan.", "gptsan-").split(".")[0]
-        self.say("$ " + " ".join([shown, *map(shlex.quote, args)]))
+        """Run `python -m module args` (what the console script runs) and show the command a user types."""
+        self.say("$ " + " ".join([CONSOLE_SCRIPTS[module], *map(shlex.quote, args)]))
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
         done = subprocess.run([sys.executable, "-m", module, *args], env=env, text=True, capture_output=True)
         if done.returncode != 0:
