@@ -1,0 +1,176 @@
+"""gptsan against its peer, the Hugging Face port (transformers 4.40.2 GPTSanJapaneseForConditionalGeneration on
+torch CPU), on the same config, measured in the same process so the ratio holds on a busy machine.
+
+    python bench/peer_hf.py --config bench-small --batch 4 [--steps 3] [--parts all,extended,decode]
+
+Parts: training with all parameters trainable; training with only the extended layers (+ ete and the spout
+network) trainable — the HF model gets requires_grad False elsewhere; batch-1 decoding (HF `generate` with
+use_cache, top-k 120 sampling, a 16-token prompt, 128 new tokens; ours from bench/generate.py when present).
+Prints one JSON line per part with both figures and `ratio` = ours / HF (> 1: gptsan is faster).
+Needs the `peer` extra (torch, transformers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import train as ours  # noqa: E402  (bench/train.py)
+
+from gptsan.errors import UserError, cli_main  # noqa: E402
+from gptsan.model.config import ModelConfig, load_config  # noqa: E402
+
+PARTS = ("all", "extended", "decode")
+PROMPT_TOKENS = 16
+NEW_TOKENS = 128
+TOP_K = 120
+
+
+def hf_model(config: ModelConfig):
+    """A randomly initialised HF port of `config` (float32, dropout 0)."""
+    import torch
+    from transformers import GPTSanJapaneseConfig, GPTSanJapaneseForConditionalGeneration
+
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(0)
+    hf = config.to_hf_config()
+    hf["expert_capacity"] = config.num_contexts  # the port's per-row cap; never drop, as our dropless routing
+    return GPTSanJapaneseForConditionalGeneration(GPTSanJapaneseConfig(**hf))
+
+
+def hf_trainable(name: str, config: ModelConfig) -> bool:
+    """The HF names of the parameters `bench/train.py`'s extended mode trains (extended layers, ete, spout)."""
+    if name.startswith("model.spout.") or name.startswith("model.extra_position_embeddings."):
+        return True
+    if name.startswith("model.blocks."):
+        return int(name.split(".")[2]) >= config.num_switch_layers
+    return False
+
+
+def measure_hf_train(config: ModelConfig, batch: int, trainable: str, steps: int) -> dict:
+    """Time `steps` HF train steps (forward with labels, backward, Adam) after one warm-up step."""
+    import torch
+
+    model = hf_model(config).train()
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(trainable == "all" or hf_trainable(name, config))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    data = ours.random_batch(config, batch)
+    x, y = torch.as_tensor(np.asarray(data["x"]), dtype=torch.long), torch.as_tensor(np.asarray(data["y"]),
+                                                                                     dtype=torch.long)
+    losses = []
+
+    def one_step():
+        loss = model(input_ids=x, labels=y, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+
+    one_step()
+    times = ours.best_seconds(one_step, steps)
+    return {"seconds": times, "tokens": batch * config.num_contexts, "loss": losses[-1]}
+
+
+def measure_hf_decode(config: ModelConfig, repeats: int) -> dict:
+    """Batch-1 cached decoding: 127 steps' time = generate(128 new) - generate(1 new) (the prefill)."""
+    import torch
+
+    model = hf_model(config).eval()
+    rng = np.random.default_rng(0)
+    prompt = torch.as_tensor(rng.integers(0, config.num_vocabulary - 8, (1, PROMPT_TOKENS)), dtype=torch.long)
+
+    def generate(new_tokens: int) -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
+                                 top_k=TOP_K, use_cache=True, pad_token_id=config.num_vocabulary - 4)
+        assert out.shape[1] == PROMPT_TOKENS + new_tokens
+        return time.perf_counter() - start
+
+    generate(2)
+    prefill = min(generate(1) for _ in range(repeats))
+    full = min(generate(NEW_TOKENS) for _ in range(repeats))
+    return {"tokens_per_s": (NEW_TOKENS - 1) / (full - prefill), "prefill_s": prefill}
+
+
+def ours_decode(name: str, repeats: int) -> dict | None:
+    """bench/generate.py's batch-1 figure (the generation engineer's bench), or None where it is absent."""
+    path = Path(__file__).resolve().parent / "generate.py"
+    if not path.exists():
+        return None
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.run(name, 1, "float32", NEW_TOKENS, repeats)
+
+
+def train_part(name: str, config: ModelConfig, batch: int, trainable: str, steps: int) -> dict:
+    peak = ours.matmul_peak("float32")
+    mine = ours.measure_train(config, batch, trainable, steps)
+    theirs = measure_hf_train(config, batch, trainable, steps)
+    peak = max(peak, ours.matmul_peak("float32"))
+    record = ours.train_record(name, config, batch, trainable, mine, peak)
+    hf_tokens_per_s = theirs["tokens"] / min(theirs["seconds"])
+    hf_fraction = record["flops_per_token"] * hf_tokens_per_s / peak
+    record.update(bench="peer_hf_train", hf_tokens_per_s=round(hf_tokens_per_s, 1),
+                  hf_peak_fraction=round(hf_fraction, 4),
+                  ratio=round(record["tokens_per_s"] / hf_tokens_per_s, 3), load=ours.machine_load())
+    return record
+
+
+def decode_part(name: str, config: ModelConfig, repeats: int) -> dict:
+    theirs = measure_hf_decode(config, repeats)
+    mine = ours_decode(name, repeats)
+    record = {"bench": "peer_hf_decode", "config": name, "batch": 1, "dtype": "float32",
+              "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
+              "hf_tokens_per_s": round(theirs["tokens_per_s"], 2),
+              "tokens_per_s": round(mine["tokens_per_s"], 2) if mine else None,
+              "bandwidth_fraction": mine.get("bandwidth_fraction") if mine else None,
+              "ratio": round(mine["tokens_per_s"] / theirs["tokens_per_s"], 3) if mine else None,
+              "load": ours.machine_load()}
+    return record
+
+
+def run(name: str, batch: int, steps: int, parts: list[str]) -> list[dict]:
+    config = load_config(ours.config_path(name), dtype="float32")
+    records = []
+    for part in parts:
+        if part == "decode":
+            records.append(decode_part(name, config, max(2, steps)))
+        else:
+            records.append(train_part(name, config, batch, part, steps))
+        print(json.dumps(records[-1]), flush=True)
+    return records
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="bench-small", help="preset under configs/ or a parameters.json")
+    parser.add_argument("--batch", type=int, default=4, help="training batch (decoding is batch 1)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (decode: repeats)")
+    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated: all, extended, decode")
+    args = parser.parse_args(argv)
+    args.parts = [p for p in args.parts.split(",") if p]
+    if not args.parts or set(args.parts) - set(PARTS):
+        raise UserError(f"--parts: expected a comma-separated subset of {', '.join(PARTS)}")
+    return args
+
+
+@cli_main
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    run(args.config, args.batch, args.steps, args.parts)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
