@@ -16,9 +16,8 @@ def is_remote(path: str) -> bool:
 
 
 def filesystem(path: str):
-    """The fsspec filesystem for `path` and the path as that filesystem names it."""
-    fs, _, paths = fsspec.get_fs_token_paths(str(path))
-    return fs, paths[0] if paths else str(path)
+    """The fsspec filesystem for `path` and the path as that filesystem names it (no glob expansion)."""
+    return fsspec.core.url_to_fs(str(path))
 
 
 def join(base: str, *parts: str) -> str:

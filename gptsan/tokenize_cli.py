@@ -16,6 +16,7 @@ import json
 import sys
 from collections.abc import Iterator
 
+from gptsan import storage
 from gptsan.errors import UserError, cli_main
 from gptsan.tokenizer import KINDS, Tokenizer, load_tokenizer
 
@@ -40,9 +41,9 @@ def input_texts(args) -> Iterator[tuple[str, str]]:
     if args.text is not None:
         yield "--text", args.text
         return
-    from gptsan.data.encode import glob_files, read_document
+    from gptsan.data.encode import read_document
 
-    files = glob_files(args.files)
+    files = storage.glob(args.files)
     if not files:
         raise UserError(f"--files: no file matches {args.files!r}")
     for path in files:

@@ -42,3 +42,14 @@ def tiny_names():
     import numpy as np
 
     return dict(np.load(shared_path("fixtures", "gptsan_tiny", "gptsan_names.npz")))
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_tf_dir, tiny_names):
+    """(ModelConfig, parameter tree) of the reference fixture model."""
+    import jax.numpy as jnp
+
+    from gptsan.model import load_config, unflatten
+
+    config = load_config(tiny_tf_dir / "parameters.json")
+    return config, unflatten({name: jnp.asarray(value) for name, value in tiny_names.items()})

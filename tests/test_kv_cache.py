@@ -5,16 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptsan.model import GPTSAN, KVCache, load_config, unflatten
+from gptsan.model import GPTSAN, KVCache
 
 TOLERANCE = 1e-4
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_tf_dir, tiny_names):
-    config = load_config(tiny_tf_dir / "parameters.json")
-    params = unflatten({name: jnp.asarray(value) for name, value in tiny_names.items()})
-    return config, params
 
 
 def incremental_logits(model, params, ids, prefill, spout=None, num_precontext=None, pad=None):

@@ -4,16 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptsan.model import GPTSAN, expected_shapes, load_config, unflatten
+from gptsan.model import GPTSAN, expected_shapes
 
 TOLERANCE = 1e-4
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_tf_dir, tiny_names):
-    config = load_config(tiny_tf_dir / "parameters.json")
-    params = unflatten({name: jnp.asarray(value) for name, value in tiny_names.items()})
-    return config, params
 
 
 def test_parameter_names_and_shapes_are_gptsans(tiny, tiny_names):

@@ -13,7 +13,7 @@ try:
 except ImportError:  # run from a checkout without installing: put the repository root on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gptsan.data.encode import glob_files
+from gptsan import storage
 from gptsan.errors import UserError, cli_main
 from gptsan.tokenizer.sentencepiece import MODEL_TYPES, SentencePieceTokenizer, train_sentencepiece
 
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     p.add_argument("--text_field", default="text", help="field holding the text in .jsonl records")
     p.add_argument("--max_sentences", type=int, default=2_000_000, help="sentences sampled for training")
     args = p.parse_args(argv)
-    files = glob_files(args.input_files)
+    files = storage.glob(args.input_files)
     if not files:
         raise UserError(f"--input_files: no file matches {args.input_files!r}")
     model = train_sentencepiece(

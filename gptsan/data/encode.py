@@ -1,8 +1,10 @@
 """Encode text corpora into GPTSAN tfrecords (`gptsan-encode`, `tools/make_tfrecord_simple.py`).
 
-Inputs: a glob of UTF-8 text files (local or gs://), or a CSV with header `filename,fileid` whose rows name
-files (relative names are looked up beside the CSV first, then from the working directory) and their class
-ids. One file is one document; `i` is its CSV `fileid`, else its position in the sorted list of inputs.
+Inputs: a glob of UTF-8 text files (local or gs://), or a CSV list (a `.csv` file, or any file whose first
+line starts with `filename,`) with header `filename,fileid` naming files (relative names are looked up
+beside the list first, then from the working directory) and their class ids. One file is one document;
+`i` is its CSV `fileid`, else its position in the sorted list of inputs (the original numbered records
+instead; one number per file keeps a document's records together, e.g. for `stateless_uniform` spouts).
 How a document becomes records: `gptsan.data.layout`.
 
 Parallel and deterministic: the file list is shuffled with `--seed` and split over `--num_process` worker
@@ -74,29 +76,26 @@ class WorkerSummary:
 
 
 def list_inputs(spec: str) -> list[InputFile]:
-    if spec.lower().endswith(".csv") and storage.exists(spec) and not storage.isdir(spec):
+    if _is_csv_list(spec):
         return _inputs_from_csv(spec)
-    paths = [p for p in glob_files(spec) if not storage.isdir(p)]
+    paths = [p for p in storage.glob(spec) if not storage.isdir(p)]
     if not paths:
         raise UserError(f"--input_files: no file matches {spec!r}")
     return [InputFile(path, class_id) for class_id, path in enumerate(paths)]
 
 
-def glob_files(pattern: str) -> list[str]:
-    """Sorted matches of a local or remote glob. (`storage.glob` resolves its filesystem through
-    `get_fs_token_paths`, which expands the pattern and keeps only the first match.)"""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(pattern)
-    matches = sorted(fs.glob(path))
-    if storage.is_remote(pattern):
-        protocol = pattern.split("://", 1)[0]
-        return [f"{protocol}://{m}" for m in matches]
-    return matches
+def _is_csv_list(spec: str) -> bool:
+    """A `.csv` file, or any existing file whose first line starts with `filename,` (the original's test)."""
+    if any(ch in spec for ch in "*?[") or not storage.exists(spec) or storage.isdir(spec):
+        return False
+    if spec.lower().endswith(".csv"):
+        return True
+    with storage.open_file(spec, "rb") as f:
+        return f.readline().lstrip(b"\xef\xbb\xbf").startswith(b"filename,")
 
 
 def _inputs_from_csv(csv_path: str) -> list[InputFile]:
-    rows = list(csv.reader(storage.read_text(csv_path).splitlines()))
+    rows = list(csv.reader(storage.read_text(csv_path).lstrip("\ufeff").splitlines()))
     header = [name.strip() for name in rows[0]] if rows else []
     if "filename" not in header or "fileid" not in header:
         got = ",".join(header)

@@ -150,9 +150,8 @@ def make_dataset(pattern: str, num_contexts: int, batch_size: int, *, seed: int,
         raise UserError(f"on_corrupt: expected one of {', '.join(CORRUPT_POLICIES)}, got {on_corrupt!r}")
     if not 0 <= process_index < process_count:
         raise UserError(f"process_index: expected 0..{process_count - 1}, got {process_index}")
-    from gptsan.data.encode import glob_files
 
-    files = glob_files(pattern)
+    files = storage.glob(pattern)
     if not files:
         raise UserError(f"{pattern}: no tfrecord file matches")
     by_file = len(files) >= process_count

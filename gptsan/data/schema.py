@@ -57,7 +57,13 @@ def _varints(values: np.ndarray) -> bytes:
 
 
 def _varint(value: int) -> bytes:
-    return _varints(np.array([value]))
+    """One non-negative varint (tags and lengths), without numpy's per-call cost."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def _length_delimited(field: int, payload: bytes) -> bytes:

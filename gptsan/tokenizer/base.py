@@ -38,6 +38,10 @@ class SpecialIds:
         return frozenset(getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "newline")
 
 
+def _role_id(role: str) -> property:
+    return property(lambda self: getattr(self.special, role), doc=f"The id of the {role} role.")
+
+
 class Tokenizer(ABC):
     """Text to ids and back. `clean` turns URLs, e-mail addresses, phone numbers, dates, prices and box
     drawing into tag tokens (the GPTSAN clean-text rules); None means the tokenizer's default."""
@@ -71,34 +75,11 @@ class Tokenizer(ABC):
         return frozenset(ids)
 
     # Role ids as attributes, so callers need not reach into `special`.
-    @property
-    def start_id(self) -> int:
-        return self.special.start
-
-    @property
-    def segmenter_id(self) -> int:
-        return self.special.segmenter
-
-    @property
-    def separator_id(self) -> int:
-        return self.special.separator
-
-    @property
-    def mask_id(self) -> int:
-        return self.special.mask
-
-    @property
-    def pad_id(self) -> int:
-        return self.special.nottoken
-
-    @property
-    def bag_id(self) -> int:
-        return self.special.bag
-
-    @property
-    def end_id(self) -> int:
-        return self.special.end
-
-    @property
-    def newline_id(self) -> int:
-        return self.special.newline
+    start_id = _role_id("start")
+    segmenter_id = _role_id("segmenter")
+    separator_id = _role_id("separator")
+    mask_id = _role_id("mask")
+    pad_id = _role_id("nottoken")
+    bag_id = _role_id("bag")
+    end_id = _role_id("end")
+    newline_id = _role_id("newline")

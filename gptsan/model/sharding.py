@@ -1,0 +1,78 @@
+"""Logical axis names -> mesh axes (`data`, `expert`, `model`): the one rules table and the mesh builder.
+
+Layers name only logical axes (see weights.py); this file is the only place that maps them onto devices.
+A logical axis whose size the mesh axis does not divide stays replicated (e.g. 4 heads on a model axis of 8).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gptsan.errors import UserError
+from gptsan.model.config import ModelConfig
+from gptsan.model.params import abstract_params, logical_axes
+
+MESH_AXES = ("data", "expert", "model")
+
+# Logical axis -> mesh axis (None: replicated). Batch rows are split over data and expert (expert
+# parallelism also splits the batch, as GShard does); heads and FFN widths over `model` (num_pallarelizm).
+RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "expert"),
+    "expert": "expert",
+    "heads": "model",
+    "mlp": "model",
+    "vocab": None,
+    "embed": None,
+    "embed_out": None,
+    "ctx": None,
+    "qkv": None,
+    "kv": None,
+    "expert_route": None,
+    "spout": None,
+    "spout_out": None,
+    "spout_kv": None,
+}
+
+
+def make_mesh(model: int = 1, expert: int = 1, devices=None) -> Mesh:
+    """A (data, expert, model) mesh over all devices; `data` takes whatever `expert x model` leaves."""
+    devices = list(jax.devices() if devices is None else devices)
+    if model < 1 or expert < 1 or len(devices) % (model * expert):
+        raise UserError(f"mesh: {len(devices)} devices cannot be split into expert {expert} x model {model}")
+    shape = (len(devices) // (model * expert), expert, model)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def _mesh_size(mesh: Mesh, axes) -> int:
+    names = axes if isinstance(axes, tuple) else (axes,)
+    return int(np.prod([mesh.shape[name] for name in names]))
+
+
+def mesh_spec(logical: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """The mesh PartitionSpec of one array from its logical axis names, replicating what does not divide."""
+    spec = []
+    for name, size in zip(logical, shape, strict=True):
+        axes = RULES.get(name) if name is not None else None
+        if axes is not None and size % _mesh_size(mesh, axes):
+            axes = None
+        spec.append(axes)
+    return PartitionSpec(*spec)
+
+
+def param_shardings(config: ModelConfig, mesh: Mesh):
+    """A tree of NamedSharding matching the parameter tree."""
+    return jax.tree_util.tree_map(
+        lambda logical, abstract: NamedSharding(mesh, mesh_spec(logical, abstract.shape, mesh)),
+        logical_axes(config), abstract_params(config),
+        is_leaf=lambda node: isinstance(node, PartitionSpec))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batch rows split over the data (and expert) axes; other dimensions whole."""
+    return NamedSharding(mesh, PartitionSpec(RULES["batch"]))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())

@@ -1,0 +1,55 @@
+"""Train-state checkpoints with Orbax in `train_params.output_dir` (local or gs://).
+
+Saved every `checkpoint_per_steps` steps and every `checkpoint_per_hours` hours (async), on request
+(preemption) and at the end; `max_to_keep_save` kept. A checkpoint holds the whole TrainState (parameters,
+optimizer state, loss scale, step, rng and data position) and the run's parameters.json.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import flax.serialization
+import orbax.checkpoint as ocp
+
+from gptsan.train.state import TrainState
+
+
+class Checkpointer:
+    def __init__(self, directory: str, *, max_to_keep: int, every_steps: int, every_hours: float,
+                 async_save: bool = True):
+        self.every_steps = max(int(every_steps), 0)
+        self.every_seconds = float(every_hours) * 3600.0
+        options = ocp.CheckpointManagerOptions(max_to_keep=max(int(max_to_keep), 1), create=True,
+                                               enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(str(directory), options=options)
+        self.last_save = time.monotonic()
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, abstract_state: TrainState) -> tuple[TrainState, dict]:
+        """The latest checkpoint, laid out as `abstract_state` (shapes, dtypes and shardings)."""
+        target = flax.serialization.to_state_dict(abstract_state)
+        restored = self.manager.restore(self.manager.latest_step(), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), run=ocp.args.JsonRestore()))
+        return flax.serialization.from_state_dict(abstract_state, restored["state"]), restored["run"]
+
+    def due(self, step: int) -> bool:
+        by_steps = self.every_steps > 0 and step % self.every_steps == 0
+        by_time = self.every_seconds > 0 and time.monotonic() - self.last_save >= self.every_seconds
+        return by_steps or by_time
+
+    def save(self, step: int, state: TrainState, run: dict[str, Any]) -> None:
+        if step in self.manager.all_steps():
+            return
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(flax.serialization.to_state_dict(state)), run=ocp.args.JsonSave(run)),
+            force=True)
+        self.last_save = time.monotonic()
+
+    def close(self) -> None:
+        """Wait for async saves to finish, then release the manager."""
+        self.manager.wait_until_finished()
+        self.manager.close()

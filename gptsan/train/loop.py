@@ -1,0 +1,252 @@
+"""The training run, top to bottom: config -> inputs -> mesh -> state (restored or born sharded) ->
+donated jitted step -> loop with metrics, checkpoints and preemption handling.
+
+Resume order (the only place it is written): an existing run's checkpoint in train_params.output_dir ->
+the converted/initial model (parameters.json's own folder holding `params/`, as the converter writes, or
+another model format gptsan.checkpoint reads) ->
+fresh initialisation (spec section 1).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import threading
+import time
+
+import jax
+import numpy as np
+import optax
+
+from gptsan import storage
+from gptsan.data.pipeline import make_dataset
+from gptsan.data.schema import FEATURES
+from gptsan.errors import UserError
+from gptsan.model.config import ModelConfig, read_parameters_json
+from gptsan.model.params import abstract_params, expected_shapes, flatten, init_params
+from gptsan.model.sharding import batch_sharding, make_mesh, param_shardings, replicated
+from gptsan.train.checkpoint import Checkpointer
+from gptsan.train.config import RunConfig, TrainParams
+from gptsan.train.metrics import MetricsWriter, summarise
+from gptsan.train.optim import make_optimizer
+from gptsan.train.precision import LossScale, compute_dtype
+from gptsan.train.spout import check_spout_kind
+from gptsan.train.state import TrainState, check_frozen_names, create_state, split_params
+from gptsan.train.step import StepOptions, make_eval_step, make_train_step
+
+PARAMETERS = "parameters.json"
+
+
+# ---- inputs, checked before any step runs -------------------------------------------------------------
+def read_ignore_list(path: str | None, config: ModelConfig) -> frozenset[str]:
+    if not path:
+        return frozenset()
+    try:
+        names = json.loads(storage.read_text(path))
+    except FileNotFoundError:
+        raise UserError(f"{path}: ignore-parameters file not found") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err.msg})") from None
+    if not isinstance(names, list):
+        raise UserError(f"{path}: expected a JSON list of parameter names")
+    return check_frozen_names(names, config, source=path)
+
+
+def vocabulary_size(path: str) -> int:
+    """Number of ids in a line-per-id vocabulary file (as the original counted them)."""
+    try:
+        return len(storage.read_text(path).split("\n"))
+    except FileNotFoundError:
+        raise UserError(f"--vocabulary: {path} not found") from None
+
+
+def model_config(cfg: RunConfig, model_params: dict) -> ModelConfig:
+    model_params = dict(model_params)
+    if cfg.vocabulary:
+        size = vocabulary_size(cfg.vocabulary)
+        if model_params.setdefault("num_vocabulary", size) != size:
+            raise UserError(f"--vocabulary: {cfg.vocabulary} has {size} ids, but model_params.num_vocabulary "
+                            f"is {model_params['num_vocabulary']}")
+    dtype = compute_dtype(cfg.use_bfloat16, cfg.use_mixed_precision)
+    return ModelConfig.from_model_params(model_params, cfg.parameter_file, dtype=dtype, routing=cfg.routing)
+
+
+def prepare_output_dir(output_dir: str, parameters: dict) -> None:
+    """Create output_dir and write the run's parameters.json there (as the original did), or fail clearly."""
+    try:
+        if not storage.is_remote(output_dir):
+            os.makedirs(output_dir, exist_ok=True)
+        text = json.dumps(parameters, indent=1)
+        storage.write_text_atomic(storage.join(output_dir, "parameters.json"), text)
+    except OSError as err:
+        raise UserError(f"train_params.output_dir {output_dir}: cannot write there ({err})") from None
+
+
+def step_options(cfg: RunConfig, config: ModelConfig) -> StepOptions:
+    mode = cfg.mode or ("lm" if config.train_mode == "lm" else "hybrid")
+    if mode not in ("lm", "hybrid"):
+        raise UserError(f"--mode: expected lm or hybrid, got {mode!r}")
+    return StepOptions(mode=mode, spout=check_spout_kind(cfg.spout_vector))
+
+
+def local_batch_size(batch_size: int) -> int:
+    """This process's rows of each global batch."""
+    if batch_size % jax.process_count():
+        raise UserError(f"train_params.batch_size {batch_size} must divide over {jax.process_count()} "
+                        "processes")
+    return batch_size // jax.process_count()
+
+
+# ---- initial parameters ---------------------------------------------------------------------------------
+def load_initial_params(model_dir: str, config: ModelConfig) -> dict | None:
+    """The converted/initial model in the parameter file's folder (native `params/`, an original TF
+    checkpoint or a Hugging Face folder), or None when that folder holds no model."""
+    from gptsan.checkpoint import detect_format, load_model
+
+    try:
+        detect_format(model_dir)
+    except UserError:
+        return None
+    _, params = load_model(model_dir)
+    have = {name: tuple(np.shape(value)) for name, value in flatten(params).items()}
+    if have != expected_shapes(config):
+        raise UserError(f"{model_dir}: the model's parameters do not match {PARAMETERS}")
+    return params
+
+
+# ---- preemption -----------------------------------------------------------------------------------------
+class StopFlag:
+    """Set by SIGTERM (preemption): the loop saves a checkpoint and returns."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+# ---- the run --------------------------------------------------------------------------------------------
+def run(cfg: RunConfig) -> TrainState:
+    # Configuration and inputs: every user mistake surfaces here, before a step is compiled.
+    parameters = read_parameters_json(cfg.parameter_file)
+    config = model_config(cfg, parameters["model_params"])
+    train = TrainParams.from_dict(parameters["train_params"], cfg.parameter_file)
+    frozen_names = read_ignore_list(cfg.ignore_parameters, config)
+    options = step_options(cfg, config)
+    optimizer, schedule = make_optimizer(cfg.optimizer, train.base_lr, train.num_warmup_steps,
+                                         clip_norm=cfg.clip_gradients, total_steps=cfg.max_training_step)
+    local_batch = local_batch_size(train.batch_size)
+    for pattern in filter(None, (cfg.input_files, cfg.eval_files)):
+        next(make_dataset(pattern, config.num_contexts, local_batch, seed=cfg.seed, shuffle=False,
+                          repeat=False))  # unreadable or misshapen records stop the run here
+    parameters["model_params"] = {**parameters["model_params"], "num_vocabulary": config.num_vocabulary}
+    prepare_output_dir(train.output_dir, parameters)
+
+    # Mesh and shardings.
+    mesh = make_mesh(config.num_pallarelizm, cfg.expert_parallelism)
+    loss_scale = LossScale.for_dtype(config.dtype)
+    init = functools.partial(create_state, frozen_names=frozen_names, optimizer=optimizer, seed=cfg.seed,
+                             loss_scale=loss_scale)
+    abstract = jax.eval_shape(init, abstract_params(config))
+    shardings = state_shardings(abstract, config, mesh, optimizer, frozen_names)
+
+    # State: resume order.
+    checkpointer = Checkpointer(
+        train.output_dir, max_to_keep=train.max_to_keep_save, every_steps=train.checkpoint_per_steps,
+        every_hours=train.checkpoint_per_hours, async_save=cfg.async_checkpoints)
+    model_dir = os.path.dirname(cfg.parameter_file) or "."
+    if checkpointer.latest_step() is not None:
+        target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                        abstract, shardings)
+        state, _ = checkpointer.restore(target)
+    elif (params := load_initial_params(model_dir, config)) is not None:
+        params = jax.device_put(params, param_shardings(config, mesh))
+        state = jax.jit(init, out_shardings=shardings)(params)
+    else:
+        state = jax.jit(lambda: init(init_params(config, cfg.seed)), out_shardings=shardings)()
+
+    # The step: pure, jitted, state donated.
+    batch_shard = {name: batch_sharding(mesh) for name in FEATURES}
+    train_step = jax.jit(make_train_step(config, optimizer, schedule, options),
+                         in_shardings=(shardings, batch_shard), out_shardings=(shardings, None),
+                         donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(config.replace(routing=cfg.routing), options),
+                        in_shardings=(shardings, batch_shard))
+
+    def to_global(batch: dict) -> dict:
+        return {name: jax.make_array_from_process_local_data(batch_shard[name], value)
+                for name, value in batch.items()}
+
+    step = int(state.step)
+    last_step = cfg.max_training_step if cfg.max_training_step > 0 else None
+    stream = make_dataset(cfg.input_files, config.num_contexts, local_batch, seed=cfg.seed,
+                          process_index=jax.process_index(), process_count=jax.process_count(),
+                          start_step=int(state.data_position))
+    writer = MetricsWriter(train.output_dir, enabled=jax.process_index() == 0, total_steps=last_step,
+                           first_step=step, progress=cfg.progress)
+    run_record = {"parameters": parameters, "ignore_parameters": sorted(frozen_names),
+                  "spout_vector": cfg.spout_vector, "mode": options.mode, "seed": cfg.seed}
+
+    def evaluate() -> None:
+        if not cfg.eval_files:
+            return
+        batches = make_dataset(cfg.eval_files, config.num_contexts, local_batch, seed=0, shuffle=False,
+                               repeat=False, process_index=jax.process_index(),
+                               process_count=jax.process_count())
+        rows = [jax.device_get(eval_step(state, to_global(batch)))
+                for batch, _ in zip(batches, range(cfg.eval_batches), strict=False)]
+        if not rows:
+            return
+        writer.write(step, {name: float(np.mean([row[name] for row in rows])) for name in rows[0]}, "eval")
+
+    with StopFlag() as stop:
+        interval_start, interval_steps = time.perf_counter(), 0
+        while last_step is None or step < last_step:
+            state, metrics = train_step(state, to_global(next(stream)))
+            step += 1
+            interval_steps += 1
+            writer.advance()
+            if step % max(cfg.log_every, 1) == 0 or step == last_step:
+                metrics = jax.device_get(metrics)
+                elapsed = time.perf_counter() - interval_start
+                tokens = interval_steps * train.batch_size * config.num_contexts
+                writer.write(step, summarise(metrics, tokens / max(elapsed, 1e-9)))
+                interval_start, interval_steps = time.perf_counter(), 0
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                evaluate()
+            if checkpointer.due(step):
+                checkpointer.save(step, state, run_record)
+                if not cfg.eval_every:
+                    evaluate()
+                writer.flush()
+            if stop.requested:
+                break
+        checkpointer.save(step, state, run_record)
+        checkpointer.close()
+        writer.close()
+    return state
+
+
+def state_shardings(abstract: TrainState, config: ModelConfig, mesh, optimizer: optax.GradientTransformation,
+                    frozen_names: frozenset[str]):
+    """NamedShardings for every leaf of the train state: parameters (and their optimizer slots) from the
+    logical-axis rules, everything else replicated."""
+    trainable, frozen = split_params(param_shardings(config, mesh), frozen_names)
+    opt_state = optax.tree_map_params(optimizer, lambda _, sharding: sharding, abstract.opt_state, trainable,
+                                      transform_non_params=lambda _: replicated(mesh))
+    rep = replicated(mesh)
+    return abstract.replace(
+        step=rep, params=trainable, frozen=frozen, opt_state=opt_state, rng=rep,
+        loss_scale=jax.tree_util.tree_map(lambda _: rep, abstract.loss_scale), data_position=rep)

@@ -1,0 +1,91 @@
+"""Training metrics: TensorBoard (tensorboardX) and a JSONL file in output_dir, and a tqdm progress bar.
+Only process 0 writes. For a gs:// output_dir the event files are written locally and copied up at flush."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+from gptsan import storage
+
+SCALARS = ("loss", "cross_entropy", "z_loss", "aux_loss", "accuracy", "learning_rate", "grad_norm",
+           "loss_scale", "dropped_fraction", "tokens_per_second")
+
+
+def summarise(metrics: dict, tokens_per_second: float) -> dict:
+    """Host values of one step's metrics: scalars, the skipped flag and per-expert load [S, E]."""
+    row = {name: float(np.asarray(metrics[name])) for name in SCALARS if name in metrics}
+    row["tokens_per_second"] = tokens_per_second
+    row["skipped"] = not bool(np.asarray(metrics["update_applied"]))
+    row["expert_load"] = np.asarray(metrics["expert_load"]).round(4).tolist()
+    return row
+
+
+class MetricsWriter:
+    def __init__(self, output_dir: str, *, enabled: bool, total_steps: int | None, first_step: int,
+                 progress: bool = True):
+        self.enabled = enabled
+        self.output_dir = output_dir
+        self.jsonl = storage.join(output_dir, "metrics.jsonl")
+        self.remote = storage.is_remote(output_dir)
+        self.lines: list[str] = []
+        self.bar = None
+        self.tb = None
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        self.tb_dir = tempfile.mkdtemp(prefix="gptsan-tb-") if self.remote else storage.join(output_dir, "tb")
+        self.tb = SummaryWriter(self.tb_dir)
+        if self.remote and storage.exists(self.jsonl):
+            self.lines = storage.read_text(self.jsonl).splitlines(keepends=True)
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True)
+
+    def write(self, step: int, row: dict, prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        for name, value in row.items():
+            if isinstance(value, float):
+                self.tb.add_scalar(f"{prefix}/{name}", value, step)
+        for layer, load in enumerate(row.get("expert_load", [])):
+            for expert, value in enumerate(load):
+                self.tb.add_scalar(f"{prefix}/expert_load/layer{layer}/expert{expert}", value, step)
+        line = json.dumps({"step": step, "split": prefix, **row}) + "\n"
+        if self.remote:
+            self.lines.append(line)
+        else:
+            with open(self.jsonl, "a", encoding="utf-8") as f:
+                f.write(line)
+        if self.bar is not None and prefix == "train":
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def flush(self) -> None:
+        if not self.enabled:
+            return
+        self.tb.flush()
+        if self.remote:
+            storage.write_text_atomic(self.jsonl, "".join(self.lines))
+            fs, remote_dir = storage.filesystem(storage.join(self.output_dir, "tb"))
+            for name in os.listdir(self.tb_dir):
+                fs.put(os.path.join(self.tb_dir, name), f"{remote_dir}/{name}")
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.flush()
+        self.tb.close()
+        if self.bar is not None:
+            self.bar.close()
+        if self.remote:
+            shutil.rmtree(self.tb_dir, ignore_errors=True)

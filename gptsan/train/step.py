@@ -1,0 +1,112 @@
+"""Pure train and eval steps over an explicit TrainState.
+
+`make_train_step` returns `train_step(state, batch) -> (state, metrics)`, built from two small pieces
+(`loss_and_grads`, `apply_gradients`) so that gradient accumulation can sit between them. A batch is a dict
+of x [B, T] int32, y [B, T] int32 (-1 = no loss), i [B] (class id), num_input [B] (prefix length).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gptsan.model.config import ModelConfig
+from gptsan.model.transformer import GPTSAN
+from gptsan.train.loss import lm_loss
+from gptsan.train.spout import spout_vectors
+from gptsan.train.state import TrainState, merge_params
+
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    mode: str = "lm"  # "hybrid": the record's num_input is the prefix-LM's num_precontext
+    spout: str = "none"
+
+
+def _forward(model: GPTSAN, params: dict, batch: Batch, options: StepOptions, rng: jax.Array, train: bool):
+    spout_rng, jitter_rng = jax.random.split(rng)
+    spout = spout_vectors(options.spout, batch["i"], model.config.num_spout, spout_rng)
+    num_precontext = batch["num_input"] if options.mode == "hybrid" else None
+    rngs = {"jitter": jitter_rng} if train else None
+    return model.apply({"params": params}, batch["x"], num_precontext=num_precontext, spout=spout,
+                       train=train, rngs=rngs)
+
+
+def loss_and_grads(model: GPTSAN, options: StepOptions, state: TrainState, batch: Batch):
+    """Gradients of the (loss-scaled) objective for the trainable parameters only, unscaled, and the
+    loss terms. The frozen parameters are not differentiated (no gradient is computed for them)."""
+
+    def objective(trainable, frozen):
+        rng = jax.random.fold_in(state.rng, state.step)
+        out = _forward(model, merge_params(trainable, frozen), batch, options, rng, train=True)
+        terms = lm_loss(out.logits, batch["y"])
+        total = terms.loss + out.aux_loss
+        return total * state.loss_scale.scale, (terms, out)
+
+    grads, (terms, out) = jax.grad(objective, has_aux=True)(state.params, state.frozen)
+    grads = jax.tree_util.tree_map(lambda g: g / state.loss_scale.scale, grads)
+    return grads, terms, out
+
+
+def apply_gradients(optimizer: optax.GradientTransformation, state: TrainState, grads) -> tuple[TrainState,
+                                                                                                jax.Array]:
+    """One optimizer update; a step with non-finite gradients is skipped (parameters and optimizer state
+    kept) and shrinks the loss scale. Returns the new state and whether the update was applied."""
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    state = state.replace(
+        step=state.step + 1,
+        params=jax.tree_util.tree_map(keep, params, state.params),
+        opt_state=jax.tree_util.tree_map(keep, opt_state, state.opt_state),
+        loss_scale=state.loss_scale.update(finite),
+        data_position=state.data_position + 1,
+    )
+    return state, finite
+
+
+def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                    options: StepOptions) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    model = GPTSAN(config)
+
+    def train_step(state: TrainState, batch: Batch):
+        grads, terms, out = loss_and_grads(model, options, state, batch)
+        new_state, applied = apply_gradients(optimizer, state, grads)
+        metrics = {
+            "loss": terms.loss + out.aux_loss,
+            "cross_entropy": terms.cross_entropy,
+            "z_loss": terms.z_loss,
+            "aux_loss": out.aux_loss,
+            "accuracy": terms.accuracy,
+            "tokens": terms.tokens,
+            "learning_rate": schedule(state.step),
+            "grad_norm": optax.global_norm(grads),
+            "loss_scale": state.loss_scale.scale,
+            "update_applied": applied,
+            "dropped_fraction": out.dropped_fraction,
+            "expert_load": out.expert_load,
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(config: ModelConfig, options: StepOptions) -> Callable[[TrainState, Batch], dict]:
+    """Loss terms on a batch without updating anything (eval routing: capacity factor 2.0, no jitter)."""
+    model = GPTSAN(config)
+
+    def eval_step(state: TrainState, batch: Batch):
+        out = _forward(model, state.all_params, batch, options, jax.random.fold_in(state.rng, state.step),
+                       train=False)
+        terms = lm_loss(out.logits, batch["y"])
+        return {"loss": terms.loss + out.aux_loss, "cross_entropy": terms.cross_entropy,
+                "accuracy": terms.accuracy, "tokens": terms.tokens}
+
+    return eval_step

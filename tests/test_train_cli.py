@@ -1,0 +1,85 @@
+"""Bad inputs stop `gptsan-train` before any step runs, with one `error:` line and nothing written."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gptsan.train.cli import main
+from tests.train_support import counting_corpus, write_mini_parameters, write_records
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    write_records(tmp_path / "good.tfrecord", counting_corpus(8, 16, 128))
+    return tmp_path
+
+
+def call(capsys, *args) -> tuple[int, list[str]]:
+    status = main(list(args))
+    return status, capsys.readouterr().err.strip().splitlines()
+
+
+def test_records_of_the_wrong_length(inputs, capsys):
+    write_records(inputs / "short.tfrecord", counting_corpus(4, 12, 128))
+    parameters = write_mini_parameters(inputs / "model", inputs / "out")
+    status, err = call(capsys, "--input_files", str(inputs / "short.tfrecord"), "--parameter_file",
+                       str(parameters))
+    assert status == 2 and err == [f"error: {inputs / 'short.tfrecord'}: record 0 has 12 tokens but the "
+                                   "model's num_contexts is 16 (encode the corpus with --num_context 16)"]
+    assert not (inputs / "out").exists()
+
+
+def test_missing_parameter_file_keys(inputs, capsys):
+    parameters = write_mini_parameters(inputs / "model", inputs / "out")
+    data = json.loads(parameters.read_text())
+    del data["train_params"]["batch_size"], data["model_params"]["num_hidden"]
+    parameters.write_text(json.dumps(data))
+    status, err = call(capsys, "--input_files", str(inputs / "good.tfrecord"), "--parameter_file",
+                       str(parameters))
+    assert status == 2 and err == [f"error: {parameters}: model_params lacks num_hidden"]
+    data["model_params"]["num_hidden"] = 32
+    parameters.write_text(json.dumps(data))
+    status, err = call(capsys, "--input_files", str(inputs / "good.tfrecord"), "--parameter_file",
+                       str(parameters))
+    assert status == 2 and err == [f"error: {parameters}: train_params lacks batch_size"]
+    assert not (inputs / "out").exists()
+
+
+def test_unwritable_output_dir(inputs, capsys):
+    (inputs / "a-file").write_text("not a folder")
+    parameters = write_mini_parameters(inputs / "model", inputs / "a-file" / "out")
+    status, err = call(capsys, "--input_files", str(inputs / "good.tfrecord"), "--parameter_file",
+                       str(parameters))
+    assert status == 2 and len(err) == 1
+    out = inputs / "a-file" / "out"
+    assert err[0].startswith(f"error: train_params.output_dir {out}: cannot write there")
+
+
+def test_both_precisions_at_once(inputs, capsys):
+    parameters = write_mini_parameters(inputs / "model", inputs / "out")
+    status, err = call(capsys, "--input_files", str(inputs / "good.tfrecord"), "--parameter_file",
+                       str(parameters), "--use_bfloat16", "--use_mixed_precision")
+    assert status == 2 and err == ["error: --use_bfloat16 and --use_mixed_precision: choose one "
+                                   "(bfloat16 or float16 compute)"]
+
+
+def test_ignore_list_with_unknown_names_exits_nonzero_with_one_line(inputs):
+    """As a process: exit status 2, exactly one `error:` line, no traceback, no output folder."""
+    parameters = write_mini_parameters(inputs / "model", inputs / "out")
+    ignore = inputs / "ignore-params.json"
+    ignore.write_text(json.dumps(["model/wte", "model/moe7/wi/kernel"]))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "run_training.py"), "--input_files", str(inputs / "good.tfrecord"),
+         "--parameter_file", str(parameters), "--ignore_parameters", str(ignore)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {ignore}: names no parameter of this model: model/moe7/wi/kernel"]
+    assert "Traceback" not in result.stderr
+    assert not (inputs / "out").exists()

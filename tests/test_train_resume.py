@@ -1,0 +1,103 @@
+"""Resuming: k steps + restart + k steps equals 2k steps straight (float32, CPU), and a run killed with
+SIGKILL restarts from its last completed checkpoint."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from gptsan.model.params import flatten
+from gptsan.train.config import RunConfig
+from gptsan.train.loop import run
+from tests.train_support import (
+    counting_corpus,
+    persistent_compilation_cache,
+    write_mini_parameters,
+    write_records,
+)
+
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    with persistent_compilation_cache(tmp_path_factory.getbasetemp() / "jax-compilation-cache") as path:
+        yield path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def corpus_files(tmp_path: Path) -> str:
+    write_records(tmp_path / "train-0.tfrecord", counting_corpus(40, 16, 128, seed=0, period=8))
+    write_records(tmp_path / "train-1.tfrecord", counting_corpus(40, 16, 128, seed=1, period=8))
+    return str(tmp_path / "train-*.tfrecord")
+
+
+def host_params(state) -> dict:
+    return {name: np.asarray(jax.device_get(value)) for name, value in flatten(state.all_params).items()}
+
+
+def test_resume_continues_exactly(tmp_path):
+    files = corpus_files(tmp_path)
+    k = 6
+    straight_file = write_mini_parameters(tmp_path / "a", tmp_path / "a-out", checkpoint_per_steps=100)
+    resumed_file = write_mini_parameters(tmp_path / "b", tmp_path / "b-out", checkpoint_per_steps=100)
+    common = dict(input_files=files, spout_vector="uniform", progress=False, log_every=1)
+
+    straight = run(RunConfig(parameter_file=str(straight_file), max_training_step=2 * k, **common))
+    first = run(RunConfig(parameter_file=str(resumed_file), max_training_step=k, **common))
+    assert int(first.step) == k
+    resumed = run(RunConfig(parameter_file=str(resumed_file), max_training_step=2 * k, **common))
+
+    assert int(resumed.step) == int(straight.step) == 2 * k
+    assert int(resumed.data_position) == 2 * k
+    want, got = host_params(straight), host_params(resumed)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    want_opt = jax.tree_util.tree_leaves(jax.device_get(straight.opt_state))
+    got_opt = jax.tree_util.tree_leaves(jax.device_get(resumed.opt_state))
+    for a, b in zip(want_opt, got_opt, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    metrics = (tmp_path / "b-out" / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in metrics]
+    assert steps == list(range(1, 2 * k + 1))  # the restart went on from step k + 1
+
+
+def test_sigkill_loses_at_most_the_steps_since_the_last_save(tmp_path, compilation_cache):
+    files = corpus_files(tmp_path)
+    out = tmp_path / "out"
+    parameter_file = write_mini_parameters(tmp_path / "model", out, checkpoint_per_steps=5)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_COMPILATION_CACHE_DIR": str(compilation_cache),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+    cmd = [sys.executable, str(ROOT / "run_training.py"), "--input_files", files, "--parameter_file",
+           str(parameter_file), "--log_every", "1", "--no_progress"]
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    try:
+        while not (out / "15").exists():  # Orbax renames a checkpoint into place once it is complete
+            assert process.poll() is None, process.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no checkpoint 15 in time"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    killed_at = max(logged)
+    last_save = ocp.CheckpointManager(out).latest_step()
+    assert last_save >= 15 and last_save % 5 == 0
+    assert killed_at - last_save < 5 + 5  # at most the steps since the last save (plus one async save)
+
+    state = run(RunConfig(parameter_file=str(parameter_file), input_files=files, progress=False,
+                          log_every=1, max_training_step=last_save + 2))
+    assert int(state.step) == last_save + 2
+    steps_after = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps_after[len(logged):] == [last_save + 1, last_save + 2]

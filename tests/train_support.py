@@ -1,0 +1,103 @@
+"""Helpers for the training tests: small corpora written as GPTSAN tfrecords, and parameter files."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+
+FIXTURE_PARAMETERS = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "gptsan_tiny"
+
+
+def counting_corpus(count: int, length: int, vocab: int, seed: int = 0, period: int = 32) -> dict:
+    """Records whose next token is (token + 1) mod period: learnable from the input alone."""
+    rng = np.random.default_rng(seed)
+    start = rng.integers(0, period, count)
+    x = (start[:, None] + np.arange(length)[None]) % period
+    y = np.concatenate([x[:, 1:], np.full((count, 1), -1)], axis=1)
+    return {"x": x, "y": y, "i": np.arange(count), "num_input": np.zeros(count, np.int64)}
+
+
+def class_corpus(count: int, length: int, num_classes: int, seed: int = 0) -> dict:
+    """Records whose targets are one token that depends only on the class id `i` (inputs are noise that
+    carries no information about it): only a path from `i` into the model can predict them."""
+    rng = np.random.default_rng(seed)
+    i = rng.integers(0, num_classes, count)
+    x = rng.integers(0, 64, (count, length))
+    y = np.broadcast_to((100 + i)[:, None], (count, length)).copy()
+    return {"x": x, "y": y, "i": i, "num_input": np.zeros(count, np.int64)}
+
+
+def write_records(path: Path, corpus: dict) -> Path:
+    from gptsan.data.schema import frame, serialize_example
+
+    with open(path, "wb") as f:
+        for n in range(len(corpus["x"])):
+            f.write(frame(serialize_example({name: np.ravel(corpus[name][n]) for name in corpus})))
+    return path
+
+
+def memory_batches(corpus: dict, batch_size: int, seed: int = 0):
+    """Endless int32 batches of an in-memory corpus, reshuffled each epoch (for step-level tests)."""
+    corpus = {name: np.asarray(value, np.int32) for name, value in corpus.items()}
+    count = len(corpus["x"])
+    for epoch in itertools.count():
+        order = np.random.default_rng([seed, epoch]).permutation(count)
+        for start in range(0, count - batch_size + 1, batch_size):
+            rows = order[start:start + batch_size]
+            yield {name: value[rows] for name, value in corpus.items()}
+
+
+def write_parameters(folder: Path, output_dir: str, base: Path, **train_params) -> Path:
+    """A parameters.json in `folder`: the fixture's model_params and train_params with overrides."""
+    folder.mkdir(parents=True, exist_ok=True)
+    parameters = json.loads((base / "parameters.json").read_text())
+    parameters["train_params"].update(output_dir=str(output_dir), **train_params)
+    path = folder / "parameters.json"
+    path.write_text(json.dumps(parameters))
+    return path
+
+
+# A model small enough to compile in seconds: 1 Switch layer + 1 extended layer.
+MINI_MODEL_PARAMS = {"num_contexts": 16, "num_switch_layers": 1, "num_ext_layers": 1, "num_hidden": 32,
+                     "num_header": 2, "num_experts": 2, "num_pallarelizm": 1, "num_spout": 8,
+                     "num_vocabulary": 128, "train_mode": "lm"}
+MINI_TRAIN_PARAMS = {"batch_size": 8, "base_lr": 3e-3, "num_warmup_steps": 10, "max_to_keep_save": 3,
+                     "checkpoint_per_hours": 1, "checkpoint_per_steps": 1000}
+
+
+def mini_config(**runtime):
+    from gptsan.model.config import ModelConfig
+
+    return ModelConfig.from_model_params(MINI_MODEL_PARAMS, "mini", **runtime)
+
+
+def write_mini_parameters(folder: Path, output_dir, **train_params) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    parameters = {"train_params": {**MINI_TRAIN_PARAMS, "output_dir": str(output_dir), **train_params},
+                  "model_params": dict(MINI_MODEL_PARAMS)}
+    path = folder / "parameters.json"
+    path.write_text(json.dumps(parameters))
+    return path
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(directory: Path):
+    """JAX's persistent compilation cache in `directory`, so that runs compiling the same programs (a run
+    and its restart, a subprocess and the test) compile once. Restores the previous settings afterwards."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    cc.reset_cache()
+    try:
+        yield directory
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+        cc.reset_cache()
