@@ -55,8 +55,8 @@ def hf_trainable(name: str, config: ModelConfig) -> bool:
     return False
 
 
-def measure_hf_train(config: ModelConfig, batch: int, trainable: str, steps: int) -> dict:
-    """Time `steps` HF train steps (forward with labels, backward, Adam) after one warm-up step."""
+def prepare_hf_train(config: ModelConfig, batch: int, trainable: str):
+    """A warmed-up callable running one HF train step (forward with labels, backward, Adam)."""
     import torch
 
     model = hf_model(config).train()
@@ -64,20 +64,18 @@ def measure_hf_train(config: ModelConfig, batch: int, trainable: str, steps: int
         parameter.requires_grad_(trainable == "all" or hf_trainable(name, config))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     data = ours.random_batch(config, batch)
-    x, y = torch.as_tensor(np.asarray(data["x"]), dtype=torch.long), torch.as_tensor(np.asarray(data["y"]),
-                                                                                     dtype=torch.long)
-    losses = []
+    x = torch.as_tensor(np.asarray(data["x"]), dtype=torch.long)
+    y = torch.as_tensor(np.asarray(data["y"]), dtype=torch.long)
 
     def one_step():
         loss = model(input_ids=x, labels=y, use_cache=False).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        return loss.item()
 
     one_step()
-    times = ours.best_seconds(one_step, steps)
-    return {"seconds": times, "tokens": batch * config.num_contexts, "loss": losses[-1]}
+    return one_step
 
 
 def measure_hf_decode(config: ModelConfig, repeats: int) -> dict:
@@ -114,15 +112,17 @@ def ours_decode(name: str, repeats: int) -> dict | None:
 
 
 def train_part(name: str, config: ModelConfig, batch: int, trainable: str, steps: int) -> dict:
-    peak = ours.matmul_peak("float32")
-    mine = ours.measure_train(config, batch, trainable, steps)
-    theirs = measure_hf_train(config, batch, trainable, steps)
-    peak = max(peak, ours.matmul_peak("float32"))
-    record = ours.train_record(name, config, batch, trainable, mine, peak)
-    hf_tokens_per_s = theirs["tokens"] / min(theirs["seconds"])
-    hf_fraction = record["flops_per_token"] * hf_tokens_per_s / peak
+    """Ours, the HF port and the matmul peak, one step each in turn for `steps` rounds."""
+    run_matmul, matmul_flops = ours.prepare_matmul("float32")
+    our_step, info = ours.prepare_train(config, batch, trainable)
+    times = ours.interleaved({"matmul": run_matmul, "ours": our_step,
+                              "hf": prepare_hf_train(config, batch, trainable)}, steps)
+    peak = matmul_flops / min(times["matmul"])
+    record = ours.train_record(name, config, batch, trainable, info, times["ours"], peak)
+    hf_tokens_per_s = info["tokens"] / min(times["hf"])
     record.update(bench="peer_hf_train", hf_tokens_per_s=round(hf_tokens_per_s, 1),
-                  hf_peak_fraction=round(hf_fraction, 4),
+                  hf_peak_fraction=round(record["flops_per_token"] * hf_tokens_per_s / peak, 4),
+                  hf_median_tokens_per_s=round(info["tokens"] / float(np.median(times["hf"])), 1),
                   ratio=round(record["tokens_per_s"] / hf_tokens_per_s, 3), load=ours.machine_load())
     return record
 

@@ -118,13 +118,23 @@ def best_seconds(fn, repeats: int) -> list[float]:
     return times
 
 
-def matmul_peak(dtype: str, size: int = PEAK_SIZE, repeats: int = 5) -> float:
-    """FLOP/s of a jitted square matmul (the best of `repeats`), the machine's practical peak."""
+def prepare_matmul(dtype: str, size: int = PEAK_SIZE):
+    """A warmed-up jitted square matmul and its FLOPs: the machine's practical peak when timed."""
     a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32).astype(dtype)
     b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32).astype(dtype)
     matmul = jax.jit(lambda a, b: a @ b)
     matmul(a, b).block_until_ready()
-    return 2.0 * size**3 / min(best_seconds(lambda: matmul(a, b).block_until_ready(), repeats))
+    return (lambda: matmul(a, b).block_until_ready()), 2.0 * size**3
+
+
+def interleaved(runs: dict, rounds: int) -> dict[str, list[float]]:
+    """Time each callable once per round, in turn (A B C A B C ...), so that a change of machine load hits
+    every contender alike. Returns each one's times."""
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            times[name] += best_seconds(fn, 1)
+    return times
 
 
 def random_batch(config: ModelConfig, batch: int, seed: int = 0) -> dict[str, jax.Array]:
@@ -195,28 +205,28 @@ def compile_step(step, state, batch):
     return compiled, (float(cost["flops"]) if cost and "flops" in cost else None)
 
 
-def measure_train(config: ModelConfig, batch: int, trainable: str, steps: int) -> dict:
-    """Time `steps` train steps after one warm-up step."""
+def prepare_train(config: ModelConfig, batch: int, trainable: str):
+    """A warmed-up callable running one train step, and what a record needs to know about it."""
     step, state, step_name = train_step_and_state(config, trainable)
     data = random_batch(config, batch)
     compiled, counted = compile_step(step, state, data)
-    holder = [state, None]
+    holder = [state]
+    tokens = batch * config.num_contexts
+    info = {"tokens": tokens, "train_step": step_name, "xla_flops_per_token": counted / tokens if counted else None}
 
     def one_step():
         holder[0], metrics = compiled(holder[0], data)
-        holder[1] = float(metrics["loss"])
+        info["loss"] = float(metrics["loss"])
 
     one_step()
-    times = best_seconds(one_step, steps)
-    tokens = batch * config.num_contexts
-    return {"seconds": times, "tokens": tokens, "loss": holder[1], "train_step": step_name,
-            "xla_flops_per_token": counted / tokens if counted else None}
+    return one_step, info
 
 
-def train_record(name: str, config: ModelConfig, batch: int, trainable: str, timing: dict,
+def train_record(name: str, config: ModelConfig, batch: int, trainable: str, info: dict, seconds: list[float],
                  peak: float) -> dict:
+    """The JSON record of one mode: best-step figures (and the median step's), against the best peak."""
     per_token = flops_per_token(config, config.num_contexts, trainable)
-    tokens_per_s = timing["tokens"] / min(timing["seconds"])
+    tokens_per_s = info["tokens"] / min(seconds)
     return {
         "bench": "train",
         "config": name,
@@ -228,23 +238,24 @@ def train_record(name: str, config: ModelConfig, batch: int, trainable: str, tim
         "flop_per_s": round(per_token * tokens_per_s),
         "matmul_peak_flop_per_s": round(peak),
         "peak_fraction": round(per_token * tokens_per_s / peak, 4),
-        "median_tokens_per_s": round(timing["tokens"] / float(np.median(timing["seconds"])), 1),
-        "xla_flops_per_token": timing["xla_flops_per_token"],
-        "train_step": timing["train_step"],
-        "loss": round(timing["loss"], 4),
-        "steps": len(timing["seconds"]),
+        "median_tokens_per_s": round(info["tokens"] / float(np.median(seconds)), 1),
+        "xla_flops_per_token": info["xla_flops_per_token"],
+        "train_step": info["train_step"],
+        "loss": round(info["loss"], 4),
+        "steps": len(seconds),
         "load": machine_load(),
     }
 
 
 def run(name: str, batch: int, dtype: str, steps: int, modes: list[str]) -> list[dict]:
     config = load_config(config_path(name), dtype=dtype)
+    run_matmul, matmul_flops = prepare_matmul(dtype)
     records = []
     for trainable in modes:
-        peak_before = matmul_peak(dtype)
-        timing = measure_train(config, batch, trainable, steps)
-        peak = max(peak_before, matmul_peak(dtype))
-        records.append(train_record(name, config, batch, trainable, timing, peak))
+        one_step, info = prepare_train(config, batch, trainable)
+        times = interleaved({"matmul": run_matmul, "train": one_step}, steps)
+        peak = matmul_flops / min(times["matmul"])
+        records.append(train_record(name, config, batch, trainable, info, times["train"], peak))
         print(json.dumps(records[-1]), flush=True)
     return records
 
