@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import train as ours  # noqa: E402  (bench/train.py)
 
-from gptsan.errors import UserError, cli_main  # noqa: E402
+from gptsan.errors import cli_main  # noqa: E402
 from gptsan.model.config import ModelConfig, load_config  # noqa: E402
 
 PARTS = ("all", "extended", "decode")
@@ -168,9 +168,7 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=3, help="timed steps (decode: repeats)")
     parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated: all, extended, decode")
     args = parser.parse_args(argv)
-    args.parts = [p for p in args.parts.split(",") if p]
-    if not args.parts or set(args.parts) - set(PARTS):
-        raise UserError(f"--parts: expected a comma-separated subset of {', '.join(PARTS)}")
+    args.parts = ours.comma_list(args.parts, PARTS, "--parts")
     return args
 
 

@@ -260,6 +260,14 @@ def run(name: str, batch: int, dtype: str, steps: int, modes: list[str]) -> list
     return records
 
 
+def comma_list(value: str, allowed: tuple[str, ...], flag: str) -> list[str]:
+    """`a,b` -> ["a", "b"], each one of `allowed`."""
+    items = [item for item in value.split(",") if item]
+    if not items or set(items) - set(allowed):
+        raise UserError(f"{flag}: expected a comma-separated subset of {', '.join(allowed)}")
+    return items
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="bench-small", help="preset under configs/ or a parameters.json")
@@ -268,9 +276,7 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: all, extended")
     args = parser.parse_args(argv)
-    args.modes = [m for m in args.modes.split(",") if m]
-    if not args.modes or set(args.modes) - set(MODES):
-        raise UserError(f"--modes: expected a comma-separated subset of {', '.join(MODES)}")
+    args.modes = comma_list(args.modes, MODES, "--modes")
     if args.batch < 1 or args.steps < 1:
         raise UserError("--batch and --steps: expected positive integers")
     return args
