@@ -1,0 +1,184 @@
+"""gptsan-generate / run_generate.py: text from a GPTSAN model, any checkpoint format, any tokenizer.
+
+    gptsan-generate --model DIR --vocabulary ja-swe36k.txt --context "TEXT" [--prefix TEXT]
+                    [--top_k 120] [--top_p 1.0] [--temperature 1.0] [--beam_width 1] [--max_generate 300]
+                    [--num_generate 1] [--spout none|uniform|zeros|N|v1,v2,...] [--seed 0]
+                    [--input_file PROMPTS.txt] [--output OUT.jsonl] [--stream] [--dtype float32]
+
+Prompt `[SOT, SEG] + context`; with --prefix (prefix-LM models) `[SOT] + prefix + [SEG] + context` with the
+prefix bidirectional. --input_file holds one context per line, decoded as one left-padded batch.
+--beam_width > 1 runs a beam search (the original drew independent samples) and returns the
+--num_generate best hypotheses; otherwise each text is sampled (temperature 0 = greedy). `<|nottoken|>`
+and `<|separator|>` are never generated; the output drops role tokens and expands `<|bagoftoken|>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from gptsan import storage
+from gptsan.errors import UserError, cli_main
+from gptsan.generate.prompt import Prompt, causal_prompt, left_pad, never_sampled, prefix_prompt
+from gptsan.generate.sampling import Sampler
+from gptsan.generate.spout import parse_spout
+from gptsan.model.config import COMPUTE_DTYPES
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="gptsan-generate", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="model directory: native, original TF or HF folder")
+    parser.add_argument("--vocabulary", required=True, help="ja-swe36k.txt (swe) or a .model (sentencepiece)")
+    parser.add_argument("--tokenizer", default="swe", choices=["swe", "sentencepiece"])
+    parser.add_argument("--context", default="", help="the text to continue")
+    parser.add_argument("--prefix", help="prefix-LM models: a bidirectional prefix before the context")
+    parser.add_argument("--input_file", help="one context per line (UTF-8), generated as one batch")
+    parser.add_argument("--top_k", type=int, default=120, help="sample among the k likeliest (0 = all)")
+    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    parser.add_argument("--beam_width", type=int, default=1, help="> 1: beam search")
+    parser.add_argument("--length_penalty", type=float, default=1.0, help="beam score = logprob / len**this")
+    parser.add_argument("--max_generate", type=int, default=300, help="most tokens per text")
+    parser.add_argument("--num_generate", type=int, default=1, help="texts per context")
+    parser.add_argument("--spout", default="none", help="none, uniform, zeros, a class N, or num_spout numbers")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stream", action="store_true", help="print the tokens as they come (one text)")
+    parser.add_argument("--output", help="write the texts as JSON lines here")
+    parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES, help="compute dtype")
+    parser.add_argument("--tpu_nodes", help="accepted for compatibility; JAX finds its devices itself")
+    return parser.parse_args(argv)
+
+
+def read_contexts(args: argparse.Namespace) -> list[str]:
+    if not args.input_file:
+        return [args.context]
+    try:
+        lines = storage.read_text(args.input_file).splitlines()
+    except FileNotFoundError:
+        raise UserError(f"--input_file {args.input_file}: file not found") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--input_file {args.input_file}: not UTF-8 text") from None
+    if not lines:
+        raise UserError(f"--input_file {args.input_file}: no lines")
+    return lines
+
+
+def build_prompts(tokenizer, contexts: list[str], prefix: str | None) -> list[Prompt]:
+    special = tokenizer.special
+    if prefix is None:
+        return [causal_prompt(tokenizer.encode(text), special) for text in contexts]
+    prefix_ids = tokenizer.encode(prefix)
+    return [prefix_prompt(prefix_ids, tokenizer.encode(text), special) for text in contexts]
+
+
+def output_text(tokenizer, ids) -> str:
+    """Text of generated ids: role tokens dropped, `<|bagoftoken|>` left for decode to expand."""
+    special = tokenizer.special
+    drop = special.control_ids - {special.bag}
+    return tokenizer.decode([int(t) for t in ids if int(t) not in drop])
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.num_generate < 1:
+        raise UserError(f"--num_generate: expected at least 1, got {args.num_generate}")
+    if args.beam_width < 1:
+        raise UserError(f"--beam_width: expected at least 1, got {args.beam_width}")
+    if args.beam_width > 1 and args.num_generate > args.beam_width:
+        raise UserError(f"--num_generate: at most --beam_width ({args.beam_width}) hypotheses per context")
+    if args.stream and (args.beam_width > 1 or args.input_file or args.num_generate > 1):
+        raise UserError("--stream: streams one sampled text (one --context, --num_generate 1, --beam_width 1)")
+    if args.output and storage.isdir(args.output):
+        raise UserError(f"--output {args.output}: is a directory; give a file name")
+
+
+def load(args: argparse.Namespace):
+    """(config, device params, tokenizer), checked against each other."""
+    import jax
+
+    from gptsan.checkpoint import load_model
+    from gptsan.generate.weights import cast_for_compute
+    from gptsan.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer, args.vocabulary)
+    config, params = load_model(args.model, dtype=args.dtype)
+    if config.num_vocabulary != tokenizer.vocab_size:
+        raise UserError(f"--vocabulary {args.vocabulary}: {tokenizer.vocab_size} tokens, but the model has "
+                        f"{config.num_vocabulary}")
+    return config, jax.device_put(cast_for_compute(params, args.dtype)), tokenizer
+
+
+def generate_texts(args, config, params, tokenizer, contexts) -> list[dict]:
+    from gptsan.generate.beam import BeamDecoder
+    from gptsan.generate.decode import Decoder
+
+    special = tokenizer.special
+    prompts = build_prompts(tokenizer, contexts, args.prefix)
+    records = []
+    if args.beam_width > 1:
+        spout = parse_spout(args.spout, config.num_spout, len(prompts), args.seed)
+        decoder = BeamDecoder(config, args.beam_width, special.end, args.length_penalty, never_sampled(special))
+        result = decoder.generate(params, left_pad(prompts, special.nottoken), args.max_generate, spout)
+        for row, context in enumerate(contexts):
+            for rank in range(args.num_generate):
+                ids = result.tokens[row, rank, :result.lengths[row, rank]]
+                records.append({"context": context, "index": rank, "text": output_text(tokenizer, ids),
+                                "tokens": ids.tolist(), "score": float(result.scores[row, rank])})
+        return records
+    rows = [(context, i) for context in contexts for i in range(args.num_generate)]
+    batch = left_pad([p for p in prompts for _ in range(args.num_generate)], special.nottoken)
+    spout = parse_spout(args.spout, config.num_spout, len(rows), args.seed)
+    sampler = Sampler(args.temperature, args.top_k, args.top_p, never_sampled(special))
+    decoder = Decoder(config, sampler, special.end)
+    if args.stream:
+        ids = stream_one(decoder, params, batch, args, spout, tokenizer)
+        return [{"context": contexts[0], "index": 0, "text": output_text(tokenizer, ids), "tokens": ids}]
+    result = decoder.generate(params, batch, args.max_generate, spout, args.seed)
+    for row, (context, i) in enumerate(rows):
+        ids = result.tokens[row, :result.lengths[row]]
+        records.append({"context": context, "index": i, "text": output_text(tokenizer, ids),
+                        "tokens": ids.tolist()})
+    return records
+
+
+def stream_one(decoder, params, batch, args, spout, tokenizer) -> list[int]:
+    """Print one text as its tokens come; returns its ids (the end token excluded)."""
+    ids: list[int] = []
+    shown = ""
+    for chunk in decoder.stream(params, batch, args.max_generate, spout, args.seed):
+        for token in chunk[0].tolist():
+            if token == tokenizer.special.end:
+                break
+            ids.append(token)
+        text = output_text(tokenizer, ids)
+        if text.startswith(shown):  # a partial UTF-8 byte sequence may change the tail: wait for it
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+        if tokenizer.special.end in chunk[0]:
+            break
+    text = output_text(tokenizer, ids)
+    sys.stdout.write(text[len(shown):] + "\n")
+    return ids
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_args(args)
+    if args.tpu_nodes:
+        print("note: --tpu_nodes is not needed; JAX uses the devices it finds", file=sys.stderr)
+    contexts = read_contexts(args)
+    config, params, tokenizer = load(args)
+    records = generate_texts(args, config, params, tokenizer, contexts)
+    if args.output:
+        lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        storage.write_text_atomic(args.output, lines)
+    if not args.stream:
+        for record in records:
+            print(record["text"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

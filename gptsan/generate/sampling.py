@@ -1,0 +1,84 @@
+"""Choosing the next token from logits: greedy, or sampling with temperature, top-k and top-p (combinable).
+
+Pure functions over `logits [B, V]`. Banned ids (GPTSAN's `<|nottoken|>` and `<|separator|>`) are never chosen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from gptsan.errors import UserError
+
+NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """How to pick a token. temperature 0 = greedy; top_k 0 = no top-k cut; top_p 1.0 = no nucleus cut.
+
+    Hashable: a decoding loop compiles once per Sampler (and per input shape).
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    banned_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise UserError(f"--temperature: expected a number >= 0, got {self.temperature}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise UserError(f"--top_k: expected an integer >= 0 (0 = no cut), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top_p: expected a number in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def ban(logits: jax.Array, banned_ids: tuple[int, ...]) -> jax.Array:
+    """Set the banned ids' logits to -inf. logits [..., V]."""
+    if not banned_ids:
+        return logits
+    return logits.at[..., jnp.asarray(banned_ids, jnp.int32)].set(NEG_INF)
+
+
+def nucleus_keep(sorted_logits: jax.Array, top_p: float) -> jax.Array:
+    """Which of the descending-sorted candidates form the top-p nucleus: the smallest prefix whose
+    probability reaches top_p (the first candidate is always kept). sorted_logits [B, K] -> bool [B, K]."""
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    return mass_before < top_p
+
+
+def candidates(logits: jax.Array, sampler: Sampler) -> tuple[jax.Array, jax.Array]:
+    """The tokens sampling may pick and their scaled logits (-inf = excluded), best first.
+
+    logits [B, V] -> (scaled logits [B, K], token ids [B, K]) with K = top_k (or V without a top-k cut).
+    """
+    logits = ban(logits.astype(jnp.float32), sampler.banned_ids)
+    vocab = logits.shape[-1]
+    k = min(sampler.top_k, vocab) if sampler.top_k else vocab
+    values, ids = jax.lax.top_k(logits / sampler.temperature, k)  # [B, K] descending
+    if sampler.top_p < 1.0:
+        values = jnp.where(nucleus_keep(values, sampler.top_p), values, NEG_INF)
+    return values, ids
+
+
+def next_token(key: jax.Array, logits: jax.Array, sampler: Sampler) -> jax.Array:
+    """One token per row. key: one PRNG key per row [B] (rows sample independently of batching);
+    logits [B, V] -> [B] int32."""
+    if sampler.greedy:
+        return jnp.argmax(ban(logits.astype(jnp.float32), sampler.banned_ids), axis=-1).astype(jnp.int32)
+    values, ids = candidates(logits, sampler)
+    choice = jax.vmap(jax.random.categorical)(key, values)  # [B]
+    return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def row_keys(seed_key: jax.Array, rows: jax.Array, step: jax.Array) -> jax.Array:
+    """Per-row, per-step keys: row r at step t uses fold_in(fold_in(seed, r), t) whatever the batch."""
+    return jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(seed_key, r), step))(rows)

@@ -1,0 +1,118 @@
+"""gptsan-generate and gptsan-languagemodel end to end on a small native model with the SWE vocabulary:
+the CLI's tokens equal the library's, JSONL output, --spout handling, one-line errors, no TensorFlow."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from gptsan.errors import UserError
+from gptsan.generate.decode import Decoder
+from gptsan.generate.prompt import causal_prompt, left_pad, never_sampled
+from gptsan.generate.sampling import Sampler
+from gptsan.generate.spout import parse_spout
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_MAIN = ("import sys; from {module} import main; rc = main(sys.argv[1:]); "
+            "print('tensorflow imported' if 'tensorflow' in sys.modules else 'no tensorflow'); sys.exit(rc)")
+
+
+@pytest.fixture(scope="module")
+def swe_model(tmp_path_factory):
+    """A random native model with the SWE vocabulary's 36,000 ids (d 64, 2 + 2 layers, spout 16)."""
+    from gptsan.checkpoint import native
+    from gptsan.model import ModelConfig, flatten, init_params
+
+    config = ModelConfig(num_contexts=64, num_switch_layers=2, num_ext_layers=2, num_hidden=64, num_header=4,
+                         num_experts=4, num_vocabulary=36000, num_spout=16)
+    params = init_params(config, seed=1)
+    path = tmp_path_factory.mktemp("swe-model") / "model"
+    native.save(str(path), config, flatten(params))
+    return path, config, params
+
+
+@pytest.fixture(scope="module")
+def vocabulary():
+    from conftest import shared_path
+
+    return shared_path("vocab", "ja-swe36k.txt")
+
+
+def run_cli(module, *args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-c", RUN_MAIN.format(module=module), *map(str, args)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def test_generate_cli_writes_the_library_tokens(swe_model, vocabulary, tmp_path):
+    path, config, params = swe_model
+    contexts = ["今日は晴れです。", "吾輩は猫である"]
+    (tmp_path / "prompts.txt").write_text("\n".join(contexts) + "\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    proc = run_cli("gptsan.generate.cli", "--model", path, "--vocabulary", vocabulary, "--input_file",
+                   tmp_path / "prompts.txt", "--temperature", "0", "--max_generate", "10", "--spout", "3",
+                   "--output", out)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("no tensorflow")
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+
+    from gptsan.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer("swe", str(vocabulary))
+    special = tokenizer.special
+    prompts = [causal_prompt(tokenizer.encode(text), special) for text in contexts]
+    assert prompts[0].ids[:2] == (35993, 35998)
+    decoder = Decoder(config, Sampler(temperature=0.0, top_k=120, banned_ids=never_sampled(special)), special.end)
+    expected = decoder.generate(jax.device_put(params), left_pad(prompts, special.nottoken), 10,
+                                spout=parse_spout("3", 16, 2))
+    assert [r["context"] for r in records] == contexts
+    for row, record in enumerate(records):
+        assert record["tokens"] == expected.tokens[row, :expected.lengths[row]].tolist()
+        assert record["text"] == tokenizer.decode(record["tokens"])
+    assert proc.stdout.splitlines()[:2] == [r["text"] for r in records]
+
+
+def test_generate_cli_errors_are_one_line_and_write_nothing(swe_model, vocabulary, tmp_path):
+    path, _, _ = swe_model
+    out = tmp_path / "out.jsonl"
+    proc = run_cli("gptsan.generate.cli", "--model", path, "--vocabulary", vocabulary, "--context", "x",
+                   "--spout", "16", "--output", out)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --spout: class 16 is outside 0..15 (the model's num_spout)"
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_spout_flag_values():
+    np.testing.assert_array_equal(parse_spout("2", 4, 2), [[0, 0, 1, 0]] * 2)
+    np.testing.assert_array_equal(parse_spout("zeros", 3, 1), [[0, 0, 0]])
+    np.testing.assert_allclose(parse_spout("0.5,1,-2", 3, 2), [[0.5, 1, -2]] * 2)
+    uniform = parse_spout("uniform", 8, 3, seed=4)
+    assert uniform.shape == (3, 8) and (uniform >= 0).all() and (uniform < 1).all()
+    np.testing.assert_array_equal(uniform, parse_spout("uniform", 8, 3, seed=4))
+    assert parse_spout("none", 8, 3) is None
+    for bad, message in [("-1", "outside 0..3"), ("1,2", "got 2 numbers"), ("one", "expected none"),
+                         ("1,x,3,4", "not a list of numbers")]:
+        with pytest.raises(UserError, match=message):
+            parse_spout(bad, 4, 1)
+
+
+def test_languagemodel_cli_fills_masks(swe_model, vocabulary, tmp_path):
+    path, config, _ = swe_model
+    out = tmp_path / "lm.json"
+    proc = run_cli("gptsan.generate.languagemodel", "--model", path, "--vocabulary", vocabulary, "--context",
+                   "今日は[MASK]です。[MASK]", "--output", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "no tensorflow" in proc.stdout
+    record = json.loads(out.read_text(encoding="utf-8"))
+    tokens, filled = record["input_tokens"], record["output_tokens"]
+    masks = [j for j, t in enumerate(tokens) if t == 35994]
+    assert len(masks) == 2 and tokens[0] == 35993 and tokens[-1] == 35998
+    assert all(filled[j] < 35993 for j in masks) and len(record["output_scores"]) == 2
+    assert [t for j, t in enumerate(filled) if j not in masks] == [t for j, t in enumerate(tokens) if j not in masks]
+    assert len(record["output_vector"]) == config.num_layers * config.num_hidden
+    assert record["input_text"] == "今日は[MASK]です。[MASK]"
