@@ -138,6 +138,20 @@ def test_num_spout_freeze_and_bfloat16_storage(tmp_path, tiny_tf_dir, tiny_names
     assert not any(n.startswith("pasts/") for n in read_json(dst / "transformer-params.json"))
 
 
+def test_same_width_num_spout_reinitialises_a_spout_that_passes_signal(tmp_path, tiny_tf_dir, tiny_names):
+    """A re-initialised spout MLP is fan-in scaled, so a one-hot class vector reaches the last layer at O(0.1)
+    (the original's N(0, 0.01) would shrink it by ~0.04 per layer: to ~1e-11 after 8 layers)."""
+    dst = tmp_path / "respout"
+    assert main(["--checkpoint", str(tiny_tf_dir), "--output", str(dst), "--num_spout", "16"]) == 0
+    _, flat = load_flat(str(dst))
+    assert not np.array_equal(flat["pasts/mlp0/kernel"], tiny_names["pasts/mlp0/kernel"])
+    np.testing.assert_allclose(flat["pasts/mlp0/kernel"].std(), 16**-0.5, rtol=0.15)
+    h = np.eye(16, dtype=np.float32)
+    for i in range(8):
+        h = np.tanh(h @ flat[f"pasts/mlp{i}/kernel"])
+    assert np.abs(h).mean() > 0.05
+
+
 def _listing(path):
     return sorted(p.name for p in path.iterdir())
 

@@ -1,4 +1,5 @@
-"""gptsan's native model directory: `parameters.json` + `params/`, an Orbax PyTree checkpoint.
+"""gptsan's native model directory: `parameters.json` + `params/`, an Orbax PyTree checkpoint; or a training
+run's output_dir (`parameters.json` + `<step>/state/`), whose newest checkpoint's parameters are read.
 
 `params/` is written by `orbax.checkpoint.PyTreeCheckpointer` (OCDBT/tensorstore, so local paths and gs://
 work alike) and holds the parameter tree under GPTSAN's names (`model/att0/qkv/kernel` is
@@ -26,22 +27,53 @@ PARAMS_DIR = "params"
 STORAGE_DTYPES = ("float32", "bfloat16")
 
 
+TRAIN_STATE_ITEM = "state"  # a training checkpoint `<output_dir>/<step>/state` (gptsan/train/checkpoint.py)
+TRAINED_SUBTREES = ("params", "frozen")  # the train state's trainable and frozen parameters
+
+
+def latest_training_checkpoint(path: str) -> str | None:
+    """`path/<step>/state` of the newest finished training checkpoint in `path`, if any."""
+    if not storage.isdir(path):
+        return None
+    fs, base = storage.filesystem(path)
+    steps = []
+    for entry in fs.ls(base, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if name.isdigit() and fs.exists(f"{entry.rstrip('/')}/{TRAIN_STATE_ITEM}/commit_success.txt"):
+            steps.append(int(name))
+    return storage.join(path, str(max(steps)), TRAIN_STATE_ITEM) if steps else None
+
+
 def is_native_dir(path: str) -> bool:
-    return storage.exists(storage.join(path, PARAMETERS)) and storage.isdir(storage.join(path, PARAMS_DIR))
+    if not storage.exists(storage.join(path, PARAMETERS)):
+        return False
+    return storage.isdir(storage.join(path, PARAMS_DIR)) or latest_training_checkpoint(path) is not None
 
 
 def _checkpointer():
+    import absl.logging
     import orbax.checkpoint as ocp
+
+    absl.logging.set_verbosity(absl.logging.ERROR)  # Orbax logs a warning per restore of a train state
 
     return ocp.PyTreeCheckpointer()
 
 
 def read_params(path: str, config: ModelConfig) -> dict[str, np.ndarray]:
-    """GPTSAN-named float32 arrays from `path/params`, checked against `config`'s names and shapes."""
+    """GPTSAN-named float32 arrays, checked against `config`'s names and shapes: from the newest training
+    checkpoint in `path` when training has saved one (a run's output_dir), else from `path/params`."""
+    trained = latest_training_checkpoint(path)
+    if trained is not None:
+        return _restore_params(trained, config, TRAINED_SUBTREES)
+    return _restore_params(storage.join(path, PARAMS_DIR), config)
+
+
+def _restore_params(directory: str, config: ModelConfig,
+                    subtrees: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """Restore a parameter tree (or the union of `subtrees` of a larger tree) as float32 numpy arrays."""
     import jax
     import orbax.checkpoint as ocp
 
-    directory = storage.join(path, PARAMS_DIR)
     checkpointer = _checkpointer()
     try:
         metadata = checkpointer.metadata(directory).item_metadata
@@ -52,16 +84,30 @@ def read_params(path: str, config: ModelConfig) -> dict[str, np.ndarray]:
         raise UserError(f"{directory}: not a readable Orbax checkpoint (truncated or corrupt?): "
                         "no parameter metadata")
     metadata = metadata.tree
-    shapes = {name: tuple(meta.shape) for name, meta in flatten(metadata).items()}
+    if subtrees is not None:
+        metadata = {key: metadata.get(key) or {} for key in subtrees}
+    shapes = {name: tuple(meta.shape) for name, meta in _merged(metadata, subtrees).items()}
     check_tensors(directory, shapes, expected_shapes(config))
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.float32),
                                 metadata)
+    restore = ocp.args.PyTreeRestore(restore_args=restore_args) if subtrees is None else \
+        ocp.args.PyTreeRestore(item=metadata, restore_args=restore_args, partial_restore=True)
     try:
-        tree = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+        tree = checkpointer.restore(directory, args=restore)
     except Exception as err:  # truncated or corrupt chunk files
         raise UserError(f"{directory}: cannot read the checkpoint (truncated or corrupt?): "
                         f"{error_summary(err)}") from None
-    return {name: np.asarray(value, np.float32) for name, value in flatten(tree).items()}
+    return {name: np.asarray(value, np.float32) for name, value in _merged(tree, subtrees).items()}
+
+
+def _merged(tree: dict, subtrees: tuple[str, ...] | None) -> dict[str, Any]:
+    """Flat GPTSAN names of a parameter tree, or of the union of its `subtrees`."""
+    if subtrees is None:
+        return flatten(tree)
+    merged: dict[str, Any] = {}
+    for key in subtrees:
+        merged.update(flatten(tree[key]) if tree.get(key) else {})
+    return merged
 
 
 def read(path: str, **runtime: Any) -> tuple[ModelConfig, dict[str, np.ndarray]]:

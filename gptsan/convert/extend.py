@@ -16,7 +16,13 @@ from gptsan.model.config import ModelConfig
 from gptsan.model.spout import NUM_SPOUT_MLP
 
 NEW_STDDEV = 0.02  # new extended-layer kernels and biases, and pasts/out (spec section 6)
-SPOUT_MLP_STDDEV = 0.01  # the spout MLP kernels when the spout width changes (spec section 1)
+# A re-initialised spout MLP uses fan-in scaling (stddev 1/sqrt(P)), not the original's N(0, 0.01): with 0.01
+# each of the 8 tanh layers shrinks its input by about 0.01*sqrt(P) (0.04 for P=16, 0.11 for P=128), so a class
+# vector arrives ~1e-8 times smaller and its gradients fall below Adam's epsilon: the spout never trains.
+
+
+def spout_mlp_stddev(num_spout: int) -> float:
+    return num_spout**-0.5
 
 Flat = dict[str, np.ndarray]
 
@@ -61,16 +67,15 @@ def add_extended_layers(config: ModelConfig, flat: Flat, count: int, seed: int) 
 
 
 def resize_spout(config: ModelConfig, flat: Flat, num_spout: int, seed: int) -> tuple[ModelConfig, Flat]:
-    """Give the spout network input width `num_spout`, freshly initialised (a no-op for the same width)."""
+    """A freshly initialised spout network of input width `num_spout` (the same width as now re-initialises it:
+    that is how a model pretrained without class vectors gets a spout that can learn them)."""
     if not isinstance(num_spout, int) or num_spout < 1:
         raise UserError(f"--num_spout: expected a positive integer, got {num_spout}")
-    if num_spout == config.num_spout:
-        return config, dict(flat)
     new_config = config.replace(num_spout=num_spout)
     out = {name: value for name, value in flat.items() if not name.startswith("pasts/")}
     for i in range(NUM_SPOUT_MLP):
         name = f"pasts/mlp{i}/kernel"
-        out[name] = normal(name, (num_spout, num_spout), SPOUT_MLP_STDDEV, seed)
+        out[name] = normal(name, (num_spout, num_spout), spout_mlp_stddev(num_spout), seed)
     kv_width = new_config.num_layers * 2 * new_config.num_hidden
     out["pasts/out/kernel"] = normal("pasts/out/kernel", (num_spout, kv_width), NEW_STDDEV, seed)
     return new_config, out

@@ -5,8 +5,8 @@ briefly in lm mode -> run_modelconvert --add_extra_stage 2 -> run_training --spo
 frozen) -> run_generate --spout k for each class -> class accuracy of the generations by a keyword classifier
 (gptsan/demo/corpus.py: the class whose template keywords occur most often).
 
-The contrast figure ("without spout training") generates with the same spout vectors from the converted model
-before its spout and extended layers are trained: the class vector then carries no learned meaning.
+The contrast figure ("without spout training") generates with the same spout vectors from the base model, whose
+spout network was never trained: the class vector then carries no meaning and accuracy sits near chance (1/3).
 Each step runs the same command a user would type (printed before it runs).
 """
 
@@ -26,6 +26,8 @@ from gptsan.demo.corpus import CLASS_NAMES, classify, write_corpus
 from gptsan.errors import UserError, cli_main
 
 NUM_CONTEXT = 96
+CONSOLE_SCRIPTS = {"gptsan.data.encode": "gptsan-encode", "gptsan.train.cli": "gptsan-train",
+                   "gptsan.convert.cli": "gptsan-convert", "gptsan.generate.cli": "gptsan-generate"}
 NUM_SPOUT = 16
 
 
@@ -39,17 +41,17 @@ class DemoSize:
 
 
 FULL = DemoSize(docs_per_class=300, vocab_size=1000, pretrain_steps=400, finetune_steps=300, samples_per_class=20)
-QUICK = DemoSize(docs_per_class=60, vocab_size=400, pretrain_steps=20, finetune_steps=20, samples_per_class=4)
+QUICK = DemoSize(docs_per_class=60, vocab_size=800, pretrain_steps=20, finetune_steps=20, samples_per_class=4)
 
 
 def base_parameters(output_dir: Path, vocab_size: int, steps: int) -> dict:
-    """parameters.json of the small base model (2 Switch layers, 4 experts, d 128)."""
+    """parameters.json of the small base model (2 Switch layers, 4 experts, d 64)."""
     return {
-        "train_params": {"output_dir": str(output_dir), "batch_size": 16, "base_lr": 1e-3,
+        "train_params": {"output_dir": str(output_dir), "batch_size": 16, "base_lr": 2e-3,
                          "num_warmup_steps": max(1, steps // 10), "max_to_keep_save": 1,
                          "checkpoint_per_hours": 1, "checkpoint_per_steps": steps},
         "model_params": {"num_contexts": NUM_CONTEXT, "num_switch_layers": 2, "num_ext_layers": 0,
-                         "num_hidden": 128, "num_header": 4, "num_experts": 4, "num_pallarelizm": 1,
+                         "num_hidden": 64, "num_header": 4, "num_experts": 4, "num_pallarelizm": 1,
                          "num_spout": NUM_SPOUT, "num_vocabulary": vocab_size, "train_mode": "lm"},
     }
 
@@ -65,9 +67,8 @@ class Pipeline:
         print(f"[{time.monotonic() - self.started:6.1f}s] {message}", flush=True)
 
     def command(self, module: str, *args: str) -> str:
-        """Run `python -m module args` as a user would run the console script; return its stdout."""
-        shown = module.replace("gptsan.", "gptsan-").split(".")[0]
-        self.say("$ " + " ".join([shown, *map(shlex.quote, args)]))
+        """Run `python -m module args` (what the console script runs) and show the command a user types."""
+        self.say("$ " + " ".join([CONSOLE_SCRIPTS[module], *map(shlex.quote, args)]))
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
         done = subprocess.run([sys.executable, "-m", module, *args], env=env, text=True, capture_output=True)
         if done.returncode != 0:
@@ -104,10 +105,11 @@ class Pipeline:
                      "--max_training_step", str(size.pretrain_steps), "--seed", str(self.seed), "--no_progress",
                      "--routing", "dropless")
 
+        untrained = self.accuracy(base, tok, "without spout training")
         finetune = w / "finetune"
+        self.say("adding 2 extended stages and a fresh spout network for the class vectors")
         self.command("gptsan.convert.cli", "--checkpoint", str(base), "--output", str(finetune),
-                     "--add_extra_stage", "2", "--seed", str(self.seed))
-        untrained = self.accuracy(finetune, tok, "before spout training")
+                     "--add_extra_stage", "2", "--num_spout", str(NUM_SPOUT), "--seed", str(self.seed))
 
         self.say("fine-tuning the extended layers and the spout with --spout_vector onehot (backbone frozen)")
         self.command("gptsan.train.cli", "--input_files", records,
@@ -115,7 +117,7 @@ class Pipeline:
                      "--ignore_parameters", str(finetune / "ignore-params.json"), "--spout_vector", "onehot",
                      "--max_training_step", str(size.finetune_steps), "--seed", str(self.seed), "--no_progress",
                      "--routing", "dropless")
-        trained = self.accuracy(finetune, tok, "after spout training")
+        trained = self.accuracy(finetune, tok, "with spout training")
         self.say(f"everything was written under {w}: corpus/, tokenizer/, data/, base/, finetune/, samples_*.jsonl")
         return trained, untrained
 
@@ -125,7 +127,7 @@ class Pipeline:
             out = self.workdir / f"samples_{label.split()[0]}_{name}.jsonl"
             self.command("gptsan.generate.cli", "--model", str(model), *tok, "--spout", str(class_id),
                          "--context", "", "--num_generate", str(self.size.samples_per_class),
-                         "--max_generate", str(NUM_CONTEXT - 4), "--top_k", "20", "--seed", str(self.seed),
+                         "--max_generate", str(NUM_CONTEXT - 4), "--top_k", "3", "--seed", str(self.seed),
                          "--output", str(out))
             texts = [json.loads(line)["text"] for line in out.read_text(encoding="utf-8").splitlines()]
             hits = [classify(t) == class_id for t in texts]

@@ -25,6 +25,7 @@ class Checkpointer:
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(str(directory), options=options)
         self.last_save = time.monotonic()
+        self.last_saved_step = self.manager.latest_step()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -42,12 +43,13 @@ class Checkpointer:
         return by_steps or by_time
 
     def save(self, step: int, state: TrainState, run: dict[str, Any]) -> None:
-        if step in self.manager.all_steps():
+        if step == self.last_saved_step:  # e.g. the final save right after a periodic one
             return
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(flax.serialization.to_state_dict(state)), run=ocp.args.JsonSave(run)),
             force=True)
         self.last_save = time.monotonic()
+        self.last_saved_step = step
 
     def close(self) -> None:
         """Wait for async saves to finish, then release the manager."""
