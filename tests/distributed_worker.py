@@ -7,7 +7,6 @@ prints the losses (process 0 only) as one JSON line.
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -20,28 +19,12 @@ def train_losses(checkpoint_dir: str | None = None) -> list[float]:
     import jax
     import numpy as np
 
-    from gptsan.data.schema import FEATURES
-    from gptsan.model.params import abstract_params, init_params
-    from gptsan.model.sharding import batch_sharding, make_mesh, under_mesh
+    from gptsan.model.sharding import make_mesh
     from gptsan.train.checkpoint import Checkpointer
-    from gptsan.train.loop import state_shardings
-    from gptsan.train.optim import make_optimizer
-    from gptsan.train.precision import LossScale
-    from gptsan.train.state import create_state
-    from gptsan.train.step import StepOptions, make_train_step
-    from tests.train_support import counting_corpus, memory_batches, mini_config
+    from tests.train_support import counting_corpus, memory_batches, mini_config, sharded_training
 
-    config = mini_config(routing="capacity", group_size=16)
-    mesh = make_mesh(model=2, expert=2)
-    optimizer, schedule = make_optimizer("adam", 3e-3, 0)
-    init = functools.partial(create_state, frozen_names=frozenset(), optimizer=optimizer, seed=0,
-                             loss_scale=LossScale.for_dtype("float32"))
-    shardings = state_shardings(jax.eval_shape(init, abstract_params(config)), config, mesh, optimizer,
-                                frozenset())
-    state = jax.jit(lambda: init(init_params(config, 0)), out_shardings=shardings)()
-    batch_shard = {name: batch_sharding(mesh) for name in FEATURES}
-    step = jax.jit(under_mesh(make_train_step(config, optimizer, schedule, StepOptions(spout="uniform")), mesh),
-                   in_shardings=(shardings, batch_shard), out_shardings=(shardings, None), donate_argnums=0)
+    state, step, batch_shard = sharded_training(mini_config(routing="capacity", group_size=16),
+                                                make_mesh(model=2, expert=2), spout="uniform")
     stream = memory_batches(counting_corpus(32, 16, 128, period=8), GLOBAL_BATCH)
     rows = GLOBAL_BATCH // jax.process_count()
     mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)

@@ -1,5 +1,5 @@
 """Two processes on loopback (jax.distributed, CPU collectives over gloo), 4 simulated devices each, train
-like one process with 8 devices: same losses, and one checkpoint written jointly that restores here."""
+like one process with 8 devices: same losses, and one checkpoint written jointly."""
 
 import json
 import os
@@ -36,6 +36,7 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
                                  str(index), str(checkpoints)], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for index in range(2)]
     try:
+        single = train_losses()  # the one-process reference, while the workers start up
         outputs = [worker.communicate(timeout=240) for worker in workers]
     finally:
         for worker in workers:
@@ -46,7 +47,6 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
     assert printed[1] == []  # only process 0 reports
     distributed = json.loads(printed[0][-1])["losses"]
 
-    single = train_losses()
     print("two processes", distributed, "one process", single)
     assert len(distributed) == STEPS
     np.testing.assert_allclose(distributed, single, rtol=TOLERANCE)

@@ -1,23 +1,15 @@
 """Expert parallelism: with experts over the mesh's `expert` axis, tokens travel to their experts' devices
 (all-to-all) and each device computes only its own experts; the loss is the one-device loss."""
 
-import functools
 import re
 
 import jax
 import numpy as np
 import pytest
 
-from gptsan.data.schema import FEATURES
 from gptsan.model.config import ModelConfig
-from gptsan.model.params import abstract_params, init_params
-from gptsan.model.sharding import batch_sharding, make_mesh
-from gptsan.train.loop import state_shardings
-from gptsan.train.optim import make_optimizer
-from gptsan.train.precision import LossScale
-from gptsan.train.state import create_state
-from gptsan.train.step import StepOptions, make_train_step
-from tests.train_support import MINI_MODEL_PARAMS, counting_corpus, memory_batches
+from gptsan.model.sharding import make_mesh
+from tests.train_support import MINI_MODEL_PARAMS, counting_corpus, memory_batches, sharded_training
 
 # 4 experts over an expert axis of 4 (data 2): 8 rows of 16 tokens in routing groups of 16 (8 groups, one
 # per device before the all-to-all), capacity max(4, int(16 * 1.25 / 4)) = 5 tokens per expert and group,
@@ -30,25 +22,16 @@ TOLERANCE = 1e-5
 def losses_on(mesh, steps=3):
     config = ModelConfig.from_model_params({**MINI_MODEL_PARAMS, "num_experts": EXPERTS}, "mini",
                                            routing="capacity", group_size=GROUP)
-    optimizer, schedule = make_optimizer("adam", 3e-3, 0)
-    init = functools.partial(create_state, frozen_names=frozenset(), optimizer=optimizer, seed=0,
-                             loss_scale=LossScale.for_dtype("float32"))
-    shardings = state_shardings(jax.eval_shape(init, abstract_params(config)), config, mesh, optimizer,
-                                frozenset())
-    state = jax.device_put(init(init_params(config, 0)), shardings)
-    batch_shard = {name: batch_sharding(mesh) for name in FEATURES}
-    step = jax.jit(make_train_step(config, optimizer, schedule, StepOptions()),
-                   in_shardings=(shardings, batch_shard), out_shardings=(shardings, None))
+    state, step, batch_shard = sharded_training(config, mesh)
     stream = memory_batches(counting_corpus(32, 16, 128, period=8), 8)
+    batch = jax.device_put(next(stream), batch_shard)
+    hlo = step.lower(state, batch).compile().as_text()
     losses, dropped = [], []
-    with jax.set_mesh(mesh):
+    for _ in range(steps):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+        dropped.append(float(metrics["dropped_fraction"]))
         batch = jax.device_put(next(stream), batch_shard)
-        hlo = step.lower(state, batch).compile().as_text()
-        for _ in range(steps):
-            state, metrics = step(state, batch)
-            losses.append(float(metrics["loss"]))
-            dropped.append(float(metrics["dropped_fraction"]))
-            batch = jax.device_put(next(stream), batch_shard)
     return losses, dropped, hlo
 
 
