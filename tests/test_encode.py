@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from gptsan.data.encode import EncodeConfig, TokenizerSpec, main, run
-from gptsan.data.layout import SENTENCE_PUNCTUATION, LayoutSettings, compress_runs
+from gptsan.data.layout import LayoutSettings, compress_runs
 from gptsan.data.schema import parse_example, read_frames, record_from_example
+from gptsan.tokenizer.base import SENTENCE_PUNCTUATION
 from gptsan.tokenizer.swe import SWETokenizer
 from tests.conftest import shared_path
 

@@ -17,19 +17,22 @@ def prompts_of(rows) -> list[Prompt]:
     return [Prompt(tuple(int(t) for t in row)) for row in rows]
 
 
-def recompute_reference(config, params, ids, steps, sampler, end_id, spout=None, num_precontext=None, seed=0):
+def recompute_reference(config, params, ids, steps, sampler, end_id, spout=None, num_precontext=None, seed=0,
+                        input_map=None):
     """Uncached decoding: a full forward over prompt + generated tokens for every new token. The sequence
-    sits in a fixed [B, prompt + steps] buffer (one compile); a causal query never sees the slots after it."""
+    sits in a fixed [B, prompt + steps] buffer (one compile); a causal query never sees the slots after it.
+    `input_map`: the id fed for each generated token (default: the token itself)."""
     batch, width = ids.shape
     forward = jax.jit(lambda p, x: GPTSAN(config).apply({"params": p}, x, num_precontext=num_precontext,
                                                           spout=spout).logits)
     buffer = np.zeros((batch, width + steps), np.int32)
     buffer[:, :width] = ids
+    tokens = np.zeros((batch, steps), np.int32)
     key, rows = jax.random.key(seed), jnp.arange(batch)
     for step in range(steps):
         logits = forward(params, jnp.asarray(buffer))[:, width + step - 1]
-        buffer[:, width + step] = np.asarray(next_token(row_keys(key, rows, jnp.asarray(step)), logits, sampler))
-    tokens = buffer[:, width:]
+        tokens[:, step] = np.asarray(next_token(row_keys(key, rows, jnp.asarray(step)), logits, sampler))
+        buffer[:, width + step] = tokens[:, step] if input_map is None else input_map[tokens[:, step]]
     for row in tokens:  # after the first end token a row holds only end tokens
         ends = np.flatnonzero(row == end_id)
         if len(ends):
@@ -63,6 +66,22 @@ def test_cached_equals_recomputed_with_spout_and_prefix(tiny, tiny_cases, sample
                                     seed=3)
     assert result.tokens.shape == (2, 50)
     np.testing.assert_array_equal(result.tokens, reference)
+
+
+def test_generated_tokens_are_fed_back_through_the_input_map(tiny, tiny_cases):
+    """Sentence punctuation is generated as itself but fed back as `<|separator|>` (as in training inputs):
+    here the fixture's frequent greedy tokens 344 and 335 are fed as the separator id."""
+    config, params = tiny
+    special = swe_layout(config.num_vocabulary)
+    input_map = np.arange(config.num_vocabulary, dtype=np.int32)
+    input_map[[344, 335]] = special.separator
+    prompt = tiny_cases["greedy_prompt"]
+    sampler = Sampler(temperature=0.0, banned_ids=never_sampled(special))
+    mapped = Decoder(config, sampler, special.end, input_map).generate(
+        params, left_pad(prompts_of(prompt), special.nottoken), max_new=12)
+    reference = recompute_reference(config, params, prompt, 12, sampler, special.end, input_map=input_map)
+    np.testing.assert_array_equal(mapped.tokens, reference)
+    assert not np.array_equal(mapped.tokens, tiny_cases["greedy_out"][:, prompt.shape[1]:])
 
 
 @pytest.mark.parametrize("sampler", [Sampler(temperature=0.0), Sampler(temperature=0.8, top_k=20, top_p=0.9)],

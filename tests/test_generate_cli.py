@@ -65,9 +65,11 @@ def test_generate_cli_writes_the_library_tokens(swe_model, vocabulary, tmp_path)
 
     tokenizer = load_tokenizer("swe", str(vocabulary))
     special = tokenizer.special
-    prompts = [causal_prompt(tokenizer.encode(text), special) for text in contexts]
+    prompts = [causal_prompt(tokenizer.as_model_input(tokenizer.encode(text)), special) for text in contexts]
     assert prompts[0].ids[:2] == (35993, 35998)
-    decoder = Decoder(config, Sampler(temperature=0.0, top_k=120, banned_ids=never_sampled(special)), special.end)
+    assert prompts[0].ids[-1] == special.separator  # "。" is fed as the separator, as in training inputs
+    decoder = Decoder(config, Sampler(temperature=0.0, top_k=120, banned_ids=never_sampled(special)), special.end,
+                      tokenizer.model_input_map())
     expected = decoder.generate(jax.device_put(params), left_pad(prompts, special.nottoken), 10,
                                 spout=parse_spout("3", 16, 2))
     assert [r["context"] for r in records] == contexts

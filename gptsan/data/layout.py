@@ -41,7 +41,6 @@ import numpy as np
 
 from gptsan.tokenizer.base import Tokenizer
 
-SENTENCE_PUNCTUATION = "。｡．.？！?!:：;；"
 MODES = ("lm", "hybrid", "mlm")
 FIXED_OVERHEAD = 3  # SOT, SEG, EOT
 MIN_CONTEXT = FIXED_OVERHEAD + 5  # room for a lead sentence and at least one text token
@@ -125,7 +124,7 @@ class DocumentEncoder:
         self.tok, self.settings, self.rng = tokenizer, settings, rng
         self.plain_ids = np.flatnonzero(tokenizer.plain_token_mask())
         self.plain = tokenizer.plain_token_mask()
-        self.dot_ids = np.array(sorted(tokenizer.ids_of_chars(SENTENCE_PUNCTUATION)), dtype=np.int64)
+        self.dot_ids = np.array(sorted(tokenizer.sentence_end_ids), dtype=np.int64)
         self.lead_pool: list[str] = []
         self.lines_seen = 0
 

@@ -40,7 +40,7 @@ class DemoSize:
     samples_per_class: int
 
 
-FULL = DemoSize(docs_per_class=300, vocab_size=1000, pretrain_steps=400, finetune_steps=300, samples_per_class=20)
+FULL = DemoSize(docs_per_class=300, vocab_size=1000, pretrain_steps=500, finetune_steps=600, samples_per_class=20)
 QUICK = DemoSize(docs_per_class=60, vocab_size=800, pretrain_steps=20, finetune_steps=20, samples_per_class=4)
 
 

@@ -142,16 +142,19 @@ class BeamDecoder:
     reorder the cache rows as beams are kept. Compiles once per input shape."""
 
     def __init__(self, config: ModelConfig, width: int, end_id: int, length_penalty: float = 1.0,
-                 banned_ids: tuple[int, ...] = ()):
+                 banned_ids: tuple[int, ...] = (), input_map: np.ndarray | None = None):
+        """`input_map` [V]: the id fed back for each chosen token (see `Decoder`); default: the token."""
         if width < 1:
             raise UserError(f"--beam_width: expected at least 1, got {width}")
         self.config = config
         self.model = GPTSAN(config)
         self.width, self.end_id = width, end_id
         self.length_penalty, self.banned_ids = length_penalty, banned_ids
+        identity = np.arange(config.num_vocabulary, dtype=np.int32)
+        self.input_map = jnp.asarray(identity if input_map is None else input_map, jnp.int32)
         self._search = jax.jit(self._search_impl, static_argnames=("steps",))
 
-    def _search_impl(self, params, ids, pad, num_precontext, spout, limit, steps: int) -> BeamResult:
+    def _search_impl(self, params, ids, pad, num_precontext, spout, limit, input_map, steps: int) -> BeamResult:
         batch, width = ids.shape
         past = 0 if spout is None else 1
         cache = KVCache.allocate(self.config, batch, past + width + steps)
@@ -159,7 +162,7 @@ class BeamDecoder:
                                cache=cache)
 
         def step(cache: KVCache, tokens: jax.Array):
-            out = self.model.apply({"params": params}, tokens[:, None], cache=cache)
+            out = self.model.apply({"params": params}, input_map[tokens][:, None], cache=cache)
             return out.logits[:, 0], out.cache
 
         def gather(cache: KVCache, rows: jax.Array) -> KVCache:
@@ -175,5 +178,5 @@ class BeamDecoder:
         spout = None if spout is None else jnp.asarray(spout, jnp.float32)
         result = self._search(params, jnp.asarray(batch.ids), jnp.asarray(batch.pad),
                               jnp.asarray(batch.num_precontext), spout, jnp.asarray(limit, jnp.int32),
-                              steps=int(limit.max()))
+                              self.input_map, steps=int(limit.max()))
         return jax.tree.map(np.asarray, result)

@@ -65,11 +65,16 @@ def read_contexts(args: argparse.Namespace) -> list[str]:
 
 
 def build_prompts(tokenizer, contexts: list[str], prefix: str | None) -> list[Prompt]:
+    """Prompts as the model saw text in training (sentence punctuation as `<|separator|>`)."""
     special = tokenizer.special
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.as_model_input(tokenizer.encode(text))
+
     if prefix is None:
-        return [causal_prompt(tokenizer.encode(text), special) for text in contexts]
-    prefix_ids = tokenizer.encode(prefix)
-    return [prefix_prompt(prefix_ids, tokenizer.encode(text), special) for text in contexts]
+        return [causal_prompt(encode(text), special) for text in contexts]
+    prefix_ids = encode(prefix)
+    return [prefix_prompt(prefix_ids, encode(text), special) for text in contexts]
 
 
 def output_text(tokenizer, ids) -> str:
@@ -117,7 +122,8 @@ def generate_texts(args, config, params, tokenizer, contexts) -> list[dict]:
     records = []
     if args.beam_width > 1:
         spout = parse_spout(args.spout, config.num_spout, len(prompts), args.seed)
-        decoder = BeamDecoder(config, args.beam_width, special.end, args.length_penalty, never_sampled(special))
+        decoder = BeamDecoder(config, args.beam_width, special.end, args.length_penalty, never_sampled(special),
+                              tokenizer.model_input_map())
         result = decoder.generate(params, left_pad(prompts, special.nottoken), args.max_generate, spout)
         for row, context in enumerate(contexts):
             for rank in range(args.num_generate):
@@ -129,7 +135,7 @@ def generate_texts(args, config, params, tokenizer, contexts) -> list[dict]:
     batch = left_pad([p for p in prompts for _ in range(args.num_generate)], special.nottoken)
     spout = parse_spout(args.spout, config.num_spout, len(rows), args.seed)
     sampler = Sampler(args.temperature, args.top_k, args.top_p, never_sampled(special))
-    decoder = Decoder(config, sampler, special.end)
+    decoder = Decoder(config, sampler, special.end, tokenizer.model_input_map())
     if args.stream:
         ids = stream_one(decoder, params, batch, args, spout, tokenizer)
         return [{"context": contexts[0], "index": 0, "text": output_text(tokenizer, ids), "tokens": ids}]

@@ -30,7 +30,7 @@ from gptsan.model import GPTSAN, KVCache, ModelConfig
 class DecodeState:
     cache: KVCache
     tokens: jax.Array  # [B, N] generated tokens; the end id after a row has stopped
-    last: jax.Array  # [B] the newest token (the next input)
+    last: jax.Array  # [B] the next input: the newest token as the model is fed it (`feed`)
     step: jax.Array  # () tokens generated so far
     done: jax.Array  # [B] row has stopped
     lengths: jax.Array  # [B] tokens generated before the end token
@@ -38,6 +38,7 @@ class DecodeState:
     rows: jax.Array  # [B] row ids that seed each row's sampling
     seed_key: jax.Array
     end_id: jax.Array  # () the token that stops a row
+    feed: jax.Array  # [V] the input id for each token (sentence punctuation -> separator, as in training)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,11 +66,11 @@ def _choose(sampler: Sampler, state: DecodeState, logits: jax.Array) -> DecodeSt
     lengths = state.lengths + (~state.done & ~ended)
     done = state.done | ended | (lengths >= state.limit)
     tokens = jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, state.step))
-    return state.replace(tokens=tokens, last=token, step=state.step + 1, done=done, lengths=lengths)
+    return state.replace(tokens=tokens, last=state.feed[token], step=state.step + 1, done=done, lengths=lengths)
 
 
 def _start(config: ModelConfig, sampler: Sampler, params, ids, pad, num_precontext, spout, limit, rows, seed,
-           end_id, steps: int) -> DecodeState:
+           end_id, feed, steps: int) -> DecodeState:
     """Prefill the prompts into a fresh cache and choose the first token."""
     batch, width = ids.shape
     past = 0 if spout is None else 1
@@ -79,7 +80,7 @@ def _start(config: ModelConfig, sampler: Sampler, params, ids, pad, num_preconte
     state = DecodeState(
         cache=out.cache, tokens=jnp.full((batch, steps), end_id, jnp.int32), last=ids[:, -1],
         step=jnp.zeros((), jnp.int32), done=jnp.zeros((batch,), bool), lengths=jnp.zeros((batch,), jnp.int32),
-        limit=limit, rows=rows, seed_key=jax.random.key(seed), end_id=jnp.asarray(end_id, jnp.int32))
+        limit=limit, rows=rows, seed_key=jax.random.key(seed), end_id=jnp.asarray(end_id, jnp.int32), feed=feed)
     return _choose(sampler, state, out.logits[:, -1])
 
 
@@ -98,9 +99,10 @@ def _advance(config: ModelConfig, sampler: Sampler, params, state: DecodeState, 
     return jax.lax.while_loop(running, one_step, state)
 
 
-def _generate(config, sampler, params, ids, pad, num_precontext, spout, limit, rows, seed, end_id,
+def _generate(config, sampler, params, ids, pad, num_precontext, spout, limit, rows, seed, end_id, feed,
               steps: int) -> DecodeState:
-    state = _start(config, sampler, params, ids, pad, num_precontext, spout, limit, rows, seed, end_id, steps)
+    state = _start(config, sampler, params, ids, pad, num_precontext, spout, limit, rows, seed, end_id, feed,
+                   steps)
     return _advance(config, sampler, params, state, steps)
 
 
@@ -117,10 +119,14 @@ def compiled(config: ModelConfig, sampler: Sampler) -> dict[str, Callable]:
 class Decoder:
     """Prefill + jitted decoding loop for one model config and one Sampler."""
 
-    def __init__(self, config: ModelConfig, sampler: Sampler, end_id: int):
+    def __init__(self, config: ModelConfig, sampler: Sampler, end_id: int, input_map: np.ndarray | None = None):
+        """`input_map` [V]: the id fed back for each generated token (`Tokenizer.model_input_map()`: sentence
+        punctuation is fed as `<|separator|>`, as the model saw it in training); default: the token itself."""
         self.config = config
         self.sampler = sampler
         self.end_id = end_id
+        identity = np.arange(config.num_vocabulary, dtype=np.int32)
+        self.input_map = jnp.asarray(identity if input_map is None else input_map, jnp.int32)
         self.compiled = compiled(config, sampler)
 
     def _inputs(self, batch: PromptBatch, max_new: int, spout, seed: int, rows) -> tuple[tuple, int]:
@@ -130,7 +136,7 @@ class Decoder:
         rows = np.arange(len(limit)) if rows is None else np.asarray(rows)
         spout = None if spout is None else jnp.asarray(spout, jnp.float32)
         inputs = (jnp.asarray(batch.ids), jnp.asarray(batch.pad), jnp.asarray(batch.num_precontext), spout,
-                  jnp.asarray(limit, jnp.int32), jnp.asarray(rows, jnp.int32), seed, self.end_id)
+                  jnp.asarray(limit, jnp.int32), jnp.asarray(rows, jnp.int32), seed, self.end_id, self.input_map)
         return inputs, int(limit.max())
 
     def start(self, params, batch: PromptBatch, max_new: int, spout=None, seed: int = 0,

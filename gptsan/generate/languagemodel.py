@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def masked_input(tokenizer, context: str, mask: str) -> list[int]:
-    """[SOT] + context + [SEG] with each mask string as `<|inputmask|>`."""
+    """[SOT] + context + [SEG] with each mask string as `<|inputmask|>` (sentence punctuation as
+    `<|separator|>`, as in training inputs)."""
     if not mask:
         raise UserError("--mask: must not be empty")
     special = tokenizer.special
@@ -47,7 +48,7 @@ def masked_input(tokenizer, context: str, mask: str) -> list[int]:
     for i, piece in enumerate(context.split(mask)):
         if i:
             ids.append(special.mask)
-        ids.extend(tokenizer.encode(piece) if piece else [])
+        ids.extend(tokenizer.as_model_input(tokenizer.encode(piece)) if piece else [])
     return ids + [special.segmenter]
 
 

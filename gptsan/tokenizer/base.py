@@ -14,6 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# Sentence punctuation (the original's set): in a model's inputs it appears as `<|separator|>`, as in the
+# training data's `x`; the text (and the targets) keep the punctuation.
+SENTENCE_PUNCTUATION = "。｡．.？！?!:：;；"
+
 
 @dataclass(frozen=True)
 class SpecialIds:
@@ -73,6 +77,20 @@ class Tokenizer(ABC):
             if len(encoded) == 1:
                 ids.add(encoded[0])
         return frozenset(ids)
+
+    @functools.cached_property
+    def sentence_end_ids(self) -> frozenset[int]:
+        return self.ids_of_chars(SENTENCE_PUNCTUATION)
+
+    def model_input_map(self) -> np.ndarray:
+        """[vocab_size] int32: the id a model is fed for each token (sentence punctuation -> separator)."""
+        feed = np.arange(self.vocab_size, dtype=np.int32)
+        feed[sorted(self.sentence_end_ids)] = self.special.separator
+        return feed
+
+    def as_model_input(self, ids: Sequence[int]) -> list[int]:
+        """Token ids as a model trained on GPTSAN tfrecords sees them (sentence punctuation -> separator)."""
+        return [self.special.separator if i in self.sentence_end_ids else i for i in ids]
 
     # Role ids as attributes, so callers need not reach into `special`.
     start_id = _role_id("start")

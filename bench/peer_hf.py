@@ -1,0 +1,183 @@
+"""gptsan against its peer, the Hugging Face port (transformers 4.40.2 GPTSanJapaneseForConditionalGeneration on
+torch CPU), on the same config, measured in the same process so the ratio holds on a busy machine.
+
+    python bench/peer_hf.py --config bench-small --batch 4 [--steps 3] [--parts all,extended,decode]
+
+Parts: training with all parameters trainable; training with only the extended layers (+ ete and the spout
+network) trainable — the HF model gets requires_grad False elsewhere; batch-1 decoding (HF `generate` with
+use_cache, top-k 120 sampling, a 16-token prompt, 128 new tokens; ours from bench/generate.py when present).
+Prints one JSON line per part with both figures and `ratio` = ours / HF (> 1: gptsan is faster).
+Needs the `peer` extra (torch, transformers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import train as ours  # noqa: E402  (bench/train.py)
+
+from gptsan.errors import cli_main  # noqa: E402
+from gptsan.model.config import ModelConfig, load_config  # noqa: E402
+
+PARTS = ("all", "extended", "decode")
+PROMPT_TOKENS = 16
+NEW_TOKENS = 128
+TOP_K = 120
+
+
+def hf_model(config: ModelConfig):
+    """A randomly initialised HF port of `config` (float32, dropout 0)."""
+    import torch
+    from transformers import GPTSanJapaneseConfig, GPTSanJapaneseForConditionalGeneration
+
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(0)
+    hf = config.to_hf_config()
+    hf["expert_capacity"] = config.num_contexts  # the port's per-row cap; never drop, as our dropless routing
+    return GPTSanJapaneseForConditionalGeneration(GPTSanJapaneseConfig(**hf))
+
+
+def hf_trainable(name: str, config: ModelConfig) -> bool:
+    """The HF names of the parameters `bench/train.py`'s extended mode trains (extended layers, ete, spout)."""
+    if name.startswith("model.spout.") or name.startswith("model.extra_position_embeddings."):
+        return True
+    if name.startswith("model.blocks."):
+        return int(name.split(".")[2]) >= config.num_switch_layers
+    return False
+
+
+def prepare_hf_train(config: ModelConfig, batch: int, trainable: str):
+    """A warmed-up callable running one HF train step (forward with labels, backward, Adam)."""
+    import torch
+
+    model = hf_model(config).train()
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(trainable == "all" or hf_trainable(name, config))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    data = ours.random_batch(config, batch)
+    x = torch.as_tensor(np.asarray(data["x"]), dtype=torch.long)
+    y = torch.as_tensor(np.asarray(data["y"]), dtype=torch.long)
+
+    def one_step():
+        loss = model(input_ids=x, labels=y, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    one_step()
+    return one_step
+
+
+def measure_hf_decode(config: ModelConfig, repeats: int) -> dict:
+    """Batch-1 cached decoding: 127 steps' time = generate(128 new) - generate(1 new) (the prefill).
+    Timed with torch on every core and on one thread (a busy machine makes the port's many small ops wait on
+    each other's threads); the port is credited with the faster."""
+    import torch
+
+    model = hf_model(config).eval()
+    rng = np.random.default_rng(0)
+    prompt = torch.as_tensor(rng.integers(0, config.num_vocabulary - 8, (1, PROMPT_TOKENS)), dtype=torch.long)
+
+    def generate(new_tokens: int) -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
+                                 top_k=TOP_K, use_cache=True, pad_token_id=config.num_vocabulary - 4)
+        if out.shape[1] != PROMPT_TOKENS + new_tokens:
+            raise RuntimeError(f"HF generate returned {out.shape[1] - PROMPT_TOKENS} new tokens")
+        return time.perf_counter() - start
+
+    rates = {}
+    for threads in (os.cpu_count(), 1):
+        torch.set_num_threads(threads)
+        generate(2)
+        prefill = min(generate(1) for _ in range(repeats))
+        full = min(generate(NEW_TOKENS) for _ in range(repeats))
+        rates[threads] = (NEW_TOKENS - 1) / (full - prefill)
+    torch.set_num_threads(os.cpu_count())
+    return {"tokens_per_s": max(rates.values()), "tokens_per_s_by_threads": rates}
+
+
+def ours_decode(name: str, repeats: int) -> dict | None:
+    """bench/generate.py's batch-1 figure (the generation engineer's bench), or None where it is absent."""
+    path = Path(__file__).resolve().parent / "generate.py"
+    if not path.exists():
+        return None
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.run(name, 1, "float32", NEW_TOKENS, repeats)
+
+
+def train_part(name: str, config: ModelConfig, batch: int, trainable: str, steps: int) -> dict:
+    """Ours, the HF port and the matmul peak, one step each in turn for `steps` rounds."""
+    run_matmul, matmul_flops = ours.prepare_matmul("float32")
+    our_step, info = ours.prepare_train(config, batch, trainable)
+    times = ours.interleaved({"matmul": run_matmul, "ours": our_step,
+                              "hf": prepare_hf_train(config, batch, trainable)}, steps)
+    peak = matmul_flops / min(times["matmul"])
+    record = ours.train_record(name, config, batch, trainable, info, times["ours"], peak)
+    hf_tokens_per_s = info["tokens"] / min(times["hf"])
+    record.update(bench="peer_hf_train", hf_tokens_per_s=round(hf_tokens_per_s, 1),
+                  hf_peak_fraction=round(record["flops_per_token"] * hf_tokens_per_s / peak, 4),
+                  hf_median_tokens_per_s=round(info["tokens"] / float(np.median(times["hf"])), 1),
+                  ratio=round(record["tokens_per_s"] / hf_tokens_per_s, 3), load=ours.machine_load())
+    return record
+
+
+def decode_part(name: str, config: ModelConfig, repeats: int) -> dict:
+    theirs = measure_hf_decode(config, repeats)
+    mine = ours_decode(name, repeats)
+    record = {"bench": "peer_hf_decode", "config": name, "batch": 1, "dtype": "float32",
+              "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
+              "hf_tokens_per_s": round(theirs["tokens_per_s"], 2),
+              "hf_tokens_per_s_by_threads": {k: round(v, 2) for k, v in theirs["tokens_per_s_by_threads"].items()},
+              "tokens_per_s": round(mine["tokens_per_s"], 2) if mine else None,
+              "bandwidth_fraction": mine.get("bandwidth_fraction") if mine else None,
+              "ratio": round(mine["tokens_per_s"] / theirs["tokens_per_s"], 3) if mine else None,
+              "load": ours.machine_load()}
+    return record
+
+
+def run(name: str, batch: int, steps: int, parts: list[str]) -> list[dict]:
+    config = load_config(ours.config_path(name), dtype="float32")
+    records = []
+    for part in parts:
+        if part == "decode":
+            records.append(decode_part(name, config, 2))
+        else:
+            records.append(train_part(name, config, batch, part, steps))
+        print(json.dumps(records[-1]), flush=True)
+    return records
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="bench-small", help="preset under configs/ or a parameters.json")
+    parser.add_argument("--batch", type=int, default=4, help="training batch (decoding is batch 1)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (decode: repeats)")
+    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated: all, extended, decode")
+    args = parser.parse_args(argv)
+    args.parts = ours.comma_list(args.parts, PARTS, "--parts")
+    return args
+
+
+@cli_main
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    run(args.config, args.batch, args.steps, args.parts)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

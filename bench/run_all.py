@@ -1,0 +1,90 @@
+"""Run the CPU benchmarks (training with its HF peer, generation, encoding) one after another as
+subprocesses and print their JSON lines as one table. Takes under 10 minutes on the 2-core sandbox.
+
+    python bench/run_all.py [--vocabulary ../shared/vocab/ja-swe36k.txt] [--json all.jsonl]
+
+peer_hf.py measures training (ours and the HF port, all-trainable and extended-only) and batch-1 decoding
+(ours through bench/generate.py's `run`, and the port); train.py adds bfloat16 training; encode.py the
+tokenizer and tfrecord encoding on a 2 MB corpus. A bench that fails is reported and the rest still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_VOCABULARY = ROOT.parent / "shared" / "vocab" / "ja-swe36k.txt"
+
+
+def benches(vocabulary: Path) -> list[tuple[str, list[str]]]:
+    """(script, arguments) of each bench run."""
+    return [
+        ("peer_hf.py", ["--config", "bench-small", "--batch", "4", "--steps", "3"]),
+        ("train.py", ["--config", "bench-small", "--batch", "4", "--steps", "2", "--dtype", "bfloat16",
+                      "--modes", "all"]),
+        ("encode.py", ["--vocabulary", str(vocabulary), "--size_mb", "2", "--naive_mb", "0.2"]),
+    ]
+
+
+def run_bench(script: str, arguments: list[str]) -> list[dict]:
+    path = ROOT / "bench" / script
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, str(path), *arguments], capture_output=True, text=True, env=env)
+    print(f"# {script}: {time.perf_counter() - start:.0f} s, exit {result.returncode}", file=sys.stderr)
+    if result.returncode:
+        print(result.stderr[-2000:], file=sys.stderr)
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+COLUMNS = [
+    ("bench", "bench"), ("config", "config"), ("batch", "batch"), ("dtype", "dtype"),
+    ("mode", "trainable"), ("tokens/s", "tokens_per_s"), ("peak fraction", "peak_fraction"),
+    ("bandwidth fraction", "bandwidth_fraction"), ("HF tokens/s", "hf_tokens_per_s"), ("vs HF", "ratio"),
+    ("load", "load"),
+]
+
+
+def table(records: list[dict]) -> str:
+    lines = ["| " + " | ".join(title for title, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for record in records:
+        lines.append("| " + " | ".join(fmt(record.get(key)) for _, key in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vocabulary", type=Path, default=DEFAULT_VOCABULARY)
+    parser.add_argument("--json", type=Path, help="also write every record to this JSON-lines file")
+    args = parser.parse_args(argv)
+    records = []
+    for script, arguments in benches(args.vocabulary):
+        if script == "encode.py" and not args.vocabulary.exists():
+            print(f"# encode.py: vocabulary {args.vocabulary} not found, skipped", file=sys.stderr)
+            continue
+        records += run_bench(script, arguments)
+    print(f"machine load {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs")
+    print(table(records))
+    if args.json:
+        tmp = args.json.with_name(args.json.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tmp.replace(args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""bench/train.py: its output format (not its timings), its FLOP formula and its frozen-backbone split."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gptsan.checkpoint.names import hf_entries
+from gptsan.model.config import load_config
+from gptsan.model.params import expected_shapes
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import peer_hf  # noqa: E402
+import train as bench_train  # noqa: E402
+
+REQUIRED = {"bench", "config", "batch", "dtype", "tokens_per_s", "trainable", "flops_per_token", "flop_per_s",
+            "matmul_peak_flop_per_s", "peak_fraction"}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_config(ROOT / "configs" / "tiny.json")
+
+
+def test_flops_per_token_by_hand(tiny):
+    # tiny: d 64, T 64, V 512, E 4, 2 Switch + 2 extended layers.
+    d, t, v, e = 64, 64, 512, 4
+    attention = 8 * d * d + 4 * t * d  # 49,152 per layer
+    forward = 4 * attention + 2 * (34 * d * d + 2 * d * e) + 2 * 16 * d * d + 2 * d * d + 2 * d * v
+    assert forward == 680_960
+    assert bench_train.flops_per_token(tiny, t, "all") == 3 * forward
+    backward_extended = 2 * d * d + 2 * d * v + 2 * 2 * (attention + 16 * d * d)
+    assert bench_train.flops_per_token(tiny, t, "extended") == forward + backward_extended == 1_213_440
+
+
+def test_extended_mode_trains_extended_layers_ete_and_spout(tiny):
+    frozen = bench_train.frozen_names(tiny, "extended")
+    trainable = set(expected_shapes(tiny)) - frozen
+    assert trainable == {
+        "model/ete", *{f"pasts/mlp{i}/kernel" for i in range(8)}, "pasts/out/kernel",
+        *{f"model/att{l}/{p}/kernel" for l in (2, 3) for p in ("qkv", "o")},
+        *{f"model/{n}{l}/{p}" for l in (2, 3) for n in ("an", "ln") for p in ("g", "b")},
+        *{f"model/mlp{l}/{p}/{w}" for l in (2, 3) for p in ("p1", "p2") for w in ("kernel", "bias")},
+    }
+    assert bench_train.frozen_names(tiny, "all") == frozenset()
+
+
+def test_hf_freezing_matches_ours(tiny):
+    """The HF port trains exactly the HF keys of our trainable parameters."""
+    for entry in hf_entries(tiny):
+        want = bench_train.extended_trainable(entry.name, tiny)
+        assert [peer_hf.hf_trainable(key, tiny) for key in entry.hf_keys] == [want] * len(entry.hf_keys), entry
+
+
+def test_bench_train_prints_one_json_line_per_mode():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "train.py"), "--config", "tiny", "--batch", "1", "--steps", "2"],
+        capture_output=True, text=True, env=env, timeout=300, check=True)
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r["trainable"] for r in records] == ["all", "extended"]
+    for record in records:
+        assert REQUIRED <= set(record)
+        assert (record["bench"], record["config"], record["batch"], record["dtype"]) == ("train", "tiny", 1,
+                                                                                         "float32")
+        assert record["flops_per_token"] == bench_train.flops_per_token(load_config(ROOT / "configs/tiny.json"),
+                                                                        64, record["trainable"])
+        assert record["flop_per_s"] == pytest.approx(record["flops_per_token"] * record["tokens_per_s"], rel=1e-3)
+        assert record["peak_fraction"] == pytest.approx(record["flop_per_s"] / record["matmul_peak_flop_per_s"],
+                                                        abs=1e-4)
+        assert record["tokens_per_s"] > 0 and record["loss"] == pytest.approx(6.24, abs=0.3)  # ~ln(512) at init
+
+
+def test_bad_mode_is_one_line_error():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "train.py"), "--modes", "some"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: --modes: expected a comma-separated subset of all, extended"]

@@ -1,0 +1,52 @@
+"""The demo: its corpus and classifier, and a short end-to-end run of the whole pipeline."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from gptsan.demo.corpus import CLASS_NAMES, classify, write_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_corpus_is_seeded_and_the_classifier_knows_every_class(tmp_path):
+    csv_a = write_corpus(tmp_path / "a", docs_per_class=50, seed=7)
+    csv_b = write_corpus(tmp_path / "b", docs_per_class=50, seed=7)
+    rows = [line.split(",") for line in csv_a.read_text(encoding="utf-8").splitlines()]
+    assert rows[0] == ["filename", "fileid"] and len(rows) == 1 + 3 * 50
+    texts_a = sorted((tmp_path / "a" / "texts").glob("*.txt"))
+    texts_b = sorted((tmp_path / "b" / "texts").glob("*.txt"))
+    assert [p.read_text(encoding="utf-8") for p in texts_a] == [p.read_text(encoding="utf-8") for p in texts_b]
+    assert csv_b.exists()
+    for path, class_id in rows[1:]:
+        assert classify(Path(path).read_text(encoding="utf-8")) == int(class_id), path
+    assert len({p.read_text(encoding="utf-8") for p in texts_a}) >= 140  # templates vary
+    assert classify("") == -1
+
+
+def test_quick_demo_runs_the_whole_pipeline(tmp_path):
+    workdir = tmp_path / "demo"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-m", "gptsan.demo", "--quick", "--workdir", str(workdir)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = done.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"demo: spout-conditioned class accuracy \d\.\d\d \(without spout training \d\.\d\d\)",
+                        last), last
+    assert (workdir / "corpus" / "corpus.csv").exists()
+    assert (workdir / "tokenizer" / "sp.model").exists()
+    assert sorted(p.name for p in (workdir / "data").iterdir()) == ["lm_0000.tfrecord"]
+    finetune = workdir / "finetune"
+    params = json.loads((finetune / "parameters.json").read_text())
+    assert params["model_params"]["num_ext_layers"] == 2
+    ignored = json.loads((finetune / "ignore-params.json").read_text())
+    assert ignored and not any(name.startswith("pasts/") for name in ignored)
+    assert any(p.name.isdigit() for p in finetune.iterdir())  # the fine-tuning run's checkpoint
+    for stage in ("without", "with"):
+        for name in CLASS_NAMES:
+            records = [json.loads(line) for line in
+                       (workdir / f"samples_{stage}_{name}.jsonl").read_text(encoding="utf-8").splitlines()]
+            assert len(records) == 4 and all(isinstance(r["text"], str) and r["tokens"] for r in records)
