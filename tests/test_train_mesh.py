@@ -1,37 +1,20 @@
 """Training on a data 2 x expert 2 x model 2 mesh of 8 (simulated) devices gives the single-device loss."""
 
-import functools
-
 import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from gptsan.data.schema import FEATURES
-from gptsan.model.params import abstract_params, flatten, init_params
-from gptsan.model.sharding import batch_sharding, make_mesh
-from gptsan.train.loop import state_shardings
-from gptsan.train.optim import make_optimizer
-from gptsan.train.precision import LossScale
-from gptsan.train.state import create_state
-from gptsan.train.step import StepOptions, make_train_step
-from tests.train_support import counting_corpus, memory_batches, mini_config
+from gptsan.model.params import flatten
+from gptsan.model.sharding import make_mesh
+from tests.train_support import counting_corpus, memory_batches, mini_config, sharded_training
 
 # float32 on CPU; the sharded program sums in a different order (measured: 3.6e-7 relative over 4 steps).
 TOLERANCE = 1e-5
 
 
 def losses_on(mesh, steps=4):
-    config = mini_config(routing="capacity")
-    optimizer, schedule = make_optimizer("adam", 3e-3, 0)
-    init = functools.partial(create_state, frozen_names=frozenset(), optimizer=optimizer, seed=0,
-                             loss_scale=LossScale.for_dtype("float32"))
-    shardings = state_shardings(jax.eval_shape(init, abstract_params(config)), config, mesh, optimizer,
-                                frozenset())
-    state = jax.device_put(init(init_params(config, 0)), shardings)
-    batch_shard = {name: batch_sharding(mesh) for name in FEATURES}
-    step = jax.jit(make_train_step(config, optimizer, schedule, StepOptions(spout="uniform")),
-                   in_shardings=(shardings, batch_shard), out_shardings=(shardings, None), donate_argnums=0)
+    state, step, batch_shard = sharded_training(mini_config(routing="capacity"), mesh, spout="uniform")
     stream = memory_batches(counting_corpus(32, 16, 128, period=8), 8)
     losses = []
     for _ in range(steps):

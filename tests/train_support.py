@@ -101,3 +101,31 @@ def persistent_compilation_cache(directory: Path):
         jax.config.update("jax_compilation_cache_dir", before[0])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
         cc.reset_cache()
+
+
+def sharded_training(config, mesh, spout: str = "none"):
+    """(step-0 state, jitted train step, batch shardings) of `config` laid out on `mesh` as the training loop
+    lays them out (Adam at lr 3e-3, state donated, mesh axes in context for expert parallelism)."""
+    import functools
+
+    import jax
+
+    from gptsan.data.schema import FEATURES
+    from gptsan.model.params import abstract_params, init_params
+    from gptsan.model.sharding import batch_sharding, under_mesh
+    from gptsan.train.loop import state_shardings
+    from gptsan.train.optim import make_optimizer
+    from gptsan.train.precision import LossScale
+    from gptsan.train.state import create_state
+    from gptsan.train.step import StepOptions, make_train_step
+
+    optimizer, schedule = make_optimizer("adam", 3e-3, 0)
+    init = functools.partial(create_state, frozen_names=frozenset(), optimizer=optimizer, seed=0,
+                             loss_scale=LossScale.for_dtype("float32"))
+    shardings = state_shardings(jax.eval_shape(init, abstract_params(config)), config, mesh, optimizer,
+                                frozenset())
+    state = jax.jit(lambda: init(init_params(config, 0)), out_shardings=shardings)()
+    batch_shard = {name: batch_sharding(mesh) for name in FEATURES}
+    step = jax.jit(under_mesh(make_train_step(config, optimizer, schedule, StepOptions(spout=spout)), mesh),
+                   in_shardings=(shardings, batch_shard), out_shardings=(shardings, None), donate_argnums=0)
+    return state, step, batch_shard

@@ -13,6 +13,7 @@ from gptsan.errors import UserError
 DEFAULT_NUM_SPOUT = 128
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 ROUTING_MODES = ("capacity", "dropless")
+REMAT_POLICIES = ("none", "full", "dots")
 
 # parameters.json `model_params` keys that this suite reads (the original's names, typos included).
 _REQUIRED_KEYS = (
@@ -49,6 +50,7 @@ class ModelConfig:
     min_capacity: int = 4
     router_jitter: float = 0.01  # multiplicative U(1-j, 1+j) on the router input, training only
     layer_norm_eps: float = 1e-5
+    remat: str = "none"  # activation rematerialisation around each sub-layer: none | full | dots
 
     def __post_init__(self):
         positive = (
@@ -80,6 +82,8 @@ class ModelConfig:
             raise UserError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.dtype!r}")
         if self.routing not in ROUTING_MODES:
             raise UserError(f"routing must be one of {', '.join(ROUTING_MODES)}, got {self.routing!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise UserError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
         if self.train_mode not in ("lm", "hybrid", "mlm"):
             raise UserError(f"model_params.train_mode must be lm, hybrid or mlm, got {self.train_mode!r}")
 

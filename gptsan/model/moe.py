@@ -8,6 +8,10 @@ decide which tokens an expert takes, chosen by `ModelConfig.routing`:
   - "dropless": every token reaches its expert.
 One dispatch serves both: tokens sorted by expert into blocks, a block-sparse matmul over the blocks in use,
 results gathered back (indices, never one-hot einsums; no compute on capacity padding).
+
+Expert parallelism: when the mesh in context (`jax.set_mesh`) has an `expert` axis larger than 1, the
+experts live on different devices and the tokens travel instead (gptsan/model/expert_parallel.py, GShard's
+all-to-all dispatch). Routing decisions, capacity and losses are the same functions either way.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from gptsan.model.config import ModelConfig
+from gptsan.model.expert_parallel import expert_parallel_ffn, expert_parallelism
 from gptsan.model.weights import Kernel, fan_in_normal, normal
 
 AUX_LOSS_COEF = 0.01
@@ -191,9 +196,16 @@ class SwitchFF(nn.Module):
             capacity = expert_capacity(group_tokens, num_experts, cf, c.min_capacity)
             kept = capacity_kept(expert.reshape(groups, group_tokens), num_experts, capacity).reshape(-1)
         else:
+            capacity = group_tokens  # dropless: an expert may take its whole group
             kept = jnp.ones((num_tokens,), bool)
-        y = expert_ffn(x.reshape(num_tokens, d), expert.reshape(-1), kept, wi.astype(x.dtype),
-                       wo.astype(x.dtype)).reshape(batch, length, d)
+        if expert_parallelism() > 1:
+            grouped = expert.reshape(groups, group_tokens)
+            y = expert_parallel_ffn(x.reshape(groups, group_tokens, d), grouped,
+                                    positions_in_expert(grouped, num_experts), min(capacity, group_tokens),
+                                    wi.astype(x.dtype), wo.astype(x.dtype)).reshape(batch, length, d)
+        else:
+            y = expert_ffn(x.reshape(num_tokens, d), expert.reshape(-1), kept, wi.astype(x.dtype),
+                           wo.astype(x.dtype)).reshape(batch, length, d)
         dropped = 1.0 - kept.astype(jnp.float32).mean()
 
         moe_out = y * gate[..., None].astype(x.dtype)

@@ -76,3 +76,14 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def under_mesh(function, mesh: Mesh):
+    """`function` (to be jitted) traced with `mesh`'s axes in context, so that layers can read them and
+    constrain shardings by axis name (expert parallelism: gptsan/model/expert_parallel.py)."""
+
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return function(*args, **kwargs)
+
+    return traced

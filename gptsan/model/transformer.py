@@ -59,6 +59,15 @@ class Output:
     hidden_states: tuple[jax.Array, ...] = ()  # each layer's output [B, T, d] when asked for
 
 
+def rematerialised(module: type[nn.Module], policy: str, static_argnums: tuple[int, ...] = ()) -> type[nn.Module]:
+    """`module` with its activations recomputed in the backward pass (`ModelConfig.remat`): "full" keeps
+    only the sub-layer's inputs, "dots" also keeps matmul outputs (recomputes the element-wise work)."""
+    if policy == "none":
+        return module
+    saveable = jax.checkpoint_policies.checkpoint_dots if policy == "dots" else None
+    return nn.remat(module, policy=saveable, static_argnums=static_argnums)
+
+
 class Transformer(nn.Module):
     """GPTSAN's `model/*` scope."""
 
@@ -73,6 +82,9 @@ class Transformer(nn.Module):
         wpe = param(self, "wpe", (c.num_contexts, c.num_hidden), ("ctx", "embed"), normal(0.01))
         x = (jnp.take(wte, ids, axis=0) + jnp.take(wpe, positions, axis=0)).astype(dtype)  # [B, T, d]
 
+        AttentionLayer = rematerialised(Attention, c.remat)  # noqa: N806 (module classes)
+        SwitchLayer = rematerialised(SwitchFF, c.remat, static_argnums=(2,))  # noqa: N806
+        DenseLayer = rematerialised(DenseFF, c.remat)  # noqa: N806
         aux, dropped, loads, hidden = [], [], [], []
         new_k, new_v = [], []
         for layer in range(c.num_layers):
@@ -84,18 +96,18 @@ class Transformer(nn.Module):
                 past_k, past_v = spout_kv[0][layer], spout_kv[1][layer]
             if cache is not None:
                 layer_cache = (cache.k[layer], cache.v[layer])
-            a, layer_cache = Attention(c, name=f"att{layer}")(x, mask, past_k, past_v, layer_cache, write_index)
+            a, layer_cache = AttentionLayer(c, name=f"att{layer}")(x, mask, past_k, past_v, layer_cache, write_index)
             if cache is not None:
                 new_k.append(layer_cache[0])
                 new_v.append(layer_cache[1])
             x = LayerNorm(c.num_hidden, c.layer_norm_eps, name=f"an{layer}")(a) + x
             if layer < c.num_switch_layers:
-                f, stats = SwitchFF(c, name=f"moe{layer}")(x, train)
+                f, stats = SwitchLayer(c, name=f"moe{layer}")(x, train)
                 aux.append(stats["aux_loss"])
                 dropped.append(stats["dropped_fraction"])
                 loads.append(stats["expert_load"])
             else:
-                f = DenseFF(c, name=f"mlp{layer}")(x)
+                f = DenseLayer(c, name=f"mlp{layer}")(x)
             x = LayerNorm(c.num_hidden, c.layer_norm_eps, name=f"ln{layer}")(f) + x
             if return_hidden:
                 hidden.append(x)

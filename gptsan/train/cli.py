@@ -7,6 +7,7 @@ import os
 
 from gptsan.errors import UserError, cli_main
 from gptsan.train.config import RunConfig
+from gptsan.train.distributed import initialize_processes
 from gptsan.train.optim import DEFAULT_CLIP_NORM, OPTIMIZERS
 from gptsan.train.spout import SPOUT_KINDS
 
@@ -44,6 +45,11 @@ def parser() -> argparse.ArgumentParser:
                    help="multi-host: jax.distributed coordinator host:port")
     p.add_argument("--num_processes", type=int, default=int(os.environ.get("GPTSAN_NUM_PROCESSES", 0)))
     p.add_argument("--process_id", type=int, default=int(os.environ.get("GPTSAN_PROCESS_ID", -1)))
+    p.add_argument("--accumulate_steps", type=int, default=1,
+                   help="micro-batches per optimizer step (gradient accumulation; must divide the batch)")
+    p.add_argument("--remat", choices=("none", "full", "dots"), default="none",
+                   help="recompute activations in the backward pass: full (keep layer inputs) or dots "
+                        "(also keep matmul outputs)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
 
@@ -56,7 +62,7 @@ def select_devices(args: argparse.Namespace) -> None:
         jax.config.update("jax_platforms", "tpu")
         try:
             if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):  # a pod slice: one process per host
-                jax.distributed.initialize()
+                initialize_processes()
             jax.devices("tpu")
         except RuntimeError as err:
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -64,7 +70,7 @@ def select_devices(args: argparse.Namespace) -> None:
     elif args.coordinator_address:
         if args.num_processes < 1 or args.process_id < 0:
             raise UserError("--coordinator_address: also give --num_processes and --process_id")
-        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+        initialize_processes(args.coordinator_address, args.num_processes, args.process_id)
 
 
 @cli_main
@@ -81,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         vocabulary=args.vocabulary or None, seed=args.seed, log_every=args.log_every,
         eval_files=args.eval_files or None, eval_batches=args.eval_batches, mode=args.mode,
         routing=args.routing, optimizer=args.optimizer, expert_parallelism=args.expert_parallelism,
+        accumulate_steps=args.accumulate_steps, remat=args.remat,
         progress=not args.no_progress))
     return 0
 

@@ -67,5 +67,7 @@ class RunConfig:
     routing: str = "capacity"
     optimizer: str = "adam"
     expert_parallelism: int = 1
+    accumulate_steps: int = 1  # micro-batches per optimizer step (gptsan/train/accumulate.py)
+    remat: str = "none"  # none | full | dots (ModelConfig.remat)
     progress: bool = True
     async_checkpoints: bool = True

@@ -26,7 +26,8 @@ from gptsan.data.schema import FEATURES
 from gptsan.errors import UserError
 from gptsan.model.config import ModelConfig, read_parameters_json
 from gptsan.model.params import abstract_params, expected_shapes, flatten, init_params
-from gptsan.model.sharding import batch_sharding, make_mesh, param_shardings, replicated
+from gptsan.model.sharding import batch_sharding, make_mesh, param_shardings, replicated, under_mesh
+from gptsan.train.accumulate import make_accumulating_train_step
 from gptsan.train.checkpoint import Checkpointer
 from gptsan.train.config import RunConfig, TrainParams
 from gptsan.train.metrics import MetricsWriter, summarise
@@ -34,7 +35,7 @@ from gptsan.train.optim import make_optimizer
 from gptsan.train.precision import LossScale, compute_dtype
 from gptsan.train.spout import check_spout_kind
 from gptsan.train.state import TrainState, check_frozen_names, create_state, split_params
-from gptsan.train.step import StepOptions, make_eval_step, make_train_step
+from gptsan.train.step import StepOptions, make_eval_step
 
 PARAMETERS = "parameters.json"
 
@@ -70,7 +71,8 @@ def model_config(cfg: RunConfig, model_params: dict) -> ModelConfig:
             raise UserError(f"--vocabulary: {cfg.vocabulary} has {size} ids, but model_params.num_vocabulary "
                             f"is {model_params['num_vocabulary']}")
     dtype = compute_dtype(cfg.use_bfloat16, cfg.use_mixed_precision)
-    return ModelConfig.from_model_params(model_params, cfg.parameter_file, dtype=dtype, routing=cfg.routing)
+    return ModelConfig.from_model_params(model_params, cfg.parameter_file, dtype=dtype, routing=cfg.routing,
+                                       remat=cfg.remat)
 
 
 def prepare_output_dir(output_dir: str, parameters: dict) -> None:
@@ -179,10 +181,11 @@ def run(cfg: RunConfig) -> TrainState:
 
     # The step: pure, jitted, state donated.
     batch_shard = {name: batch_sharding(mesh) for name in FEATURES}
-    train_step = jax.jit(make_train_step(config, optimizer, schedule, options),
+    train_step = jax.jit(under_mesh(make_accumulating_train_step(config, optimizer, schedule, options,
+                                                                 cfg.accumulate_steps), mesh),
                          in_shardings=(shardings, batch_shard), out_shardings=(shardings, None),
                          donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(config.replace(routing=cfg.routing), options),
+    eval_step = jax.jit(under_mesh(make_eval_step(config.replace(routing=cfg.routing), options), mesh),
                         in_shardings=(shardings, batch_shard))
 
     def to_global(batch: dict) -> dict:

@@ -1,0 +1,79 @@
+"""Gradient accumulation: k micro-batches per optimizer step, inside one jitted step.
+
+    train_step = make_accumulating_train_step(config, optimizer, schedule, options, accumulate_steps=4)
+
+The global batch [B, ...] is cut into k micro-batches of B/k rows (row r goes to micro-batch r mod k, so
+each device's rows stay on that device: no data moves), `lax.scan` runs forward and backward on one
+micro-batch at a time and sums the gradients, and the optimizer applies their mean once. Peak activation
+memory is that of one micro-batch.
+
+The mean of the k micro-batch gradients equals the gradient on the whole batch when every micro-batch
+counts as many target tokens (the loss is a per-token mean) and routing treats rows alike in both cases:
+dropless routing (or capacity with no drops) and routing groups that do not straddle micro-batches.
+Router jitter draws differ (each micro-batch gets its own key folded from the step's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gptsan.errors import UserError
+from gptsan.model.config import ModelConfig
+from gptsan.model.transformer import GPTSAN
+from gptsan.train.state import TrainState
+from gptsan.train.step import Batch, StepOptions, apply_gradients, loss_and_grads, make_train_step
+
+
+def split_micro_batches(batch: Batch, k: int) -> Batch:
+    """[B, ...] -> [k, B/k, ...] with micro-batch j = rows j, j+k, j+2k, ... (a reshape that keeps each
+    device's contiguous block of rows in place)."""
+
+    def split(value):
+        rows = value.shape[0]
+        if rows % k:
+            raise UserError(f"--accumulate_steps {k}: must divide the batch size {rows}")
+        return jnp.swapaxes(value.reshape(rows // k, k, *value.shape[1:]), 0, 1)
+
+    return jax.tree_util.tree_map(split, batch)
+
+
+def make_accumulating_train_step(config: ModelConfig, optimizer: optax.GradientTransformation,
+                                 schedule: optax.Schedule, options: StepOptions,
+                                 accumulate_steps: int) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """Like `make_train_step`, but one optimizer update per `accumulate_steps` micro-batches. Metrics are
+    micro-batch means (`tokens` is the sum)."""
+    if accumulate_steps < 1:
+        raise UserError(f"--accumulate_steps: expected a positive integer, got {accumulate_steps}")
+    if accumulate_steps == 1:
+        return make_train_step(config, optimizer, schedule, options)
+    model = GPTSAN(config)
+
+    def train_step(state: TrainState, batch: Batch):
+        micro_batches = split_micro_batches(batch, accumulate_steps)
+
+        def one(grad_sum, micro):
+            index, micro_batch = micro
+            micro_state = state.replace(rng=jax.random.fold_in(state.rng, index))
+            grads, terms, out = loss_and_grads(model, options, micro_state, micro_batch)
+            grad_sum = jax.tree_util.tree_map(jnp.add, grad_sum, grads)
+            return grad_sum, {
+                "loss": terms.loss + out.aux_loss, "cross_entropy": terms.cross_entropy, "z_loss": terms.z_loss,
+                "aux_loss": out.aux_loss, "accuracy": terms.accuracy, "tokens": terms.tokens,
+                "dropped_fraction": out.dropped_fraction, "expert_load": out.expert_load,
+            }
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+        grad_sum, per_micro = jax.lax.scan(one, zeros, (jnp.arange(accumulate_steps), micro_batches))
+        grads = jax.tree_util.tree_map(lambda g: g / accumulate_steps, grad_sum)
+        new_state, applied = apply_gradients(optimizer, state, grads)
+        metrics = {name: value.mean(axis=0) for name, value in per_micro.items()}
+        metrics.update(tokens=per_micro["tokens"].sum(), learning_rate=schedule(state.step),
+                       grad_norm=optax.global_norm(grads), loss_scale=state.loss_scale.scale,
+                       update_applied=applied)
+        return new_state, metrics
+
+    return train_step

@@ -1,0 +1,87 @@
+"""`gptsan-plan` for the GPTSAN-2.8B and 3B-finetune configs matches a hand count of parameters and bytes;
+the step estimate is XLA's memory analysis, which gradient accumulation shrinks."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gptsan.plan import GiB, main, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+D, HEADS, EXPERTS, VOCAB, CTX, SPOUT, SWITCH = 1024, 16, 16, 36000, 1280, 128, 10
+
+
+def hand_count(extended: int) -> dict:
+    """GPTSAN's parameters by name (see gptsan/model/params.py), and what 8-way model parallelism splits:
+    attention heads (qkv, o), the experts' and extended layers' FFN widths (wi, wo, p1, p1 bias, p2)."""
+    layers = SWITCH + extended
+    attention = 3 * D * D + D * D  # qkv [d, 3, H, dh], o [H, dh, d]; no biases
+    norms = 2 * 2 * D  # an{l}, ln{l}: g and b
+    switch_split = 2 * EXPERTS * D * 8 * D  # wi [E, d, 8d], wo [E, 8d, d]
+    switch_whole = D * EXPERTS + D * D  # switch_gating [d, E], softmlp [d, d]
+    ext_split = D * 4 * D + 4 * D + 4 * D * D  # p1 kernel and bias, p2 kernel
+    ext_whole = D  # p2 bias
+    embeddings = VOCAB * D + CTX * D + (CTX * D if extended else 0) + VOCAB  # wte, wpe, ete, wob
+    head = D * D + D  # dense kernel, dense_1 bias
+    spout = 8 * SPOUT * SPOUT + SPOUT * 2 * layers * D  # pasts/mlp0..7, pasts/out
+    split = layers * attention + SWITCH * switch_split + extended * ext_split
+    whole = layers * norms + SWITCH * switch_whole + extended * ext_whole + embeddings + head + spout
+    trainable_ext = extended * (attention + norms + ext_split + ext_whole) + (CTX * D if extended else 0) + spout
+    trainable_ext_bytes = 4 * (extended * (attention // 8 + norms + ext_split // 8 + ext_whole)
+                               + (CTX * D if extended else 0) + spout)
+    return {"parameters": split + whole, "parameter_bytes": 4 * (split // 8 + whole),
+            "extended_trainable": trainable_ext, "extended_trainable_bytes": trainable_ext_bytes}
+
+
+def run_plan(*args) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "gptsan.plan", *args, "--json"], env=env, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    return json.loads(out)
+
+
+@pytest.mark.parametrize("name, extended", [("gptsan-2.8b", 0), ("gptsan-3b-finetune", 14)])
+def test_parameters_and_bytes_match_a_hand_count(name, extended):
+    hand = hand_count(extended)
+    config = str(ROOT / "configs" / f"{name}.json")
+    everything = run_plan("--parameter_file", config, "--devices", "8", "--skip_activations")
+    assert everything["mesh"] == {"data": 1, "expert": 1, "model": 8}  # model axis = num_pallarelizm
+    assert everything["parameters"] == everything["trainable"] == hand["parameters"]
+    assert everything["parameter_bytes"] == pytest.approx(hand["parameter_bytes"], rel=0.01)
+    assert everything["optimizer_bytes"] == pytest.approx(2 * hand["parameter_bytes"], rel=0.01)
+    if extended:
+        finetune = run_plan("--parameter_file", config, "--devices", "8", "--skip_activations",
+                            "--trainable", "extended")
+        assert finetune["trainable"] == hand["extended_trainable"]
+        assert finetune["optimizer_bytes"] == pytest.approx(2 * hand["extended_trainable_bytes"], rel=0.01)
+    print(name, everything["parameters"], everything["parameter_bytes"] / GiB, "GiB per device")
+
+
+def test_the_2_8b_model_counts_2_78_billion_and_fits_a_v3_core_for_parameters_and_adam():
+    report = plan(str(ROOT / "configs" / "gptsan-2.8b.json"), 8, activations=False)
+    assert report["parameters"] == 2_779_000_992
+    assert report["total_bytes"] == 3 * report["parameter_bytes"]
+    assert report["fits"]["TPU v3 core"]  # 4.4 GiB of parameters and Adam slots per core
+
+
+def test_step_estimate_is_xla_memory_analysis_and_accumulation_shrinks_it(tmp_path):
+    parameters = tmp_path / "parameters.json"
+    from tests.train_support import MINI_MODEL_PARAMS
+
+    parameters.write_text(json.dumps({"model_params": MINI_MODEL_PARAMS, "train_params": {"batch_size": 32}}))
+    whole = plan(str(parameters), 8, mesh="4,2,1")
+    accumulated = plan(str(parameters), 8, mesh="4,2,1", accumulate_steps=4)
+    assert whole["step_temporary_bytes"] > 0
+    assert accumulated["step_temporary_bytes"] < whole["step_temporary_bytes"]
+    assert whole["total_bytes"] == whole["parameter_bytes"] + whole["optimizer_bytes"] + \
+        whole["step_temporary_bytes"]
+
+
+def test_bad_mesh_is_a_user_error(capsys):
+    config = str(ROOT / "configs" / "gptsan-2.8b.json")
+    assert main(["--parameter_file", config, "--devices", "8", "--mesh", "2,2,1", "--skip_activations"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --mesh: 2,2,1 is 4 devices, but --devices is 8"
