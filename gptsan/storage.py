@@ -45,8 +45,16 @@ def read_bytes(path: str) -> bytes:
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    """Write a text file so that readers never see a partial one (temp name, then rename)."""
+    """Write a text file so that readers never see a partial one.
+
+    Remote (gs://): one object upload, which GCS makes visible only once complete, so no temp name is
+    needed (and object stores have no rename: a "move" is a copy plus a delete). Local: a temp name in
+    the same directory, then an atomic rename.
+    """
     fs, p = filesystem(path)
+    if is_remote(path):
+        fs.pipe_file(p, text.encode("utf-8"))
+        return
     tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
     with fs.open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
