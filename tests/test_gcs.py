@@ -42,7 +42,8 @@ def emulator(monkeypatch):
             except OSError:
                 assert time.monotonic() < deadline, "the GCS emulator did not start"
                 time.sleep(0.1)
-        monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)  # gcsfs, google-cloud-storage
+        monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", url)  # tensorstore (Orbax), for load_flat below
         monkeypatch.setenv("NO_GCE_CHECK", "true")  # no metadata-server probe for credentials (offline)
         # gcsfs's experimental bucket-type probe speaks gRPC, which the emulator does not serve.
         monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
