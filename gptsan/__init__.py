@@ -1,3 +1,14 @@
-"""gptsan: the GPTSAN Switch-Transformer suite on JAX."""
+"""gptsan: the GPTSAN Switch-Transformer suite on JAX.
+
+gs:// paths go through one code path for real GCS and a local emulator (docs/gcs.md): fsspec/gcsfs for
+files (honours STORAGE_EMULATOR_HOST) and Orbax/tensorstore for checkpoints (honours
+TENSORSTORE_GCS_HTTP_URL). Orbax names paths with etils' epath, which would use TensorFlow's gs:// client
+(fixed endpoint, no emulator) whenever TensorFlow is installed; EPATH_USE_TF=false, set here before any
+Orbax use unless the user chose otherwise, makes it use gcsfs instead.
+"""
+
+import os
+
+os.environ.setdefault("EPATH_USE_TF", "false")
 
 __version__ = "0.1.0"

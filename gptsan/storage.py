@@ -3,6 +3,7 @@ STORAGE_EMULATOR_HOST, so the same code runs against real GCS and a local emulat
 
 from __future__ import annotations
 
+import io
 import os
 import posixpath
 import uuid
@@ -45,8 +46,16 @@ def read_bytes(path: str) -> bytes:
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    """Write a text file so that readers never see a partial one (temp name, then rename)."""
+    """Write a text file so that readers never see a partial one.
+
+    Remote (gs://): one object upload, which GCS makes visible only once complete, so no temp name is
+    needed (and object stores have no rename: a "move" is a copy plus a delete). Local: a temp name in
+    the same directory, then an atomic rename.
+    """
     fs, p = filesystem(path)
+    if is_remote(path):
+        fs.pipe_file(p, text.encode("utf-8"))
+        return
     tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
     with fs.open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
@@ -63,7 +72,13 @@ def glob(pattern: str) -> list[str]:
     return matches
 
 
+READ_BUFFER_BYTES = 8 << 20
+
+
 @contextmanager
 def open_file(path: str, mode: str = "rb"):
+    """A file object; remote binary reads go through an 8 MiB buffer, so record-by-record readers make one
+    object-store call per buffer rather than one per small read (each of which costs a round of gcsfs's
+    event-loop machinery)."""
     with fsspec.open(str(path), mode) as f:
-        yield f
+        yield io.BufferedReader(f, READ_BUFFER_BYTES) if mode == "rb" and is_remote(path) else f
