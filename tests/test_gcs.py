@@ -56,7 +56,7 @@ def emulator(monkeypatch):
         server.wait()
 
 
-@pytest.mark.slow  # passes (2 of 2 runs, 128 s and 177 s) but is over the ~60 s budget
+
 def test_training_on_gs_paths(emulator, tmp_path, tmp_path_factory):
     import fsspec
 
