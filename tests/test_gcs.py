@@ -56,7 +56,6 @@ def emulator(monkeypatch):
         server.wait()
 
 
-
 def test_training_on_gs_paths(emulator, tmp_path, tmp_path_factory):
     import fsspec
 
