@@ -141,11 +141,12 @@ class Pipeline:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gptsan-demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", default="demo_output", help="where everything is written (must not exist)")
+    parser.add_argument("--workdir", default=None,
+                        help="where everything is written (must not exist; default demo_output/<date-time>)")
     parser.add_argument("--quick", action="store_true", help="a much shorter run (for tests)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    workdir = Path(args.workdir).resolve()
+    workdir = Path(args.workdir or Path("demo_output") / time.strftime("%Y%m%d-%H%M%S")).resolve()
     if workdir.exists():
         raise UserError(f"--workdir: {workdir} already exists; give a new folder")
     workdir.mkdir(parents=True)
