@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptsan.errors import UserError
-from gptsan.generate.decode import room_left
+from gptsan.generate.decode import feed_map, room_left
 from gptsan.generate.prompt import PromptBatch
 from gptsan.generate.sampling import ban
 from gptsan.model import GPTSAN, KVCache, ModelConfig
@@ -150,8 +150,7 @@ class BeamDecoder:
         self.model = GPTSAN(config)
         self.width, self.end_id = width, end_id
         self.length_penalty, self.banned_ids = length_penalty, banned_ids
-        identity = np.arange(config.num_vocabulary, dtype=np.int32)
-        self.input_map = jnp.asarray(identity if input_map is None else input_map, jnp.int32)
+        self.input_map = feed_map(config, input_map)
         self._search = jax.jit(self._search_impl, static_argnames=("steps",))
 
     def _search_impl(self, params, ids, pad, num_precontext, spout, limit, input_map, steps: int) -> BeamResult:

@@ -57,6 +57,13 @@ def room_left(config: ModelConfig, lengths: np.ndarray, has_spout: bool) -> np.n
     return room
 
 
+def feed_map(config: ModelConfig, input_map: np.ndarray | None) -> jax.Array:
+    """[V] int32: the id fed back for each generated token; the token itself when no map is given."""
+    if input_map is None:
+        input_map = np.arange(config.num_vocabulary, dtype=np.int32)
+    return jnp.asarray(input_map, jnp.int32)
+
+
 def _choose(sampler: Sampler, state: DecodeState, logits: jax.Array) -> DecodeState:
     """Pick the next token of every live row from logits [B, V] and record it."""
     keys = row_keys(state.seed_key, state.rows, state.step)
@@ -125,8 +132,7 @@ class Decoder:
         self.config = config
         self.sampler = sampler
         self.end_id = end_id
-        identity = np.arange(config.num_vocabulary, dtype=np.int32)
-        self.input_map = jnp.asarray(identity if input_map is None else input_map, jnp.int32)
+        self.input_map = feed_map(config, input_map)
         self.compiled = compiled(config, sampler)
 
     def _inputs(self, batch: PromptBatch, max_new: int, spout, seed: int, rows) -> tuple[tuple, int]:
