@@ -51,12 +51,13 @@ class KVCache:
 
 @flax.struct.dataclass
 class Output:
-    logits: jax.Array  # [B, T, V] float32
+    logits: jax.Array | None  # [B, T, V] float32; None when the model was asked for head_input only
     aux_loss: jax.Array  # scalar, summed over Switch layers
     dropped_fraction: jax.Array  # scalar, mean over Switch layers
     expert_load: jax.Array  # [S, E] fraction of tokens routed to each expert
     cache: KVCache | None = None
     hidden_states: tuple[jax.Array, ...] = ()  # each layer's output [B, T, d] when asked for
+    head_input: jax.Array | None = None  # [B, T, d]: silu(dense(x)), what the tied vocabulary projection reads
 
 
 def rematerialised(module: type[nn.Module], policy: str, static_argnums: tuple[int, ...] = ()) -> type[nn.Module]:
@@ -75,7 +76,7 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, ids, positions, mask, spout_kv=None, cache: KVCache | None = None, write_index=None,
-                 train: bool = False, return_hidden: bool = False):
+                 train: bool = False, return_hidden: bool = False, return_logits: bool = True):
         c = self.config
         dtype = jnp.dtype(c.dtype)
         wte = param(self, "wte", (c.num_vocabulary, c.num_hidden), ("vocab", "embed"), normal(0.02))
@@ -116,7 +117,9 @@ class Transformer(nn.Module):
         head_bias = Bias(c.num_hidden, "embed", name="dense_1")()
         wob = param(self, "wob", (c.num_vocabulary,), ("vocab",), zeros)
         h = nn.silu(x @ head.astype(dtype) + head_bias.astype(dtype))
-        logits = jnp.einsum("btd,vd->btv", h, wte.astype(dtype), preferred_element_type=jnp.float32) + wob
+        logits = None
+        if return_logits:
+            logits = jnp.einsum("btd,vd->btv", h, wte.astype(dtype), preferred_element_type=jnp.float32) + wob
 
         if cache is not None:
             cache = cache.replace(k=jnp.stack(new_k), v=jnp.stack(new_v))
@@ -128,6 +131,7 @@ class Transformer(nn.Module):
             expert_load=jnp.stack(loads) if loads else jnp.zeros((0, c.num_experts), jnp.float32),
             cache=cache,
             hidden_states=tuple(hidden),
+            head_input=h,
         )
 
 
@@ -137,13 +141,15 @@ class GPTSAN(nn.Module):
       spout [B, P] float (one extra key/value slot per layer) or None;
       pad [B] left-padding count (batched prompts of different lengths) or None;
       cache: a KVCache to write into and attend over (prefill: index 0; then one or more tokens a call).
+    return_logits=False skips the vocabulary projection (training computes it inside its fused loss from
+    `Output.head_input` and the tied `model/wte`, `model/wob`).
     """
 
     config: ModelConfig
 
     @nn.compact
     def __call__(self, ids, num_precontext=None, spout=None, pad=None, cache: KVCache | None = None,
-                 train: bool = False, return_hidden: bool = False) -> Output:
+                 train: bool = False, return_hidden: bool = False, return_logits: bool = True) -> Output:
         c = self.config
         batch, length = ids.shape
         spout_kv = Spout(c, name="pasts")(spout) if spout is not None else None
@@ -176,7 +182,7 @@ class GPTSAN(nn.Module):
         positions = jnp.clip(query_slots[None, :] - pad[:, None], 0, c.num_contexts - 1)
 
         out = Transformer(c, name="model")(ids, positions, mask, spout_kv, cache, write_index, train,
-                                           return_hidden)
+                                           return_hidden, return_logits)
         if cache is not None:
             out = out.replace(cache=out.cache.replace(index=end))
         return out

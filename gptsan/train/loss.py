@@ -1,7 +1,18 @@
 """The training loss (spec section 1): cross-entropy over targets (-1 = no loss), mean over counted
-positions, plus 1e-4 * logZ^2 (logit z-loss); the router's aux loss is added by the step."""
+positions, plus 1e-4 * logZ^2 (logit z-loss); the router's aux loss is added by the step.
+
+`lm_loss` is the definition, on logits. `tied_head_loss` computes the same terms from the head's input and
+the tied vocabulary weights with a hand-written gradient: the [tokens, vocabulary] float32 logits are the
+largest array of a training step (2048 x 36,000 = 295 MB for bench-small), and autodiff of `lm_loss` walks
+them many times (logsumexp, its gradient, the one-hot of the targets, argmax, and a column sum for the
+vocabulary bias that XLA's CPU reduction runs at a fraction of memory speed). Here the forward keeps
+exp(logits - max) once, and the backward makes the logit gradient in one pass and takes the bias gradient
+as a matrix-vector product.
+"""
 
 from __future__ import annotations
+
+from functools import partial
 
 import flax.struct
 import jax
@@ -32,3 +43,60 @@ def lm_loss(logits: jax.Array, targets: jax.Array, z_loss_coef: float = Z_LOSS_C
     z_loss = z_loss_coef * (jnp.square(log_z) * weight).sum() / denominator
     accuracy = ((jnp.argmax(logits, axis=-1) == targets) * weight).sum() / denominator
     return LossTerms(cross_entropy + z_loss, cross_entropy, z_loss, accuracy, tokens)
+
+
+def tied_head_loss(hidden: jax.Array, embedding: jax.Array, bias: jax.Array, targets: jax.Array,
+                   z_loss_coef: float = Z_LOSS_COEF) -> LossTerms:
+    """`lm_loss(hidden @ embedding.T + bias, targets)` with a hand-written gradient (see the module doc).
+
+    hidden [B, T, d] (the compute dtype), embedding [V, d] (`model/wte`), bias [V] (`model/wob`), targets
+    [B, T]. The logits are float32 whatever the compute dtype. Accuracy counts a target as right when its
+    logit equals the row's maximum (argmax up to ties).
+    """
+    d = hidden.shape[-1]
+    return _tied_head_loss(hidden.reshape(-1, d), embedding, bias, targets.reshape(-1), z_loss_coef)
+
+
+def _head_forward(hidden, embedding, bias, targets, z_loss_coef):
+    logits = jnp.einsum("nd,vd->nv", hidden, embedding.astype(hidden.dtype),
+                        preferred_element_type=jnp.float32) + bias
+    counted = targets >= 0
+    safe = jnp.where(counted, targets, 0)
+    row_max = logits.max(axis=-1)
+    shifted_exp = jnp.exp(logits - row_max[:, None])  # kept for the backward: softmax = shifted_exp / exp_sum
+    exp_sum = shifted_exp.sum(axis=-1)
+    log_z = row_max + jnp.log(exp_sum)
+    target_logit = jnp.take_along_axis(logits, safe[:, None], axis=-1)[:, 0]
+    weight = counted.astype(jnp.float32)
+    tokens = weight.sum()
+    denominator = jnp.maximum(tokens, 1.0)
+    cross_entropy = ((log_z - target_logit) * weight).sum() / denominator
+    z_loss = z_loss_coef * (jnp.square(log_z) * weight).sum() / denominator
+    accuracy = ((target_logit >= row_max) * weight).sum() / denominator
+    terms = LossTerms(cross_entropy + z_loss, cross_entropy, z_loss, accuracy, tokens)
+    return terms, (hidden, embedding, safe, weight / denominator, shifted_exp, exp_sum, log_z)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _tied_head_loss(hidden, embedding, bias, targets, z_loss_coef):
+    return _head_forward(hidden, embedding, bias, targets, z_loss_coef)[0]
+
+
+def _tied_head_loss_bwd(z_loss_coef, residuals, cotangent: LossTerms):
+    hidden, embedding, safe, token_weight, shifted_exp, exp_sum, log_z = residuals
+    # d logits[n, v] = w_n * (g_ce * (softmax - onehot(target)) + g_z * 2 * coef * log_z_n * softmax)
+    g_ce = cotangent.loss + cotangent.cross_entropy
+    g_z = cotangent.loss + cotangent.z_loss
+    softmax_scale = token_weight * (g_ce + g_z * 2.0 * z_loss_coef * log_z) / exp_sum  # [N]
+    target_scale = token_weight * g_ce  # [N]
+    rows = jnp.arange(safe.shape[0])
+    d_logits = (shifted_exp * softmax_scale[:, None]).at[rows, safe].add(-target_scale)
+    # The bias gradient is a column sum of d_logits: as a matrix-vector product it runs at memory speed.
+    d_bias = jnp.ones_like(softmax_scale) @ d_logits
+    d_logits = d_logits.astype(hidden.dtype)
+    d_hidden = jnp.dot(d_logits, embedding.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    d_embedding = jnp.einsum("nv,nd->vd", d_logits, hidden, preferred_element_type=jnp.float32)
+    return (d_hidden.astype(hidden.dtype), d_embedding.astype(embedding.dtype), d_bias, None)
+
+
+_tied_head_loss.defvjp(lambda *args: _head_forward(*args), _tied_head_loss_bwd)

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import optax
 
 from gptsan.model.config import ModelConfig
-from gptsan.model.transformer import GPTSAN
-from gptsan.train.loss import lm_loss
+from gptsan.model.transformer import GPTSAN, Output
+from gptsan.train.loss import LossTerms, tied_head_loss
 from gptsan.train.spout import spout_vectors
 from gptsan.train.state import TrainState, merge_params
 
@@ -29,13 +29,17 @@ class StepOptions:
     spout: str = "none"
 
 
-def _forward(model: GPTSAN, params: dict, batch: Batch, options: StepOptions, rng: jax.Array, train: bool):
+def _forward(model: GPTSAN, params: dict, batch: Batch, options: StepOptions, rng: jax.Array,
+             train: bool) -> tuple[Output, LossTerms]:
+    """The model's outputs (without logits) and the loss terms of the batch."""
     spout_rng, jitter_rng = jax.random.split(rng)
     spout = spout_vectors(options.spout, batch["i"], model.config.num_spout, spout_rng)
     num_precontext = batch["num_input"] if options.mode == "hybrid" else None
     rngs = {"jitter": jitter_rng} if train else None
-    return model.apply({"params": params}, batch["x"], num_precontext=num_precontext, spout=spout,
-                       train=train, rngs=rngs)
+    out = model.apply({"params": params}, batch["x"], num_precontext=num_precontext, spout=spout, train=train,
+                      rngs=rngs, return_logits=False)
+    terms = tied_head_loss(out.head_input, params["model"]["wte"], params["model"]["wob"], batch["y"])
+    return out, terms
 
 
 def loss_and_grads(model: GPTSAN, options: StepOptions, state: TrainState, batch: Batch):
@@ -44,8 +48,7 @@ def loss_and_grads(model: GPTSAN, options: StepOptions, state: TrainState, batch
 
     def objective(trainable, frozen):
         rng = jax.random.fold_in(state.rng, state.step)
-        out = _forward(model, merge_params(trainable, frozen), batch, options, rng, train=True)
-        terms = lm_loss(out.logits, batch["y"])
+        out, terms = _forward(model, merge_params(trainable, frozen), batch, options, rng, train=True)
         total = terms.loss + out.aux_loss
         return total * state.loss_scale.scale, (terms, out)
 
@@ -103,9 +106,8 @@ def make_eval_step(config: ModelConfig, options: StepOptions) -> Callable[[Train
     model = GPTSAN(config)
 
     def eval_step(state: TrainState, batch: Batch):
-        out = _forward(model, state.all_params, batch, options, jax.random.fold_in(state.rng, state.step),
-                       train=False)
-        terms = lm_loss(out.logits, batch["y"])
+        out, terms = _forward(model, state.all_params, batch, options, jax.random.fold_in(state.rng, state.step),
+                              train=False)
         return {"loss": terms.loss + out.aux_loss, "cross_entropy": terms.cross_entropy,
                 "accuracy": terms.accuracy, "tokens": terms.tokens}
 
