@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 import train as ours  # noqa: E402  (bench/train.py)
 
 from gptsan.errors import cli_main  # noqa: E402
+from gptsan.memory import keep_freed_memory  # noqa: E402
 from gptsan.model.config import ModelConfig, load_config  # noqa: E402
 
 PARTS = ("all", "extended", "decode")
@@ -175,6 +176,7 @@ def parse_args(argv=None):
 @cli_main
 def main(argv=None) -> int:
     args = parse_args(argv)
+    keep_freed_memory()  # for both contenders: torch's CPU tensors come from malloc too
     run(args.config, args.batch, args.steps, args.parts)
     return 0
 

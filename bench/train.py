@@ -47,6 +47,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from gptsan.errors import UserError, cli_main  # noqa: E402
+from gptsan.memory import keep_freed_memory  # noqa: E402
 from gptsan.model.config import ModelConfig, load_config  # noqa: E402
 from gptsan.model.params import expected_shapes, init_params  # noqa: E402
 
@@ -285,6 +286,7 @@ def parse_args(argv=None):
 @cli_main
 def main(argv=None) -> int:
     args = parse_args(argv)
+    keep_freed_memory()
     run(args.config, args.batch, args.dtype, args.steps, args.modes)
     return 0
 

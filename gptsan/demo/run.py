@@ -24,6 +24,7 @@ from pathlib import Path
 
 from gptsan.demo.corpus import CLASS_NAMES, classify, write_corpus
 from gptsan.errors import UserError, cli_main
+from gptsan.memory import keep_freed_memory
 
 NUM_CONTEXT = 96
 CONSOLE_SCRIPTS = {"gptsan.data.encode": "gptsan-encode", "gptsan.train.cli": "gptsan-train",
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a much shorter run (for tests)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    keep_freed_memory()
     workdir = Path(args.workdir or Path("demo_output") / time.strftime("%Y%m%d-%H%M%S")).resolve()
     if workdir.exists():
         raise UserError(f"--workdir: {workdir} already exists; give a new folder")

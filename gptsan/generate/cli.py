@@ -23,6 +23,7 @@ from gptsan.errors import UserError, cli_main
 from gptsan.generate.prompt import Prompt, causal_prompt, left_pad, never_sampled, prefix_prompt
 from gptsan.generate.sampling import Sampler
 from gptsan.generate.spout import parse_spout
+from gptsan.memory import keep_freed_memory
 from gptsan.model.config import COMPUTE_DTYPES
 
 
@@ -172,6 +173,7 @@ def stream_one(decoder, params, batch, args, spout, tokenizer) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_args(args)
+    keep_freed_memory()
     if args.tpu_nodes:
         print("note: --tpu_nodes is not needed; JAX uses the devices it finds", file=sys.stderr)
     contexts = read_contexts(args)

@@ -6,6 +6,7 @@ import argparse
 import os
 
 from gptsan.errors import UserError, cli_main
+from gptsan.memory import keep_freed_memory
 from gptsan.train.config import RunConfig
 from gptsan.train.distributed import initialize_processes
 from gptsan.train.optim import DEFAULT_CLIP_NORM, OPTIMIZERS
@@ -76,6 +77,7 @@ def select_devices(args: argparse.Namespace) -> None:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    keep_freed_memory()
     select_devices(args)
     from gptsan.train.loop import run
 
