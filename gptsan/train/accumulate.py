@@ -69,10 +69,10 @@ def make_accumulating_train_step(config: ModelConfig, optimizer: optax.GradientT
         zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
         grad_sum, per_micro = jax.lax.scan(one, zeros, (jnp.arange(accumulate_steps), micro_batches))
         grads = jax.tree_util.tree_map(lambda g: g / accumulate_steps, grad_sum)
-        new_state, applied = apply_gradients(optimizer, state, grads)
+        new_state, applied, grad_norm = apply_gradients(optimizer, state, grads)
         metrics = {name: value.mean(axis=0) for name, value in per_micro.items()}
         metrics.update(tokens=per_micro["tokens"].sum(), learning_rate=schedule(state.step),
-                       grad_norm=optax.global_norm(grads), loss_scale=state.loss_scale.scale,
+                       grad_norm=grad_norm, loss_scale=state.loss_scale.scale,
                        update_applied=applied)
         return new_state, metrics
 

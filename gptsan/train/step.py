@@ -53,15 +53,19 @@ def loss_and_grads(model: GPTSAN, options: StepOptions, state: TrainState, batch
         return total * state.loss_scale.scale, (terms, out)
 
     grads, (terms, out) = jax.grad(objective, has_aux=True)(state.params, state.frozen)
-    grads = jax.tree_util.tree_map(lambda g: g / state.loss_scale.scale, grads)
+    if state.loss_scale.dynamic:  # a static scale is 1: no pass over the gradients to divide by it
+        grads = jax.tree_util.tree_map(lambda g: g / state.loss_scale.scale, grads)
     return grads, terms, out
 
 
-def apply_gradients(optimizer: optax.GradientTransformation, state: TrainState, grads) -> tuple[TrainState,
-                                                                                                jax.Array]:
+def apply_gradients(optimizer: optax.GradientTransformation, state: TrainState,
+                    grads) -> tuple[TrainState, jax.Array, jax.Array]:
     """One optimizer update; a step with non-finite gradients is skipped (parameters and optimizer state
-    kept) and shrinks the loss scale. Returns the new state and whether the update was applied."""
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
+    kept) and shrinks the loss scale. Returns the new state, whether the update was applied, and the
+    gradients' global norm. The norm doubles as the finiteness check (an inf or NaN anywhere makes it
+    non-finite), which saves a pass over the gradients."""
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
@@ -72,7 +76,7 @@ def apply_gradients(optimizer: optax.GradientTransformation, state: TrainState, 
         loss_scale=state.loss_scale.update(finite),
         data_position=state.data_position + 1,
     )
-    return state, finite
+    return state, finite, grad_norm
 
 
 def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
@@ -81,7 +85,7 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
 
     def train_step(state: TrainState, batch: Batch):
         grads, terms, out = loss_and_grads(model, options, state, batch)
-        new_state, applied = apply_gradients(optimizer, state, grads)
+        new_state, applied, grad_norm = apply_gradients(optimizer, state, grads)
         metrics = {
             "loss": terms.loss + out.aux_loss,
             "cross_entropy": terms.cross_entropy,
@@ -90,7 +94,7 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
             "accuracy": terms.accuracy,
             "tokens": terms.tokens,
             "learning_rate": schedule(state.step),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": grad_norm,
             "loss_scale": state.loss_scale.scale,
             "update_applied": applied,
             "dropped_fraction": out.dropped_fraction,
