@@ -76,7 +76,9 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, ids, positions, mask, spout_kv=None, cache: KVCache | None = None, write_index=None,
-                 train: bool = False, return_hidden: bool = False, return_logits: bool = True):
+                 train: bool = False, return_hidden: bool = False, return_logits: bool = True,
+                 causal: bool = False):
+        """`causal`: `mask` is exactly causal after the spout slot (see `Attention.causal`)."""
         c = self.config
         dtype = jnp.dtype(c.dtype)
         wte = param(self, "wte", (c.num_vocabulary, c.num_hidden), ("vocab", "embed"), normal(0.02))
@@ -97,7 +99,8 @@ class Transformer(nn.Module):
                 past_k, past_v = spout_kv[0][layer], spout_kv[1][layer]
             if cache is not None:
                 layer_cache = (cache.k[layer], cache.v[layer])
-            a, layer_cache = AttentionLayer(c, name=f"att{layer}")(x, mask, past_k, past_v, layer_cache, write_index)
+            attention = AttentionLayer(c, causal, name=f"att{layer}")
+            a, layer_cache = attention(x, mask, past_k, past_v, layer_cache, write_index)
             if cache is not None:
                 new_k.append(layer_cache[0])
                 new_v.append(layer_cache[1])
@@ -152,6 +155,7 @@ class GPTSAN(nn.Module):
                  train: bool = False, return_hidden: bool = False, return_logits: bool = True) -> Output:
         c = self.config
         batch, length = ids.shape
+        causal = cache is None and num_precontext is None and pad is None  # a plain causal mask: Attention.causal
         spout_kv = Spout(c, name="pasts")(spout) if spout is not None else None
         new_slots = length + (1 if spout is not None else 0)
         if num_precontext is None:
@@ -182,7 +186,7 @@ class GPTSAN(nn.Module):
         positions = jnp.clip(query_slots[None, :] - pad[:, None], 0, c.num_contexts - 1)
 
         out = Transformer(c, name="model")(ids, positions, mask, spout_kv, cache, write_index, train,
-                                           return_hidden, return_logits)
+                                           return_hidden, return_logits, causal)
         if cache is not None:
             out = out.replace(cache=out.cache.replace(index=end))
         return out
