@@ -36,7 +36,7 @@ class Attention(nn.Module):
         """x [B, T, d]; mask [B, T, S].
 
         Without a cache, keys are `past ++ new` (past: the spout slot [B, 1, H, dh], or None).
-        With a cache (k, v [L, B, S, H, dh], every layer's), `past ++ new` is written into layer `cache_layer`
+        With a cache (k, v [L, B, H, S, dh], every layer's), `past ++ new` is written into layer `cache_layer`
         at slot `cache_index` and attention runs over that layer's whole cache; the updated cache is returned.
         """
         c = self.config
@@ -64,7 +64,8 @@ class Attention(nn.Module):
         """The cached path (prefill and decoding). Written for a decode step's few tokens, which read every
         weight once: the projections are plain [d, 3*H*dh] / [H*dh, d] matmuls on the kernels as stored (an
         einsum into another layout would transpose the kernel in memory every step), and the new keys/values
-        are written in place into the stacked [L, B, S, H, dh] cache (no per-layer slice-and-restack)."""
+        are written in place into the stacked [L, B, H, S, dh] cache (no per-layer slice-and-restack), laid out
+        so that the score and value matmuls read it without transposing."""
         c = self.config
         dtype = x.dtype
         batch, length, d = x.shape
@@ -75,15 +76,17 @@ class Attention(nn.Module):
         if past_k is not None:
             k = jnp.concatenate([past_k.astype(dtype), k], axis=1)
             v = jnp.concatenate([past_v.astype(dtype), v], axis=1)
-        cache_k, cache_v = cache
-        start = (cache_layer, 0, cache_index, 0, 0)
-        cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
-        cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
-        k = jax.lax.dynamic_index_in_dim(cache_k, cache_layer, 0, keepdims=False).astype(dtype)  # [B, S, H, dh]
+        cache_k, cache_v = cache  # [L, B, H, S, dh]: keys and values of one head contiguous, as the matmuls read them
+        start = (cache_layer, 0, 0, cache_index, 0)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 1, 3)[None].astype(cache_k.dtype), start)
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3)[None].astype(cache_v.dtype), start)
+        k = jax.lax.dynamic_index_in_dim(cache_k, cache_layer, 0, keepdims=False).astype(dtype)  # [B, H, S, dh]
         v = jax.lax.dynamic_index_in_dim(cache_v, cache_layer, 0, keepdims=False).astype(dtype)
-        scores = jnp.einsum("bthk,bshk->bhts", q, k).astype(jnp.float32)
-        scores = scores * (head_dim ** -0.5)
+        per_head = ((0, 1), (0, 1))  # batch and head
+        scores = jax.lax.dot_general(k, q.transpose(0, 2, 1, 3), (((3,), (3,)), per_head))  # [B, H, S, T]
+        scores = scores.transpose(0, 1, 3, 2).astype(jnp.float32) * (head_dim ** -0.5)
         scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)  # [B, H, T, S]
-        out = jnp.einsum("bhts,bshk->bthk", probs, v).reshape(batch, length, heads * head_dim)
+        out = jax.lax.dot_general(probs, v, (((3,), (2,)), per_head))  # [B, H, T, dh]
+        out = out.transpose(0, 2, 1, 3).reshape(batch, length, heads * head_dim)
         return out @ o_kernel.astype(dtype).reshape(heads * head_dim, d), (cache_k, cache_v)

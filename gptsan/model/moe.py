@@ -166,7 +166,7 @@ def expert_ffn(x: jax.Array, expert: jax.Array, kept: jax.Array, wi: jax.Array, 
 # expert's rows are taken a cache-sized chunk at a time, so each weight byte crosses the memory bus once.
 
 FEW_TOKENS = 8  # at most this many tokens (inference only) take `few_token_expert_ffn`
-STREAM_CHUNK_BYTES = 1 << 20  # weight rows per chunk of `streamed_expert_matmul`: about 1 MiB, cache-resident
+STREAM_CHUNK_BYTES = 2 << 20  # weight rows per chunk of `streamed_expert_matmul`: about 2 MiB, cache-resident
 
 
 def chunk_rows(rows: int, row_bytes: int) -> int:

@@ -25,7 +25,7 @@ from gptsan.model.weights import Bias, Kernel, normal, param, zeros
 
 @flax.struct.dataclass
 class KVCache:
-    """Preallocated keys/values [L, B, S, H, dh] for incremental decoding.
+    """Preallocated keys/values [L, B, H, S, dh] for incremental decoding.
 
     Slot layout per row: [spout slot (if any)] [left padding] [tokens...]. `index` is the next free slot,
     `pad` [B] the left-padding count and `past` (0 or 1) whether slot 0 holds a spout key/value.
@@ -40,13 +40,13 @@ class KVCache:
     @classmethod
     def allocate(cls, config: ModelConfig, batch: int, length: int, dtype: Any = None) -> KVCache:
         dtype = jnp.dtype(dtype or config.dtype)
-        shape = (config.num_layers, batch, length, config.num_header, config.head_dim)
+        shape = (config.num_layers, batch, config.num_header, length, config.head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), index=jnp.zeros((), jnp.int32),
                    pad=jnp.zeros((batch,), jnp.int32), past=jnp.zeros((), jnp.int32))
 
     @property
     def length(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 @flax.struct.dataclass
