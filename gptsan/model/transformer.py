@@ -25,7 +25,7 @@ from gptsan.model.weights import Bias, Kernel, normal, param, zeros
 
 @flax.struct.dataclass
 class KVCache:
-    """Preallocated keys/values [L, B, S, H, dh] for incremental decoding.
+    """Preallocated keys/values [L, B, H, S, dh] for incremental decoding.
 
     Slot layout per row: [spout slot (if any)] [left padding] [tokens...]. `index` is the next free slot,
     `pad` [B] the left-padding count and `past` (0 or 1) whether slot 0 holds a spout key/value.
@@ -40,13 +40,13 @@ class KVCache:
     @classmethod
     def allocate(cls, config: ModelConfig, batch: int, length: int, dtype: Any = None) -> KVCache:
         dtype = jnp.dtype(dtype or config.dtype)
-        shape = (config.num_layers, batch, length, config.num_header, config.head_dim)
+        shape = (config.num_layers, batch, config.num_header, length, config.head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), index=jnp.zeros((), jnp.int32),
                    pad=jnp.zeros((batch,), jnp.int32), past=jnp.zeros((), jnp.int32))
 
     @property
     def length(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 @flax.struct.dataclass
@@ -89,21 +89,16 @@ class Transformer(nn.Module):
         SwitchLayer = rematerialised(SwitchFF, c.remat, static_argnums=(2,))  # noqa: N806
         DenseLayer = rematerialised(DenseFF, c.remat)  # noqa: N806
         aux, dropped, loads, hidden = [], [], [], []
-        new_k, new_v = [], []
+        stacked_cache = None if cache is None else (cache.k, cache.v)  # each layer writes its slice in place
         for layer in range(c.num_layers):
             if layer == c.num_switch_layers:
                 ete = param(self, "ete", (c.num_contexts, c.num_hidden), ("ctx", "embed"), zeros)
                 x = x + jnp.take(ete, positions, axis=0).astype(dtype)
-            past_k = past_v = layer_cache = None
+            past_k = past_v = None
             if spout_kv is not None:
                 past_k, past_v = spout_kv[0][layer], spout_kv[1][layer]
-            if cache is not None:
-                layer_cache = (cache.k[layer], cache.v[layer])
             attention = AttentionLayer(c, causal, name=f"att{layer}")
-            a, layer_cache = attention(x, mask, past_k, past_v, layer_cache, write_index)
-            if cache is not None:
-                new_k.append(layer_cache[0])
-                new_v.append(layer_cache[1])
+            a, stacked_cache = attention(x, mask, past_k, past_v, stacked_cache, write_index, layer)
             x = LayerNorm(c.num_hidden, c.layer_norm_eps, name=f"an{layer}")(a) + x
             if layer < c.num_switch_layers:
                 f, stats = SwitchLayer(c, name=f"moe{layer}")(x, train)
@@ -125,7 +120,7 @@ class Transformer(nn.Module):
             logits = jnp.einsum("btd,vd->btv", h, wte.astype(dtype), preferred_element_type=jnp.float32) + wob
 
         if cache is not None:
-            cache = cache.replace(k=jnp.stack(new_k), v=jnp.stack(new_v))
+            cache = cache.replace(k=stacked_cache[0], v=stacked_cache[1])
         num_switch = max(1, len(aux))
         return Output(
             logits=logits,
