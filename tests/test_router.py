@@ -9,7 +9,6 @@ import pytest
 from gptsan.model import ModelConfig
 from gptsan.model.moe import (
     SwitchFF,
-    block_size,
     capacity_kept,
     expert_capacity,
     expert_ffn,
@@ -17,6 +16,7 @@ from gptsan.model.moe import (
     load_balancing_loss,
     positions_in_expert,
     route,
+    window_sizes,
 )
 
 
@@ -98,11 +98,13 @@ def test_expert_ffn_gradients_equal_the_dense_reference(weights):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_block_size_keeps_decoding_to_one_block():
-    assert block_size(1, 16) == 1
-    assert block_size(16, 8) == 16
-    assert block_size(2048, 8) == 64
-    assert block_size(1 << 16, 16) == 128
+def test_window_sizes_keep_decoding_to_one_window_and_padding_small():
+    assert window_sizes(1, 16) == (1,)
+    assert window_sizes(16, 8) == (16,)
+    sizes = window_sizes(2048, 8)
+    assert sizes[0] == 32 and sizes[-1] == 2048
+    assert all(s % 32 == 0 for s in sizes)
+    assert all(b - a <= max(32, a // 8 + 32) for a, b in zip(sizes, sizes[1:], strict=False))
 
 
 def test_aux_loss_equals_hand_computation():

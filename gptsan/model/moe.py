@@ -16,6 +16,8 @@ all-to-all dispatch). Routing decisions, capacity and losses are the same functi
 
 from __future__ import annotations
 
+from functools import partial
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -63,100 +65,131 @@ def positions_in_expert(expert: jax.Array, num_experts: int) -> jax.Array:
     return jnp.take_along_axis(before, expert[..., None], axis=-1)[..., 0]
 
 
-def block_size(num_tokens: int, num_experts: int) -> int:
-    """Rows per block of the grouped expert matmul. Few tokens (decoding): one block holds them all, so
-    each chosen expert's weights are read once. Many tokens: blocks of 16..128 rows, about a quarter of an
-    expert's share, so padding each expert to whole blocks wastes little."""
+def window_sizes(num_tokens: int, num_experts: int) -> tuple[int, ...]:
+    """Static row counts from which each expert's matmuls pick the smallest that holds its tokens.
+
+    Shapes must be static, an expert's token count is not: so each expert runs on one window of its sorted
+    tokens whose size comes from this ladder (chosen at run time with lax.switch), one matmul per weight
+    instead of one per block, its weight read once. Multiples of 32 rows, each about 1/8 above the last, so
+    the padding rows computed stay under ~1/8 of the tokens plus 32 rows per expert. Few tokens (decoding):
+    one window holds them all."""
     if num_tokens <= 64:
-        return num_tokens
-    share = num_tokens // (4 * num_experts)
-    return int(min(128, max(16, 1 << max(share, 1).bit_length() - 1)))
+        return (num_tokens,)
+    sizes = []
+    size = 32
+    while size < num_tokens:
+        sizes.append(size)
+        size = max(size + 32, -(-size * 9 // 8 // 32) * 32)
+    return (*sizes, num_tokens)
 
 
-def _blocks_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, block_used: jax.Array,
-                   transpose_w: bool = False) -> jax.Array:
-    """x [nb, b, k] @ w[block_expert] for each used block (zeros for unused ones), one block at a time."""
-    out_dim = w.shape[1] if transpose_w else w.shape[2]
-
-    def body(_, block):
-        xb, e, used = block
-
-        def compute(xb):
-            we = jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False)
-            return xb @ (we.T if transpose_w else we)
-
-        def skip(xb):
-            return jnp.zeros(xb.shape[:-1] + (out_dim,), xb.dtype)
-
-        return None, jax.lax.cond(used, compute, skip, xb)
-
-    return jax.lax.scan(body, None, (x, block_expert, block_used))[1]
+def _window(buffer: jax.Array, first_row: jax.Array, size: int) -> jax.Array:
+    return jax.lax.dynamic_slice_in_dim(buffer, first_row, size)
 
 
-@jax.custom_vjp
-def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, block_used: jax.Array) -> jax.Array:
-    """Block-sparse expert matmul: block j of x [nb, b, k] times w[block_expert[j]] ([E, k, n]).
+def _write_window(buffer: jax.Array, rows: jax.Array, first_row: jax.Array, in_run: jax.Array) -> jax.Array:
+    """Writes the window's rows that belong to the expert's run; the others keep their old values."""
+    rows = jnp.where(in_run[:, None], rows, _window(buffer, first_row, rows.shape[0]))
+    return jax.lax.dynamic_update_slice_in_dim(buffer, rows, first_row, 0)
 
-    Unused blocks are skipped at run time (lax.cond), so the work is what the tokens need. The custom
-    gradient accumulates dw in place, block by block, instead of materialising a full [E, k, n] per block.
+
+def _for_each_expert(step, carry, starts: jax.Array, counts: jax.Array, num_rows: int, sizes: tuple[int, ...]):
+    """carry, out = step(carry, e, first_row, in_run) for each expert e, for the smallest window of `sizes`
+    rows that holds its run [starts[e], starts[e] + counts[e]) (`in_run` marks the run's rows in the window);
+    experts without tokens skip `step` (their weights are never read) and give zeros like `out`.
+    Returns the final carry and the outputs stacked over experts."""
+
+    def one_expert(carry, expert_run):
+        e, start, count = expert_run
+
+        def run_in_window(size):
+            def run(carry):
+                first_row = jnp.minimum(start, num_rows - size)  # the window stays inside the buffer
+                row = first_row + jnp.arange(size)
+                return step(carry, e, first_row, (row >= start) & (row < start + count))
+
+            return run
+
+        def skip(carry):
+            out_shape = jax.eval_shape(run_in_window(sizes[0]), carry)[1]
+            return carry, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
+
+        branch = jnp.where(count > 0, 1 + jnp.searchsorted(jnp.asarray(sizes), count), 0)
+        return jax.lax.switch(branch, [skip, *map(run_in_window, sizes)], carry)
+
+    experts = jnp.arange(counts.shape[0])
+    return jax.lax.scan(one_expert, carry, (experts, starts, counts))
+
+
+def _sorted_ffn_forward(x, starts, counts, wi, wo, sizes):
+    def step(carry, e, first_row, in_run):
+        h_all, y_all = carry
+        wi_e = jax.lax.dynamic_index_in_dim(wi, e, keepdims=False)
+        wo_e = jax.lax.dynamic_index_in_dim(wo, e, keepdims=False)
+        h = jax.nn.relu(_window(x, first_row, in_run.shape[0]) @ wi_e)
+        y = h @ wo_e
+        return (_write_window(h_all, h, first_row, in_run), _write_window(y_all, y, first_row, in_run)), None
+
+    empty = (jnp.zeros((x.shape[0], wi.shape[2]), x.dtype), jnp.zeros_like(x))
+    return _for_each_expert(step, empty, starts, counts, x.shape[0], sizes)[0]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5,))
+def sorted_expert_ffn(x: jax.Array, starts: jax.Array, counts: jax.Array, wi: jax.Array, wo: jax.Array,
+                      sizes: tuple[int, ...]) -> jax.Array:
+    """relu(x @ wi[e]) @ wo[e] for the rows [starts[e], starts[e] + counts[e]) of each expert e; other rows 0.
+
+    x [R, d] holds the tokens sorted by expert (see `_for_each_expert` for how the rows are cut into
+    matmuls). The custom gradient reuses the forward's hidden activations and computes each expert's weight
+    gradients with one matmul each, over the same window.
     """
-    return _blocks_matmul(x, w, block_expert, block_used)
+    return _sorted_ffn_forward(x, starts, counts, wi, wo, sizes)[1]
 
 
-def _grouped_matmul_fwd(x, w, block_expert, block_used):
-    return _blocks_matmul(x, w, block_expert, block_used), (x, w, block_expert, block_used)
+def _sorted_expert_ffn_fwd(x, starts, counts, wi, wo, sizes):
+    h, y = _sorted_ffn_forward(x, starts, counts, wi, wo, sizes)
+    return y, (x, h, starts, counts, wi, wo)
 
 
-def _grouped_matmul_bwd(residuals, dy):
-    x, w, block_expert, block_used = residuals
-    dx = _blocks_matmul(dy, w, block_expert, block_used, transpose_w=True)
+def _sorted_expert_ffn_bwd(sizes, residuals, dy):
+    x, h, starts, counts, wi, wo = residuals
+    over_rows = (((0,), (0,)), ((), ()))  # a.T @ b
+    with_transposed = (((1,), (1,)), ((), ()))  # a @ b.T
 
-    def accumulate(dw, block):
-        xb, dyb, e, used = block
-        dw = jax.lax.cond(used, lambda dw: dw.at[e].add((xb.T @ dyb).astype(dw.dtype)), lambda dw: dw, dw)
-        return dw, None
+    def step(dx_all, e, first_row, in_run):
+        size = in_run.shape[0]
+        wi_e = jax.lax.dynamic_index_in_dim(wi, e, keepdims=False)
+        wo_e = jax.lax.dynamic_index_in_dim(wo, e, keepdims=False)
+        dy_w = jnp.where(in_run[:, None], _window(dy, first_row, size), 0)  # other experts' rows: no gradient
+        h_w = _window(h, first_row, size)
+        dh = jnp.where(h_w > 0, jax.lax.dot_general(dy_w, wo_e, with_transposed), 0)
+        dwi_e = jax.lax.dot_general(_window(x, first_row, size), dh, over_rows)
+        dwo_e = jax.lax.dot_general(h_w, dy_w, over_rows)
+        dx = jax.lax.dot_general(dh, wi_e, with_transposed)
+        return _write_window(dx_all, dx, first_row, in_run), (dwi_e, dwo_e)
 
-    dw, _ = jax.lax.scan(accumulate, jnp.zeros_like(w), (x, dy, block_expert, block_used))
-    return dx, dw, None, None
+    dx, (dwi, dwo) = _for_each_expert(step, jnp.zeros_like(x), starts, counts, x.shape[0], sizes)
+    return dx, None, None, dwi, dwo
 
 
-grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
+sorted_expert_ffn.defvjp(_sorted_expert_ffn_fwd, _sorted_expert_ffn_bwd)
 
 
 def expert_ffn(x: jax.Array, expert: jax.Array, kept: jax.Array, wi: jax.Array, wo: jax.Array) -> jax.Array:
     """Each kept token through its expert's FFN (ReLU, no biases); dropped tokens get 0.
 
     x [N, d], expert [N], kept [N] bool, wi [E, d, f], wo [E, f, d] -> [N, d]. Tokens are sorted by expert
-    into blocks (each expert's tokens padded to whole blocks; dropped tokens go nowhere), the blocks run
-    through `grouped_matmul`, and the results are gathered back in token order.
+    (dropped tokens last, in no expert's run), go through `sorted_expert_ffn`, and are put back in order.
     """
-    num_tokens, d = x.shape
+    num_tokens = x.shape[0]
     num_experts = wi.shape[0]
-    b = block_size(num_tokens, num_experts)
-    num_blocks = -(-num_tokens // b) + num_experts  # static bound: every expert may waste one block
-    slots = num_blocks * b
-
-    bucket = jnp.where(kept, expert, num_experts)  # dropped tokens sort last, into no block
+    bucket = jnp.where(kept, expert, num_experts)
     order = jnp.argsort(bucket, stable=True)
-    sorted_bucket = bucket[order]
     counts = jnp.bincount(bucket, length=num_experts + 1)[:num_experts]
-    padded = (counts + b - 1) // b * b
-    padded_end = jnp.cumsum(padded)
-    padded_start = padded_end - padded
-    token_start = jnp.cumsum(counts) - counts
-    expert_of_sorted = jnp.minimum(sorted_bucket, num_experts - 1)
-    rank = jnp.arange(num_tokens) - token_start[expert_of_sorted]
-    dest = jnp.where(sorted_bucket < num_experts, padded_start[expert_of_sorted] + rank, slots)
-
-    buffer = jnp.zeros((slots, d), x.dtype).at[dest].set(x[order], mode="drop")
-    block_first_row = jnp.arange(num_blocks) * b
-    block_expert = jnp.minimum(jnp.searchsorted(padded_end, block_first_row, side="right"), num_experts - 1)
-    block_used = block_first_row < padded_end[-1]
-
-    h = jax.nn.relu(grouped_matmul(buffer.reshape(num_blocks, b, d), wi, block_expert, block_used))
-    y = grouped_matmul(h, wo, block_expert, block_used).reshape(slots, d)
-    y_sorted = y.at[dest].get(mode="fill", fill_value=0)
-    return jnp.zeros_like(x).at[order].set(y_sorted)
+    starts = jnp.cumsum(counts) - counts
+    y_sorted = sorted_expert_ffn(x[order], starts, counts, wi, wo, window_sizes(num_tokens, num_experts))
+    sorted_position = jnp.zeros_like(order).at[order].set(jnp.arange(num_tokens, dtype=order.dtype))
+    return y_sorted[sorted_position]
 
 
 def capacity_kept(expert: jax.Array, num_experts: int, capacity: int) -> jax.Array:
