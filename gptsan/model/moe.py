@@ -94,31 +94,27 @@ def _write_window(buffer: jax.Array, rows: jax.Array, first_row: jax.Array, in_r
 
 
 def _for_each_expert(step, carry, starts: jax.Array, counts: jax.Array, num_rows: int, sizes: tuple[int, ...]):
-    """carry, out = step(carry, e, first_row, in_run) for each expert e, for the smallest window of `sizes`
-    rows that holds its run [starts[e], starts[e] + counts[e]) (`in_run` marks the run's rows in the window);
-    experts without tokens skip `step` (their weights are never read) and give zeros like `out`.
-    Returns the final carry and the outputs stacked over experts."""
+    """carry = step(carry, e, first_row, in_run) for each expert e that has tokens, on the smallest window of
+    `sizes` rows that holds its run [starts[e], starts[e] + counts[e]); `in_run` marks the run's rows in the
+    window. Experts without tokens are skipped (their weights are never read).
 
-    def one_expert(carry, expert_run):
-        e, start, count = expert_run
+    The experts are grouped by window size and each size is a fori_loop over its experts (most loops run 0
+    times): a while loop updates its carry in place, where a lax.switch between sizes would copy the whole
+    carried buffers into every branch."""
+    size_of = jnp.where(counts > 0, jnp.searchsorted(jnp.asarray(sizes), counts), len(sizes))
+    experts_by_size = jnp.argsort(size_of, stable=True)
+    experts_per_size = jnp.bincount(size_of, length=len(sizes) + 1)
+    first_of_size = jnp.cumsum(experts_per_size) - experts_per_size
+    for index, size in enumerate(sizes):
 
-        def run_in_window(size):
-            def run(carry):
-                first_row = jnp.minimum(start, num_rows - size)  # the window stays inside the buffer
-                row = first_row + jnp.arange(size)
-                return step(carry, e, first_row, (row >= start) & (row < start + count))
+        def one_expert(j, carry, index=index, size=size):
+            e = experts_by_size[first_of_size[index] + j]
+            first_row = jnp.minimum(starts[e], num_rows - size)  # the window stays inside the buffer
+            row = first_row + jnp.arange(size)
+            return step(carry, e, first_row, (row >= starts[e]) & (row < starts[e] + counts[e]))
 
-            return run
-
-        def skip(carry):
-            out_shape = jax.eval_shape(run_in_window(sizes[0]), carry)[1]
-            return carry, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
-
-        branch = jnp.where(count > 0, 1 + jnp.searchsorted(jnp.asarray(sizes), count), 0)
-        return jax.lax.switch(branch, [skip, *map(run_in_window, sizes)], carry)
-
-    experts = jnp.arange(counts.shape[0])
-    return jax.lax.scan(one_expert, carry, (experts, starts, counts))
+        carry = jax.lax.fori_loop(0, experts_per_size[index], one_expert, carry)
+    return carry
 
 
 def _sorted_ffn_forward(x, starts, counts, wi, wo, sizes):
@@ -128,10 +124,10 @@ def _sorted_ffn_forward(x, starts, counts, wi, wo, sizes):
         wo_e = jax.lax.dynamic_index_in_dim(wo, e, keepdims=False)
         h = jax.nn.relu(_window(x, first_row, in_run.shape[0]) @ wi_e)
         y = h @ wo_e
-        return (_write_window(h_all, h, first_row, in_run), _write_window(y_all, y, first_row, in_run)), None
+        return _write_window(h_all, h, first_row, in_run), _write_window(y_all, y, first_row, in_run)
 
     empty = (jnp.zeros((x.shape[0], wi.shape[2]), x.dtype), jnp.zeros_like(x))
-    return _for_each_expert(step, empty, starts, counts, x.shape[0], sizes)[0]
+    return _for_each_expert(step, empty, starts, counts, x.shape[0], sizes)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -156,19 +152,22 @@ def _sorted_expert_ffn_bwd(sizes, residuals, dy):
     over_rows = (((0,), (0,)), ((), ()))  # a.T @ b
     with_transposed = (((1,), (1,)), ((), ()))  # a @ b.T
 
-    def step(dx_all, e, first_row, in_run):
+    def step(carry, e, first_row, in_run):
+        dx_all, dwi, dwo = carry
         size = in_run.shape[0]
         wi_e = jax.lax.dynamic_index_in_dim(wi, e, keepdims=False)
         wo_e = jax.lax.dynamic_index_in_dim(wo, e, keepdims=False)
         dy_w = jnp.where(in_run[:, None], _window(dy, first_row, size), 0)  # other experts' rows: no gradient
         h_w = _window(h, first_row, size)
         dh = jnp.where(h_w > 0, jax.lax.dot_general(dy_w, wo_e, with_transposed), 0)
-        dwi_e = jax.lax.dot_general(_window(x, first_row, size), dh, over_rows)
-        dwo_e = jax.lax.dot_general(h_w, dy_w, over_rows)
+        dwi = jax.lax.dynamic_update_index_in_dim(dwi, jax.lax.dot_general(_window(x, first_row, size), dh, over_rows),
+                                                  e, 0)
+        dwo = jax.lax.dynamic_update_index_in_dim(dwo, jax.lax.dot_general(h_w, dy_w, over_rows), e, 0)
         dx = jax.lax.dot_general(dh, wi_e, with_transposed)
-        return _write_window(dx_all, dx, first_row, in_run), (dwi_e, dwo_e)
+        return _write_window(dx_all, dx, first_row, in_run), dwi, dwo
 
-    dx, (dwi, dwo) = _for_each_expert(step, jnp.zeros_like(x), starts, counts, x.shape[0], sizes)
+    zeros = (jnp.zeros_like(x), jnp.zeros_like(wi), jnp.zeros_like(wo))
+    dx, dwi, dwo = _for_each_expert(step, zeros, starts, counts, x.shape[0], sizes)
     return dx, None, None, dwi, dwo
 
 
