@@ -6,8 +6,9 @@ decide which tokens an expert takes, chosen by `ModelConfig.routing`:
     into groups of at most `group_size`; each expert takes at most `max(min_capacity, int(S * cf / E))`
     tokens per group, in token order; tokens past capacity get MoE output 0 (the bypass still applies).
   - "dropless": every token reaches its expert.
-One dispatch serves both: tokens sorted by expert into blocks, a block-sparse matmul over the blocks in use,
-results gathered back (indices, never one-hot einsums; no compute on capacity padding).
+One dispatch serves both: tokens sorted by expert, each expert with tokens runs its FFN as whole matmuls
+over one window of its sorted tokens (a size from a static ladder), results gathered back (indices, never
+one-hot einsums; no compute on capacity padding, little on window padding).
 
 Expert parallelism: when the mesh in context (`jax.set_mesh`) has an `expert` axis larger than 1, the
 experts live on different devices and the tokens travel instead (gptsan/model/expert_parallel.py, GShard's
@@ -69,10 +70,10 @@ def window_sizes(num_tokens: int, num_experts: int) -> tuple[int, ...]:
     """Static row counts from which each expert's matmuls pick the smallest that holds its tokens.
 
     Shapes must be static, an expert's token count is not: so each expert runs on one window of its sorted
-    tokens whose size comes from this ladder (chosen at run time with lax.switch), one matmul per weight
-    instead of one per block, its weight read once. Multiples of 32 rows, each about 1/8 above the last, so
-    the padding rows computed stay under ~1/8 of the tokens plus 32 rows per expert. Few tokens (decoding):
-    one window holds them all."""
+    tokens, its size picked from this ladder at run time (`_for_each_expert`), and each of its matmuls is one
+    big matmul (near the dense FF's speed), its weight read once, with no weight-gradient accumulation over
+    blocks. Multiples of 32 rows, each about 1/8 above the last, so the padding rows computed stay under ~1/8
+    of the tokens plus 32 rows per expert. Few tokens (decoding): one window holds them all."""
     if num_tokens <= 64:
         return (num_tokens,)
     sizes = []
@@ -160,11 +161,11 @@ def _sorted_expert_ffn_bwd(sizes, residuals, dy):
         dy_w = jnp.where(in_run[:, None], _window(dy, first_row, size), 0)  # other experts' rows: no gradient
         h_w = _window(h, first_row, size)
         dh = jnp.where(h_w > 0, jax.lax.dot_general(dy_w, wo_e, with_transposed), 0)
-        dwi = jax.lax.dynamic_update_index_in_dim(dwi, jax.lax.dot_general(_window(x, first_row, size), dh, over_rows),
-                                                  e, 0)
-        dwo = jax.lax.dynamic_update_index_in_dim(dwo, jax.lax.dot_general(h_w, dy_w, over_rows), e, 0)
+        dwi_e = jax.lax.dot_general(_window(x, first_row, size), dh, over_rows)
+        dwo_e = jax.lax.dot_general(h_w, dy_w, over_rows)
         dx = jax.lax.dot_general(dh, wi_e, with_transposed)
-        return _write_window(dx_all, dx, first_row, in_run), dwi, dwo
+        return (_write_window(dx_all, dx, first_row, in_run), jax.lax.dynamic_update_index_in_dim(dwi, dwi_e, e, 0),
+                jax.lax.dynamic_update_index_in_dim(dwo, dwo_e, e, 0))
 
     zeros = (jnp.zeros_like(x), jnp.zeros_like(wi), jnp.zeros_like(wo))
     dx, dwi, dwo = _for_each_expert(step, zeros, starts, counts, x.shape[0], sizes)
