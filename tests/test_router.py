@@ -9,7 +9,6 @@ import pytest
 from gptsan.model import ModelConfig
 from gptsan.model.moe import (
     SwitchFF,
-    block_size,
     capacity_kept,
     expert_capacity,
     expert_ffn,
@@ -17,6 +16,7 @@ from gptsan.model.moe import (
     load_balancing_loss,
     positions_in_expert,
     route,
+    window_sizes,
 )
 
 
@@ -76,14 +76,15 @@ def test_dropless_drops_none_and_equals_loop_over_tokens(weights, num_tokens):
     np.testing.assert_allclose(y, reference_expert_ffn(x, expert, wi, wo), rtol=1e-5, atol=1e-5)
 
 
-def test_expert_ffn_gradients_equal_the_dense_reference(weights):
-    """The block-sparse matmul's custom gradient equals autodiff of a plain per-token computation."""
+@pytest.mark.parametrize("num_tokens", [200, 40])
+def test_expert_ffn_gradients_equal_the_dense_reference(weights, num_tokens):
+    """Both paths' gradients (windows with the custom VJP; few tokens) equal autodiff of a per-token loop."""
     wi, wo = (jnp.asarray(w) for w in weights)
     rng = np.random.default_rng(3)
-    x = jnp.asarray(rng.normal(size=(200, 4)).astype(np.float32))
-    expert = jnp.asarray(rng.integers(0, 3, 200))
-    kept = jnp.asarray(rng.random(200) < 0.7)
-    target = jnp.asarray(rng.normal(size=(200, 4)).astype(np.float32))
+    x = jnp.asarray(rng.normal(size=(num_tokens, 4)).astype(np.float32))
+    expert = jnp.asarray(rng.integers(0, 3, num_tokens))
+    kept = jnp.asarray(rng.random(num_tokens) < 0.7)
+    target = jnp.asarray(rng.normal(size=(num_tokens, 4)).astype(np.float32))
 
     def dense(x, wi, wo):
         h = jax.nn.relu(jnp.einsum("nd,ndf->nf", x, wi[expert]))
@@ -98,11 +99,52 @@ def test_expert_ffn_gradients_equal_the_dense_reference(weights):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_block_size_keeps_decoding_to_one_block():
-    assert block_size(1, 16) == 1
-    assert block_size(16, 8) == 16
-    assert block_size(2048, 8) == 64
-    assert block_size(1 << 16, 16) == 128
+@pytest.mark.parametrize("pattern", ["one_expert_takes_all", "one_expert_empty", "skewed", "last_expert_only"])
+def test_sorted_expert_ffn_values_and_gradients_equal_the_dense_reference(pattern):
+    """Window sizes chosen per expert at run time (incl. windows clamped at the buffer's end, experts with no
+    tokens and one with all): output and the custom gradients equal autodiff of a per-token computation."""
+    rng = np.random.default_rng(4)
+    num_experts, d, f, num_tokens = 4, 8, 16, 150
+    wi = jnp.asarray(rng.normal(size=(num_experts, d, f)).astype(np.float32))
+    wo = jnp.asarray(rng.normal(size=(num_experts, f, d)).astype(np.float32))
+    counts = {
+        "one_expert_takes_all": [0, 150, 0, 0],
+        "one_expert_empty": [40, 0, 77, 33],
+        "skewed": [120, 3, 26, 1],
+        "last_expert_only": [0, 0, 0, 150],
+    }[pattern]
+    expert = jnp.asarray(rng.permutation(np.repeat(np.arange(num_experts), counts)))
+    x = jnp.asarray(rng.normal(size=(num_tokens, d)).astype(np.float32))
+    target = jnp.asarray(rng.normal(size=(num_tokens, d)).astype(np.float32))
+    kept = jnp.ones(num_tokens, bool)
+
+    def dense(x, wi, wo):
+        return jnp.einsum("nf,nfd->nd", jax.nn.relu(jnp.einsum("nd,ndf->nf", x, wi[expert])), wo[expert])
+
+    def ours(x, wi, wo):
+        return expert_ffn(x, expert, kept, wi, wo)
+
+    np.testing.assert_allclose(ours(x, wi, wo), dense(x, wi, wo), rtol=1e-4, atol=1e-4)
+
+    def loss(ffn):
+        return lambda x, wi, wo: jnp.sum((ffn(x, wi, wo) - target) ** 2)
+
+    got = jax.jit(jax.grad(loss(ours), argnums=(0, 1, 2)))(x, wi, wo)
+    want = jax.grad(loss(dense), argnums=(0, 1, 2))(x, wi, wo)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+    unused = [e for e, c in enumerate(counts) if c == 0]
+    np.testing.assert_array_equal(np.asarray(got[1])[unused], 0)
+    np.testing.assert_array_equal(np.asarray(got[2])[unused], 0)
+
+
+def test_window_sizes_keep_decoding_to_one_window_and_padding_small():
+    assert window_sizes(1, 16) == (1,)
+    assert window_sizes(16, 8) == (16,)
+    sizes = window_sizes(2048, 8)
+    assert sizes[0] == 32 and sizes[-1] == 2048
+    assert all(s % 32 == 0 for s in sizes)
+    assert all(b - a <= max(32, a // 8 + 32) for a, b in zip(sizes, sizes[1:], strict=False))
 
 
 def test_aux_loss_equals_hand_computation():

@@ -6,8 +6,9 @@ decide which tokens an expert takes, chosen by `ModelConfig.routing`:
     into groups of at most `group_size`; each expert takes at most `max(min_capacity, int(S * cf / E))`
     tokens per group, in token order; tokens past capacity get MoE output 0 (the bypass still applies).
   - "dropless": every token reaches its expert.
-One dispatch serves both: tokens sorted by expert into blocks, a block-sparse matmul over the blocks in use,
-results gathered back (indices, never one-hot einsums; no compute on capacity padding).
+One dispatch serves both: tokens sorted by expert, each expert with tokens runs its FFN as whole matmuls
+over one window of its sorted tokens (a size from a static ladder), results gathered back (indices, never
+one-hot einsums; no compute on capacity padding, little on window padding).
 
 Expert parallelism: when the mesh in context (`jax.set_mesh`) has an `expert` axis larger than 1, the
 experts live on different devices and the tokens travel instead (gptsan/model/expert_parallel.py, GShard's
@@ -15,6 +16,8 @@ all-to-all dispatch). Routing decisions, capacity and losses are the same functi
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import flax.linen as nn
 import jax
@@ -25,6 +28,7 @@ from gptsan.model.expert_parallel import expert_parallel_ffn, expert_parallelism
 from gptsan.model.weights import Kernel, fan_in_normal, normal
 
 AUX_LOSS_COEF = 0.01
+FEW_TOKENS = 64  # up to this many tokens (decoding), expert_ffn runs every chosen expert on all of them
 
 
 def route(router_logits: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -63,100 +67,158 @@ def positions_in_expert(expert: jax.Array, num_experts: int) -> jax.Array:
     return jnp.take_along_axis(before, expert[..., None], axis=-1)[..., 0]
 
 
-def block_size(num_tokens: int, num_experts: int) -> int:
-    """Rows per block of the grouped expert matmul. Few tokens (decoding): one block holds them all, so
-    each chosen expert's weights are read once. Many tokens: blocks of 16..128 rows, about a quarter of an
-    expert's share, so padding each expert to whole blocks wastes little."""
-    if num_tokens <= 64:
-        return num_tokens
-    share = num_tokens // (4 * num_experts)
-    return int(min(128, max(16, 1 << max(share, 1).bit_length() - 1)))
+def window_sizes(num_tokens: int, num_experts: int) -> tuple[int, ...]:
+    """Static row counts from which each expert's matmuls pick the smallest that holds its tokens.
+
+    Shapes must be static, an expert's token count is not: so each expert runs on one window of its sorted
+    tokens, its size picked from this ladder at run time (`_for_each_expert`), and each of its matmuls is one
+    big matmul (near the dense FF's speed), its weight read once, with no weight-gradient accumulation over
+    blocks. Multiples of 32 rows, each about 1/8 above the last, so the padding rows computed stay under ~1/8
+    of the tokens plus 32 rows per expert. Few tokens: one window holds them all."""
+    if num_tokens <= FEW_TOKENS:
+        return (num_tokens,)
+    sizes = []
+    size = 32
+    while size < num_tokens:
+        sizes.append(size)
+        size = max(size + 32, -(-size * 9 // 8 // 32) * 32)
+    return (*sizes, num_tokens)
 
 
-def _blocks_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, block_used: jax.Array,
-                   transpose_w: bool = False) -> jax.Array:
-    """x [nb, b, k] @ w[block_expert] for each used block (zeros for unused ones), one block at a time."""
-    out_dim = w.shape[1] if transpose_w else w.shape[2]
-
-    def body(_, block):
-        xb, e, used = block
-
-        def compute(xb):
-            we = jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False)
-            return xb @ (we.T if transpose_w else we)
-
-        def skip(xb):
-            return jnp.zeros(xb.shape[:-1] + (out_dim,), xb.dtype)
-
-        return None, jax.lax.cond(used, compute, skip, xb)
-
-    return jax.lax.scan(body, None, (x, block_expert, block_used))[1]
+def _window(buffer: jax.Array, first_row: jax.Array, size: int) -> jax.Array:
+    return jax.lax.dynamic_slice_in_dim(buffer, first_row, size)
 
 
-@jax.custom_vjp
-def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, block_used: jax.Array) -> jax.Array:
-    """Block-sparse expert matmul: block j of x [nb, b, k] times w[block_expert[j]] ([E, k, n]).
+def _write_window(buffer: jax.Array, rows: jax.Array, first_row: jax.Array, in_run: jax.Array) -> jax.Array:
+    """Writes the window's rows that belong to the expert's run; the others keep their old values."""
+    rows = jnp.where(in_run[:, None], rows, _window(buffer, first_row, rows.shape[0]))
+    return jax.lax.dynamic_update_slice_in_dim(buffer, rows, first_row, 0)
 
-    Unused blocks are skipped at run time (lax.cond), so the work is what the tokens need. The custom
-    gradient accumulates dw in place, block by block, instead of materialising a full [E, k, n] per block.
+
+def _for_each_expert(step, carry, starts: jax.Array, counts: jax.Array, num_rows: int, sizes: tuple[int, ...]):
+    """carry = step(carry, e, first_row, in_run) for each expert e that has tokens, on the smallest window of
+    `sizes` rows that holds its run [starts[e], starts[e] + counts[e]); `in_run` marks the run's rows in the
+    window. Experts without tokens are skipped (their weights are never read).
+
+    The experts are grouped by window size and each size is a fori_loop over its experts (most loops run 0
+    times): a while loop updates its carry in place, where a lax.switch between sizes would copy the whole
+    carried buffers into every branch."""
+    size_of = jnp.where(counts > 0, jnp.searchsorted(jnp.asarray(sizes), counts), len(sizes))
+    experts_by_size = jnp.argsort(size_of, stable=True)
+    experts_per_size = jnp.bincount(size_of, length=len(sizes) + 1)
+    first_of_size = jnp.cumsum(experts_per_size) - experts_per_size
+    for index, size in enumerate(sizes):
+
+        def one_expert(j, carry, index=index, size=size):
+            e = experts_by_size[first_of_size[index] + j]
+            first_row = jnp.minimum(starts[e], num_rows - size)  # the window stays inside the buffer
+            row = first_row + jnp.arange(size)
+            return step(carry, e, first_row, (row >= starts[e]) & (row < starts[e] + counts[e]))
+
+        carry = jax.lax.fori_loop(0, experts_per_size[index], one_expert, carry)
+    return carry
+
+
+def _sorted_ffn_forward(x, starts, counts, wi, wo, sizes):
+    def step(carry, e, first_row, in_run):
+        h_all, y_all = carry
+        wi_e = jax.lax.dynamic_index_in_dim(wi, e, keepdims=False)
+        wo_e = jax.lax.dynamic_index_in_dim(wo, e, keepdims=False)
+        h = jax.nn.relu(_window(x, first_row, in_run.shape[0]) @ wi_e)
+        y = h @ wo_e
+        return _write_window(h_all, h, first_row, in_run), _write_window(y_all, y, first_row, in_run)
+
+    empty = (jnp.zeros((x.shape[0], wi.shape[2]), x.dtype), jnp.zeros_like(x))
+    return _for_each_expert(step, empty, starts, counts, x.shape[0], sizes)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5,))
+def sorted_expert_ffn(x: jax.Array, starts: jax.Array, counts: jax.Array, wi: jax.Array, wo: jax.Array,
+                      sizes: tuple[int, ...]) -> jax.Array:
+    """relu(x @ wi[e]) @ wo[e] for the rows [starts[e], starts[e] + counts[e]) of each expert e; other rows 0.
+
+    x [R, d] holds the tokens sorted by expert (see `_for_each_expert` for how the rows are cut into
+    matmuls). The custom gradient reuses the forward's hidden activations and computes each expert's weight
+    gradients with one matmul each, over the same window.
     """
-    return _blocks_matmul(x, w, block_expert, block_used)
+    return _sorted_ffn_forward(x, starts, counts, wi, wo, sizes)[1]
 
 
-def _grouped_matmul_fwd(x, w, block_expert, block_used):
-    return _blocks_matmul(x, w, block_expert, block_used), (x, w, block_expert, block_used)
+def _sorted_expert_ffn_fwd(x, starts, counts, wi, wo, sizes):
+    h, y = _sorted_ffn_forward(x, starts, counts, wi, wo, sizes)
+    return y, (x, h, starts, counts, wi, wo)
 
 
-def _grouped_matmul_bwd(residuals, dy):
-    x, w, block_expert, block_used = residuals
-    dx = _blocks_matmul(dy, w, block_expert, block_used, transpose_w=True)
+def _sorted_expert_ffn_bwd(sizes, residuals, dy):
+    x, h, starts, counts, wi, wo = residuals
+    over_rows = (((0,), (0,)), ((), ()))  # a.T @ b
+    with_transposed = (((1,), (1,)), ((), ()))  # a @ b.T
 
-    def accumulate(dw, block):
-        xb, dyb, e, used = block
-        dw = jax.lax.cond(used, lambda dw: dw.at[e].add((xb.T @ dyb).astype(dw.dtype)), lambda dw: dw, dw)
-        return dw, None
+    def step(carry, e, first_row, in_run):
+        dx_all, dwi, dwo = carry
+        size = in_run.shape[0]
+        wi_e = jax.lax.dynamic_index_in_dim(wi, e, keepdims=False)
+        wo_e = jax.lax.dynamic_index_in_dim(wo, e, keepdims=False)
+        dy_w = jnp.where(in_run[:, None], _window(dy, first_row, size), 0)  # other experts' rows: no gradient
+        h_w = _window(h, first_row, size)
+        dh = jnp.where(h_w > 0, jax.lax.dot_general(dy_w, wo_e, with_transposed), 0)
+        dwi_e = jax.lax.dot_general(_window(x, first_row, size), dh, over_rows)
+        dwo_e = jax.lax.dot_general(h_w, dy_w, over_rows)
+        dx = jax.lax.dot_general(dh, wi_e, with_transposed)
+        return (_write_window(dx_all, dx, first_row, in_run), jax.lax.dynamic_update_index_in_dim(dwi, dwi_e, e, 0),
+                jax.lax.dynamic_update_index_in_dim(dwo, dwo_e, e, 0))
 
-    dw, _ = jax.lax.scan(accumulate, jnp.zeros_like(w), (x, dy, block_expert, block_used))
-    return dx, dw, None, None
+    zeros = (jnp.zeros_like(x), jnp.zeros_like(wi), jnp.zeros_like(wo))
+    dx, dwi, dwo = _for_each_expert(step, zeros, starts, counts, x.shape[0], sizes)
+    return dx, None, None, dwi, dwo
 
 
-grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
+sorted_expert_ffn.defvjp(_sorted_expert_ffn_fwd, _sorted_expert_ffn_bwd)
+
+
+def _few_tokens_expert_ffn(x: jax.Array, expert: jax.Array, kept: jax.Array, wi: jax.Array, wo: jax.Array):
+    """Decoding (a few tokens): each chosen expert runs all the tokens (one small matmul per weight) and each
+    token keeps its own expert's rows. No sorting or windows, whose bookkeeping costs more than the extra rows
+    at this size; scans over experts with lax.cond, so unchosen experts' weights are never read. One scan per
+    weight (as the block matmul before it), which measured faster than both matmuls in one scan body."""
+    experts = jnp.arange(wi.shape[0])
+    chosen = (kept[None, :] & (expert[None, :] == experts[:, None]))  # [E, N]
+    used = chosen.any(axis=1)
+
+    def per_expert(inputs, w):
+        def one(_, block):
+            rows, e, use = block
+
+            def run(rows):
+                return rows @ jax.lax.dynamic_index_in_dim(w, e, keepdims=False)
+
+            return None, jax.lax.cond(use, run, lambda rows: jnp.zeros(rows.shape[:-1] + w.shape[2:], rows.dtype),
+                                      rows)
+
+        return jax.lax.scan(one, None, (inputs, experts, used))[1]
+
+    h = jax.nn.relu(per_expert(jnp.broadcast_to(x, (wi.shape[0], *x.shape)), wi))
+    y = per_expert(h, wo)  # [E, N, d]
+    return jnp.sum(jnp.where(chosen[..., None], y, 0), axis=0)
 
 
 def expert_ffn(x: jax.Array, expert: jax.Array, kept: jax.Array, wi: jax.Array, wo: jax.Array) -> jax.Array:
     """Each kept token through its expert's FFN (ReLU, no biases); dropped tokens get 0.
 
     x [N, d], expert [N], kept [N] bool, wi [E, d, f], wo [E, f, d] -> [N, d]. Tokens are sorted by expert
-    into blocks (each expert's tokens padded to whole blocks; dropped tokens go nowhere), the blocks run
-    through `grouped_matmul`, and the results are gathered back in token order.
+    (dropped tokens last, in no expert's run), go through `sorted_expert_ffn`, and are put back in order.
     """
-    num_tokens, d = x.shape
+    num_tokens = x.shape[0]
     num_experts = wi.shape[0]
-    b = block_size(num_tokens, num_experts)
-    num_blocks = -(-num_tokens // b) + num_experts  # static bound: every expert may waste one block
-    slots = num_blocks * b
-
-    bucket = jnp.where(kept, expert, num_experts)  # dropped tokens sort last, into no block
+    if num_tokens <= FEW_TOKENS:
+        return _few_tokens_expert_ffn(x, expert, kept, wi, wo)
+    bucket = jnp.where(kept, expert, num_experts)
     order = jnp.argsort(bucket, stable=True)
-    sorted_bucket = bucket[order]
     counts = jnp.bincount(bucket, length=num_experts + 1)[:num_experts]
-    padded = (counts + b - 1) // b * b
-    padded_end = jnp.cumsum(padded)
-    padded_start = padded_end - padded
-    token_start = jnp.cumsum(counts) - counts
-    expert_of_sorted = jnp.minimum(sorted_bucket, num_experts - 1)
-    rank = jnp.arange(num_tokens) - token_start[expert_of_sorted]
-    dest = jnp.where(sorted_bucket < num_experts, padded_start[expert_of_sorted] + rank, slots)
-
-    buffer = jnp.zeros((slots, d), x.dtype).at[dest].set(x[order], mode="drop")
-    block_first_row = jnp.arange(num_blocks) * b
-    block_expert = jnp.minimum(jnp.searchsorted(padded_end, block_first_row, side="right"), num_experts - 1)
-    block_used = block_first_row < padded_end[-1]
-
-    h = jax.nn.relu(grouped_matmul(buffer.reshape(num_blocks, b, d), wi, block_expert, block_used))
-    y = grouped_matmul(h, wo, block_expert, block_used).reshape(slots, d)
-    y_sorted = y.at[dest].get(mode="fill", fill_value=0)
-    return jnp.zeros_like(x).at[order].set(y_sorted)
+    starts = jnp.cumsum(counts) - counts
+    y_sorted = sorted_expert_ffn(x[order], starts, counts, wi, wo, window_sizes(num_tokens, num_experts))
+    sorted_position = jnp.zeros_like(order).at[order].set(jnp.arange(num_tokens, dtype=order.dtype))
+    return y_sorted[sorted_position]
 
 
 # --- Few-token (decoding) expert FFN -------------------------------------------------------------------------
