@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gptsan.model import moe
-from gptsan.model.moe import expert_ffn, few_token_expert_ffn
+from gptsan.model.moe import expert_ffn, streamed_expert_ffn
 
 
 @pytest.mark.parametrize("num_tokens", [1, 3, 8])
@@ -20,5 +20,5 @@ def test_few_token_expert_ffn_equals_expert_ffn(num_tokens, monkeypatch):
     expert = jax.random.randint(keys[3], (num_tokens,), 0, num_experts)
     kept = jnp.arange(num_tokens) % 3 != 2  # some tokens dropped (capacity routing)
     expected = expert_ffn(x, expert, kept, wi, wo)
-    np.testing.assert_allclose(np.asarray(few_token_expert_ffn(x, expert, kept, wi, wo)), np.asarray(expected),
+    np.testing.assert_allclose(np.asarray(streamed_expert_ffn(x, expert, kept, wi, wo)), np.asarray(expected),
                                rtol=1e-5, atol=1e-5)

@@ -227,7 +227,7 @@ def expert_ffn(x: jax.Array, expert: jax.Array, kept: jax.Array, wi: jax.Array, 
 # matmul would first copy the whole [d, f] expert (read + write + read again: 3x the traffic). Instead the
 # expert's rows are taken a cache-sized chunk at a time, so each weight byte crosses the memory bus once.
 
-FEW_TOKENS = 8  # at most this many tokens (inference only) take `few_token_expert_ffn`
+STREAMED_TOKENS = 8  # at most this many tokens (float32 inference) take `streamed_expert_ffn`
 STREAM_CHUNK_BYTES = 2 << 20  # weight rows per chunk of `streamed_expert_matmul`: about 2 MiB, cache-resident
 
 
@@ -250,7 +250,7 @@ def streamed_expert_matmul(x: jax.Array, w: jax.Array, e: jax.Array) -> jax.Arra
     return jax.lax.fori_loop(0, k // rows, add_chunk, jnp.zeros((x.shape[0], n), x.dtype))
 
 
-def few_token_expert_ffn(x: jax.Array, expert: jax.Array, kept: jax.Array, wi: jax.Array,
+def streamed_expert_ffn(x: jax.Array, expert: jax.Array, kept: jax.Array, wi: jax.Array,
                          wo: jax.Array) -> jax.Array:
     """`expert_ffn` for a few tokens (decoding): each distinct chosen expert runs once over all the tokens,
     its weights streamed (`streamed_expert_matmul`), and keeps the rows of the tokens that chose it.
@@ -321,8 +321,8 @@ class SwitchFF(nn.Module):
                                     wi.astype(x.dtype), wo.astype(x.dtype)).reshape(batch, length, d)
         else:
             # float32 only: on CPU, bfloat16 chunk matmuls made decoding slower (81 vs 30 ms/step, bench-small)
-            few_tokens = not train and num_tokens <= FEW_TOKENS and x.dtype == jnp.float32
-            ffn = few_token_expert_ffn if few_tokens else expert_ffn
+            streamed = not train and num_tokens <= STREAMED_TOKENS and x.dtype == jnp.float32
+            ffn = streamed_expert_ffn if streamed else expert_ffn
             y = ffn(x.reshape(num_tokens, d), expert.reshape(-1), kept, wi.astype(x.dtype),
                     wo.astype(x.dtype)).reshape(batch, length, d)
         dropped = 1.0 - kept.astype(jnp.float32).mean()

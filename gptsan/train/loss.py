@@ -89,8 +89,8 @@ def _tied_head_loss_bwd(z_loss_coef, residuals, cotangent: LossTerms):
     g_z = cotangent.loss + cotangent.z_loss
     softmax_scale = token_weight * (g_ce + g_z * 2.0 * z_loss_coef * log_z) / exp_sum  # [N]
     target_scale = token_weight * g_ce  # [N]
-    rows = jnp.arange(safe.shape[0])
-    d_logits = (shifted_exp * softmax_scale[:, None]).at[rows, safe].add(-target_scale)
+    is_target = jnp.arange(shifted_exp.shape[1])[None, :] == safe[:, None]  # compared in the same pass, no scatter
+    d_logits = shifted_exp * softmax_scale[:, None] - jnp.where(is_target, target_scale[:, None], 0.0)
     # The bias gradient is a column sum of d_logits: as a matrix-vector product it runs at memory speed.
     d_bias = jnp.ones_like(softmax_scale) @ d_logits
     d_logits = d_logits.astype(hidden.dtype)
