@@ -1,5 +1,6 @@
 """gptsan against its peer, the Hugging Face port (transformers 4.40.2 GPTSanJapaneseForConditionalGeneration on
-torch CPU), on the same config, measured in the same process so the ratio holds on a busy machine.
+torch CPU), on the same config, measured in the same run, step for step in turn, so the ratio holds on a busy
+machine.
 
     python bench/peer_hf.py --config bench-small --batch 4 [--steps 3] [--parts all,extended,decode]
 
@@ -8,6 +9,12 @@ network) trainable — the HF model gets requires_grad False elsewhere; batch-1 
 use_cache, top-k 120 sampling, a 16-token prompt, 128 new tokens; ours from bench/generate.py when present).
 Prints one JSON line per part with both figures and `ratio` = ours / HF (> 1: gptsan is faster).
 Needs the `peer` extra (torch, transformers).
+
+Training steps of the port run in worker processes, each as its users get it: `hf` with glibc's default
+malloc (the port as shipped), `hf_keep_memory` with gptsan's `keep_freed_memory` (which gptsan's commands
+apply to themselves, and which helps torch as much). `ratio` is against the port as shipped;
+`ratio_hf_keep_memory` against the tuned one. The parent process (ours, the matmul peak) asks each worker for
+one step per round and times it.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import argparse
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -120,19 +128,68 @@ def ours_decode(name: str, repeats: int) -> dict | None:
     return module.run(name, 1, "float32", NEW_TOKENS, repeats)
 
 
+class HFTrainWorker:
+    """A child process holding a warmed-up HF train step; `step()` runs one there and returns when done."""
+
+    def __init__(self, name: str, batch: int, trainable: str, keep_memory: bool):
+        command = [sys.executable, __file__, "--config", name, "--batch", str(batch), "--parts", trainable,
+                   "--worker", "keep_memory" if keep_memory else "default_malloc"]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._expect("ready")
+
+    def _expect(self, word: str) -> None:
+        line = self.process.stdout.readline().strip()
+        if line != word:
+            raise RuntimeError(f"HF worker: expected {word!r}, got {line!r} (exit {self.process.poll()})")
+
+    def step(self) -> None:
+        self.process.stdin.write("step\n")
+        self.process.stdin.flush()
+        self._expect("done")
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def serve_hf_steps(name: str, batch: int, trainable: str, keep_memory: bool) -> None:
+    """The worker's side: prepare the port's step, then run one per `step` line on stdin."""
+    if keep_memory:
+        keep_freed_memory()
+    step = prepare_hf_train(load_config(ours.config_path(name), dtype="float32"), batch, trainable)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "step":
+            step()
+            print("done", flush=True)
+
+
 def train_part(name: str, config: ModelConfig, batch: int, trainable: str, steps: int) -> dict:
-    """Ours, the HF port and the matmul peak, one step each in turn for `steps` rounds."""
+    """Ours, the HF port (as shipped and with kept memory) and the matmul peak, one step each in turn for
+    `steps` rounds."""
+    workers = {"hf": HFTrainWorker(name, batch, trainable, keep_memory=False),
+               "hf_keep_memory": HFTrainWorker(name, batch, trainable, keep_memory=True)}
     run_matmul, matmul_flops = ours.prepare_matmul("float32")
     our_step, info = ours.prepare_train(config, batch, trainable)
-    times = ours.interleaved({"matmul": run_matmul, "ours": our_step,
-                              "hf": prepare_hf_train(config, batch, trainable)}, steps)
+    try:
+        times = ours.interleaved({"matmul": run_matmul, "ours": our_step,
+                                  **{key: worker.step for key, worker in workers.items()}}, steps)
+    finally:
+        for worker in workers.values():
+            worker.close()
     peak = matmul_flops / min(times["matmul"])
     record = ours.train_record(name, config, batch, trainable, info, times["ours"], peak)
-    hf_tokens_per_s = info["tokens"] / min(times["hf"])
-    record.update(bench="peer_hf_train", hf_tokens_per_s=round(hf_tokens_per_s, 1),
-                  hf_peak_fraction=round(record["flops_per_token"] * hf_tokens_per_s / peak, 4),
-                  hf_median_tokens_per_s=round(info["tokens"] / float(np.median(times["hf"])), 1),
-                  ratio=round(record["tokens_per_s"] / hf_tokens_per_s, 3), load=ours.machine_load())
+    record["bench"] = "peer_hf_train"
+    for key in workers:
+        hf_tokens_per_s = info["tokens"] / min(times[key])
+        record.update({
+            f"{key}_tokens_per_s": round(hf_tokens_per_s, 1),
+            f"{key}_peak_fraction": round(record["flops_per_token"] * hf_tokens_per_s / peak, 4),
+            f"{key}_median_tokens_per_s": round(info["tokens"] / float(np.median(times[key])), 1),
+        })
+    record.update(ratio=round(record["tokens_per_s"] / record["hf_tokens_per_s"], 3),
+                  ratio_hf_keep_memory=round(record["tokens_per_s"] / record["hf_keep_memory_tokens_per_s"], 3),
+                  load=ours.machine_load())
     return record
 
 
@@ -168,6 +225,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=4, help="training batch (decoding is batch 1)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps (decode: repeats)")
     parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated: all, extended, decode")
+    parser.add_argument("--worker", choices=["default_malloc", "keep_memory"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.parts = ours.comma_list(args.parts, PARTS, "--parts")
     return args
@@ -176,7 +234,10 @@ def parse_args(argv=None):
 @cli_main
 def main(argv=None) -> int:
     args = parse_args(argv)
-    keep_freed_memory()  # for both contenders: torch's CPU tensors come from malloc too
+    if args.worker:
+        serve_hf_steps(args.config, args.batch, args.parts[0], args.worker == "keep_memory")
+        return 0
+    keep_freed_memory()  # as gptsan's commands do (the HF decode part runs here too)
     run(args.config, args.batch, args.steps, args.parts)
     return 0
 

@@ -55,6 +55,7 @@ COLUMNS = [
     ("bench", "bench"), ("config", "config"), ("batch", "batch"), ("dtype", "dtype"),
     ("mode", "trainable"), ("tokens/s", "tokens_per_s"), ("peak fraction", "peak_fraction"),
     ("bandwidth fraction", "bandwidth_fraction"), ("HF tokens/s", "hf_tokens_per_s"), ("vs HF", "ratio"),
+    ("HF tokens/s, kept memory", "hf_keep_memory_tokens_per_s"), ("vs HF, kept memory", "ratio_hf_keep_memory"),
     ("load", "load"),
 ]
 
