@@ -28,6 +28,7 @@ from gptsan.generate.decode import Decoder  # noqa: E402
 from gptsan.generate.prompt import Prompt, left_pad  # noqa: E402
 from gptsan.generate.sampling import Sampler  # noqa: E402
 from gptsan.generate.weights import cast_for_compute  # noqa: E402
+from gptsan.memory import keep_freed_memory  # noqa: E402
 from gptsan.model import flatten, init_params, load_config  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as gptsan-generate does
     for batch in args.batch:
         print(json.dumps(run(args.config, batch, args.dtype, args.new_tokens, args.repeats)), flush=True)
     return 0
