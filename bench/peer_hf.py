@@ -194,8 +194,8 @@ def train_part(name: str, config: ModelConfig, batch: int, trainable: str, steps
 
 
 def decode_part(name: str, config: ModelConfig, repeats: int) -> dict:
+    mine = ours_decode(name, repeats)  # first: torch's idle OpenMP threads keep spinning after the port's runs
     theirs = measure_hf_decode(config, repeats)
-    mine = ours_decode(name, repeats)
     record = {"bench": "peer_hf_decode", "config": name, "batch": 1, "dtype": "float32",
               "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
               "hf_tokens_per_s": round(theirs["tokens_per_s"], 2),
