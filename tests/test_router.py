@@ -139,9 +139,9 @@ def test_sorted_expert_ffn_values_and_gradients_equal_the_dense_reference(patter
 
 
 def test_window_sizes_keep_decoding_to_one_window_and_padding_small():
-    assert window_sizes(1, 16) == (1,)
-    assert window_sizes(16, 8) == (16,)
-    sizes = window_sizes(2048, 8)
+    assert window_sizes(1) == (1,)
+    assert window_sizes(16) == (16,)
+    sizes = window_sizes(2048)
     assert sizes[0] == 32 and sizes[-1] == 2048
     assert all(s % 32 == 0 for s in sizes)
     assert all(b - a <= max(32, a // 8 + 32) for a, b in zip(sizes, sizes[1:], strict=False))

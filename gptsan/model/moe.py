@@ -67,16 +67,14 @@ def positions_in_expert(expert: jax.Array, num_experts: int) -> jax.Array:
     return jnp.take_along_axis(before, expert[..., None], axis=-1)[..., 0]
 
 
-def window_sizes(num_tokens: int, num_experts: int) -> tuple[int, ...]:
+def window_sizes(num_tokens: int) -> tuple[int, ...]:
     """Static row counts from which each expert's matmuls pick the smallest that holds its tokens.
 
     Shapes must be static, an expert's token count is not: so each expert runs on one window of its sorted
     tokens, its size picked from this ladder at run time (`_for_each_expert`), and each of its matmuls is one
     big matmul (near the dense FF's speed), its weight read once, with no weight-gradient accumulation over
     blocks. Multiples of 32 rows, each about 1/8 above the last, so the padding rows computed stay under ~1/8
-    of the tokens plus 32 rows per expert. Few tokens: one window holds them all."""
-    if num_tokens <= FEW_TOKENS:
-        return (num_tokens,)
+    of the tokens plus 32 rows per expert; up to 32 tokens, one window holds them all."""
     sizes = []
     size = 32
     while size < num_tokens:
@@ -206,7 +204,8 @@ def expert_ffn(x: jax.Array, expert: jax.Array, kept: jax.Array, wi: jax.Array, 
     """Each kept token through its expert's FFN (ReLU, no biases); dropped tokens get 0.
 
     x [N, d], expert [N], kept [N] bool, wi [E, d, f], wo [E, f, d] -> [N, d]. Tokens are sorted by expert
-    (dropped tokens last, in no expert's run), go through `sorted_expert_ffn`, and are put back in order.
+    (dropped tokens last, in no expert's run), go through `sorted_expert_ffn`, and are put back in order;
+    up to FEW_TOKENS tokens skip the sorting (`_few_tokens_expert_ffn`).
     """
     num_tokens = x.shape[0]
     num_experts = wi.shape[0]
@@ -216,12 +215,12 @@ def expert_ffn(x: jax.Array, expert: jax.Array, kept: jax.Array, wi: jax.Array, 
     order = jnp.argsort(bucket, stable=True)
     counts = jnp.bincount(bucket, length=num_experts + 1)[:num_experts]
     starts = jnp.cumsum(counts) - counts
-    y_sorted = sorted_expert_ffn(x[order], starts, counts, wi, wo, window_sizes(num_tokens, num_experts))
+    y_sorted = sorted_expert_ffn(x[order], starts, counts, wi, wo, window_sizes(num_tokens))
     sorted_position = jnp.zeros_like(order).at[order].set(jnp.arange(num_tokens, dtype=order.dtype))
     return y_sorted[sorted_position]
 
 
-# --- Few-token (decoding) expert FFN -------------------------------------------------------------------------
+# --- Streamed expert FFN (float32 decoding of a few tokens) -----------------------------------------------
 # A decode step routes a handful of tokens, so each chosen expert's weights are read for very little compute
 # and the step is bound by how fast they stream from memory. `jax.lax.dynamic_index_in_dim(w, e)` before a
 # matmul would first copy the whole [d, f] expert (read + write + read again: 3x the traffic). Instead the
