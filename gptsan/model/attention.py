@@ -38,6 +38,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, past_k: jax.Array
     dtype = q.dtype
     length = q.shape[1]
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q * q.shape[-1] ** -0.5, k, v))  # [B, H, T, dh]
+    if past_k is not None:
+        past_k, past_v = past_k.astype(dtype), past_v.astype(dtype)
     outs = []
     for start in range(0, length, query_block):
         end = min(start + query_block, length)
@@ -46,7 +48,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, past_k: jax.Array
         scores = jnp.where(visible, scores, -jnp.inf)  # every row sees at least its own key: never all -inf
         row_max = scores.max(axis=-1, keepdims=True)
         if past_k is not None:
-            past_scores = jnp.einsum("bhtk,bshk->bhts", q[:, :, start:end], past_k.astype(dtype),
+            past_scores = jnp.einsum("bhtk,bshk->bhts", q[:, :, start:end], past_k,
                                      preferred_element_type=jnp.float32)
             row_max = jnp.maximum(row_max, past_scores.max(axis=-1, keepdims=True))
         weights = jnp.exp(scores - row_max)  # softmax numerators; normalised after the weighted sum
@@ -55,7 +57,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, past_k: jax.Array
         if past_k is not None:
             past_weights = jnp.exp(past_scores - row_max)
             total = total + past_weights.sum(axis=-1, keepdims=True)
-            out = out + jnp.einsum("bhts,bshk->bhtk", past_weights.astype(dtype), past_v.astype(dtype),
+            out = out + jnp.einsum("bhts,bshk->bhtk", past_weights.astype(dtype), past_v,
                                    preferred_element_type=jnp.float32)
         outs.append((out / total).astype(dtype))
     return jnp.concatenate(outs, axis=2)
