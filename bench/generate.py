@@ -30,6 +30,7 @@ from gptsan.generate.sampling import Sampler  # noqa: E402
 from gptsan.generate.weights import cast_for_compute  # noqa: E402
 from gptsan.memory import keep_freed_memory  # noqa: E402
 from gptsan.model import flatten, init_params, load_config  # noqa: E402
+from gptsan.model.inference import to_inference_layout  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PROMPT_TOKENS = 16
@@ -72,6 +73,7 @@ def bytes_per_step(config, params, batch: int, cache_length: int) -> tuple[float
 def run(config_name: str, batch: int, dtype: str, new_tokens: int, repeats: int) -> dict:
     config = load_config(CONFIGS / f"{config_name}.json", dtype=dtype)
     params = cast_for_compute(init_params(config), dtype)
+    weights = to_inference_layout(params)  # as gptsan-generate reads them
     rng = np.random.default_rng(0)
     prompts = [Prompt(tuple(int(t) for t in rng.integers(0, config.num_vocabulary - 7, PROMPT_TOKENS)))
                for _ in range(batch)]
@@ -80,10 +82,10 @@ def run(config_name: str, batch: int, dtype: str, new_tokens: int, repeats: int)
 
     def timed_run(seed: int) -> tuple[float, float]:
         start = time.perf_counter()
-        state = decoder.start(params, prompt_batch, new_tokens, seed=seed)
+        state = decoder.start(weights, prompt_batch, new_tokens, seed=seed)
         jax.block_until_ready(state)
         prefilled = time.perf_counter()
-        state = decoder.advance(params, state, new_tokens)
+        state = decoder.advance(weights, state, new_tokens)
         jax.block_until_ready(state)
         return prefilled - start, time.perf_counter() - prefilled
 

@@ -11,6 +11,7 @@ import pytest
 from gptsan.generate.beam import BeamDecoder, BeamSearch
 from gptsan.generate.prompt import Prompt, left_pad, never_sampled, swe_layout
 from gptsan.model import GPTSAN
+from gptsan.model.inference import to_inference_layout
 
 END = 5
 
@@ -91,12 +92,13 @@ def test_wide_beam_equals_exhaustive_search(length_penalty):
 
 def test_beam_on_the_model_is_sorted_and_scored_right(tiny, tiny_cases):
     config, params = tiny
+    weights = to_inference_layout(params)
     special = swe_layout(config.num_vocabulary)
     prompts = [Prompt(tuple(int(t) for t in row)) for row in tiny_cases["greedy_prompt"]]
     prompts[1] = Prompt(prompts[1].ids[:5])  # left-padded by 3
     decoder = BeamDecoder(config, width=4, end_id=special.end, length_penalty=1.0,
                           banned_ids=never_sampled(special))
-    result = decoder.generate(params, left_pad(prompts, special.nottoken), max_new=12)
+    result = decoder.generate(weights, left_pad(prompts, special.nottoken), max_new=12)
     # Every hypothesis (and the fixture's greedy sequence) rescored by one causal forward over prompt +
     # tokens, right-padded to 20 (a causal query never sees what follows it).
     sequences, spans = [], []

@@ -1,17 +1,16 @@
-"""The few-token (decoding) expert FFN equals the block-sparse one."""
+"""The decode step's expert FFN (inference layout: one array per expert, wo transposed) equals the stacked
+layout's dispatch."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptsan.model import moe
-from gptsan.model.moe import expert_ffn, streamed_expert_ffn
+from gptsan.model.moe import chosen_experts_ffn, expert_ffn
 
 
 @pytest.mark.parametrize("num_tokens", [1, 3, 8])
-def test_few_token_expert_ffn_equals_expert_ffn(num_tokens, monkeypatch):
-    monkeypatch.setattr(moe, "STREAM_CHUNK_BYTES", 1024)  # several chunks per expert matrix
+def test_chosen_experts_ffn_equals_expert_ffn(num_tokens):
     keys = jax.random.split(jax.random.key(0), 4)
     num_experts, d, f = 4, 16, 64
     x = jax.random.normal(keys[0], (num_tokens, d))
@@ -20,5 +19,8 @@ def test_few_token_expert_ffn_equals_expert_ffn(num_tokens, monkeypatch):
     expert = jax.random.randint(keys[3], (num_tokens,), 0, num_experts)
     kept = jnp.arange(num_tokens) % 3 != 2  # some tokens dropped (capacity routing)
     expected = expert_ffn(x, expert, kept, wi, wo)
-    np.testing.assert_allclose(np.asarray(streamed_expert_ffn(x, expert, kept, wi, wo)), np.asarray(expected),
-                               rtol=1e-5, atol=1e-5)
+    per_expert = tuple(wi[e] for e in range(num_experts)), tuple(wo[e].T for e in range(num_experts))
+    got = jax.jit(chosen_experts_ffn)(x, expert, kept, *per_expert)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
+    magnitude = np.abs(np.asarray(expected)).max(axis=1)
+    assert np.all(magnitude[np.asarray(kept)] > 0) and np.all(magnitude[~np.asarray(kept)] == 0)

@@ -11,6 +11,7 @@ from gptsan.generate.decode import Decoder
 from gptsan.generate.prompt import Prompt, left_pad, never_sampled, swe_layout
 from gptsan.generate.sampling import Sampler, next_token, row_keys
 from gptsan.model import GPTSAN
+from gptsan.model.inference import to_inference_layout
 
 
 def prompts_of(rows) -> list[Prompt]:
@@ -42,10 +43,11 @@ def recompute_reference(config, params, ids, steps, sampler, end_id, spout=None,
 
 def test_greedy_reproduces_fixture(tiny, tiny_cases):
     config, params = tiny
+    weights = to_inference_layout(params)
     prompt = tiny_cases["greedy_prompt"]
     special = swe_layout(config.num_vocabulary)
     decoder = Decoder(config, Sampler(temperature=0.0, banned_ids=never_sampled(special)), special.end)
-    result = decoder.generate(params, left_pad(prompts_of(prompt), special.nottoken), max_new=12)
+    result = decoder.generate(weights, left_pad(prompts_of(prompt), special.nottoken), max_new=12)
     np.testing.assert_array_equal(result.tokens, tiny_cases["greedy_out"][:, prompt.shape[1]:])
     np.testing.assert_array_equal(result.lengths, [12, 12])
 
@@ -55,13 +57,14 @@ def test_greedy_reproduces_fixture(tiny, tiny_cases):
 def test_cached_equals_recomputed_with_spout_and_prefix(tiny, tiny_cases, sampler):
     """50 tokens with a spout vector and a prefix-LM prompt: prompt 13 + spout 1 + 50 = the 64-token context."""
     config, params = tiny
+    weights = to_inference_layout(params)
     special = swe_layout(config.num_vocabulary)
     ids = tiny_cases["input_ids"][:, :13]
     spout = jnp.asarray(tiny_cases["spout"])
     prefix = tiny_cases["num_precontext"]  # 7 and 13
     prompts = [Prompt(tuple(int(t) for t in row), int(n)) for row, n in zip(ids, prefix, strict=True)]
     decoder = Decoder(config, sampler, special.end)
-    result = decoder.generate(params, left_pad(prompts, special.nottoken), max_new=50, spout=spout, seed=3)
+    result = decoder.generate(weights, left_pad(prompts, special.nottoken), max_new=50, spout=spout, seed=3)
     reference = recompute_reference(config, params, ids, 50, sampler, special.end, spout, jnp.asarray(prefix),
                                     seed=3)
     assert result.tokens.shape == (2, 50)
@@ -78,7 +81,7 @@ def test_generated_tokens_are_fed_back_through_the_input_map(tiny, tiny_cases):
     prompt = tiny_cases["greedy_prompt"]
     sampler = Sampler(temperature=0.0, banned_ids=never_sampled(special))
     mapped = Decoder(config, sampler, special.end, input_map).generate(
-        params, left_pad(prompts_of(prompt), special.nottoken), max_new=12)
+        to_inference_layout(params), left_pad(prompts_of(prompt), special.nottoken), max_new=12)
     reference = recompute_reference(config, params, prompt, 12, sampler, special.end, input_map=input_map)
     np.testing.assert_array_equal(mapped.tokens, reference)
     assert not np.array_equal(mapped.tokens, tiny_cases["greedy_out"][:, prompt.shape[1]:])
@@ -90,14 +93,15 @@ def test_left_padded_batch_equals_each_prompt_alone(tiny, tiny_cases, sampler):
     """A 5-token causal prompt and a 13-token prefix-LM prompt, each with its own spout vector: batched
     (the short one left-padded by 8) and alone, 50 tokens. Sampling is keyed by row id, not by batch."""
     config, params = tiny
+    weights = to_inference_layout(params)
     special = swe_layout(config.num_vocabulary)
     ids = tiny_cases["input_ids"]
     prompts = [Prompt(tuple(int(t) for t in ids[0, :5])), Prompt(tuple(int(t) for t in ids[1, :13]), 9)]
     spout = jnp.asarray(tiny_cases["spout"])
     decoder = Decoder(config, sampler, special.end)
-    batched = decoder.generate(params, left_pad(prompts, special.nottoken), 50, spout=spout, seed=5)
+    batched = decoder.generate(weights, left_pad(prompts, special.nottoken), 50, spout=spout, seed=5)
     for i, prompt in enumerate(prompts):
-        alone = decoder.generate(params, left_pad([prompt], special.nottoken), 50, spout=spout[i:i + 1],
+        alone = decoder.generate(weights, left_pad([prompt], special.nottoken), 50, spout=spout[i:i + 1],
                                  seed=5, rows=[i])
         np.testing.assert_array_equal(batched.tokens[i], alone.tokens[0])
         assert batched.lengths[i] == alone.lengths[0]
@@ -107,10 +111,11 @@ def test_each_row_stops_at_its_end_token(tiny, tiny_cases):
     """Fixture row 1 greedily continues 125 492 7 335 ...: with 335 as the end token it stops after 3 tokens
     and the other row is unaffected."""
     config, params = tiny
+    weights = to_inference_layout(params)
     prompt = tiny_cases["greedy_prompt"]
     special = swe_layout(config.num_vocabulary)
     decoder = Decoder(config, Sampler(temperature=0.0, banned_ids=never_sampled(special)), end_id=335)
-    result = decoder.generate(params, left_pad(prompts_of(prompt), special.nottoken), max_new=12)
+    result = decoder.generate(weights, left_pad(prompts_of(prompt), special.nottoken), max_new=12)
     np.testing.assert_array_equal(result.lengths, [12, 3])
     np.testing.assert_array_equal(result.tokens[0], tiny_cases["greedy_out"][0, 8:])
     np.testing.assert_array_equal(result.tokens[1], [125, 492, 7] + [335] * 9)
@@ -118,31 +123,34 @@ def test_each_row_stops_at_its_end_token(tiny, tiny_cases):
 
 def test_generation_stays_inside_the_context(tiny, tiny_cases):
     config, params = tiny
+    weights = to_inference_layout(params)
     ids = np.tile(tiny_cases["input_ids"], 3)  # 72 tokens: too long for the 64-token context
     decoder = Decoder(config, Sampler(temperature=0.0), end_id=config.num_vocabulary - 1)
-    result = decoder.generate(params, left_pad(prompts_of([ids[0, :60], ids[1, :50]]), 0), max_new=300)
+    result = decoder.generate(weights, left_pad(prompts_of([ids[0, :60], ids[1, :50]]), 0), max_new=300)
     assert result.tokens.shape == (2, 14)
     np.testing.assert_array_equal(result.lengths, [4, 14])
     with pytest.raises(UserError, match="no room"):
-        decoder.generate(params, left_pad(prompts_of([ids[0, :64]]), 0), max_new=5)
+        decoder.generate(weights, left_pad(prompts_of([ids[0, :64]]), 0), max_new=5)
 
 
 def test_stream_yields_the_generated_tokens_in_chunks(tiny, tiny_cases):
     config, params = tiny
+    weights = to_inference_layout(params)
     special = swe_layout(config.num_vocabulary)
     decoder = Decoder(config, Sampler(temperature=0.0, banned_ids=never_sampled(special)), special.end)
     batch = left_pad(prompts_of(tiny_cases["greedy_prompt"]), special.nottoken)
-    whole = decoder.generate(params, batch, max_new=12)
-    chunks = list(decoder.stream(params, batch, max_new=12, chunk=5))
+    whole = decoder.generate(weights, batch, max_new=12)
+    chunks = list(decoder.stream(weights, batch, max_new=12, chunk=5))
     assert [c.shape[1] for c in chunks] == [1, 5, 5, 1]
     np.testing.assert_array_equal(np.concatenate(chunks, axis=1), whole.tokens)
 
 
 def test_decoding_compiles_once_per_shape(tiny, tiny_cases):
     config, params = tiny
+    weights = to_inference_layout(params)
     sampler = Sampler(top_k=11)  # used by no other test
     ids = tiny_cases["input_ids"]
     for offset in range(3):
         decoder = Decoder(config, sampler, end_id=int(ids[0, offset + 12]))
-        decoder.generate(params, left_pad(prompts_of(ids[:, offset:offset + 10]), 0), max_new=16, seed=offset)
+        decoder.generate(weights, left_pad(prompts_of(ids[:, offset:offset + 10]), 0), max_new=16, seed=offset)
     assert decoder.compiled["generate"]._cache_size() == 1

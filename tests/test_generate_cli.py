@@ -16,6 +16,7 @@ from gptsan.generate.decode import Decoder
 from gptsan.generate.prompt import causal_prompt, left_pad, never_sampled
 from gptsan.generate.sampling import Sampler
 from gptsan.generate.spout import parse_spout
+from gptsan.model.inference import to_inference_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_MAIN = ("import sys; from {module} import main; rc = main(sys.argv[1:]); "
@@ -70,7 +71,7 @@ def test_generate_cli_writes_the_library_tokens(swe_model, vocabulary, tmp_path)
     assert prompts[0].ids[-1] == special.separator  # "。" is fed as the separator, as in training inputs
     decoder = Decoder(config, Sampler(temperature=0.0, top_k=120, banned_ids=never_sampled(special)), special.end,
                       tokenizer.model_input_map())
-    expected = decoder.generate(jax.device_put(params), left_pad(prompts, special.nottoken), 10,
+    expected = decoder.generate(to_inference_layout(jax.device_put(params)), left_pad(prompts, special.nottoken), 10,
                                 spout=parse_spout("3", 16, 2))
     assert [r["context"] for r in records] == contexts
     for row, record in enumerate(records):

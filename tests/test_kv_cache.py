@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from gptsan.model import GPTSAN, KVCache
+from gptsan.model.inference import to_inference_layout
 
 TOLERANCE = 1e-4
 
@@ -24,8 +25,11 @@ def incremental_logits(model, params, ids, prefill, spout=None, num_precontext=N
     return np.concatenate([np.asarray(x) for x in logits], axis=1)
 
 
+@pytest.mark.parametrize("inference", [False, True], ids=["stored layout", "inference layout"])
 @pytest.mark.parametrize("use_spout, use_prefix", [(False, False), (True, False), (False, True), (True, True)])
-def test_cached_decoding_equals_full_forward(tiny, tiny_cases, use_spout, use_prefix):
+def test_cached_decoding_equals_full_forward(tiny, tiny_cases, use_spout, use_prefix, inference):
+    """Also in the inference layout (gptsan/model/inference.py) that generation reads: the prefill's 14 tokens
+    take the stacked experts' dispatch, each decode step `chosen_experts_ffn`."""
     config, params = tiny
     model = GPTSAN(config)
     ids = jnp.asarray(tiny_cases["input_ids"])
@@ -33,6 +37,8 @@ def test_cached_decoding_equals_full_forward(tiny, tiny_cases, use_spout, use_pr
     prefix = jnp.asarray(tiny_cases["num_precontext"]) if use_prefix else None
     full = model.apply({"params": params}, ids, num_precontext=prefix, spout=spout).logits
     prefill = 14  # covers both rows' prefixes (7 and 13)
+    if inference:
+        model, params = GPTSAN(config, inference=True), to_inference_layout(params)
     cached = incremental_logits(model, params, ids, prefill, spout, prefix)
     np.testing.assert_allclose(cached, np.asarray(full), rtol=0, atol=TOLERANCE)
 

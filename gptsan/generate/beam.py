@@ -147,7 +147,7 @@ class BeamDecoder:
         if width < 1:
             raise UserError(f"--beam_width: expected at least 1, got {width}")
         self.config = config
-        self.model = GPTSAN(config)
+        self.model = GPTSAN(config, inference=True)
         self.width, self.end_id = width, end_id
         self.length_penalty, self.banned_ids = length_penalty, banned_ids
         self.input_map = feed_map(config, input_map)

@@ -115,6 +115,7 @@ def load(args: argparse.Namespace):
 
 
 def generate_texts(args, config, params, tokenizer, contexts) -> list[dict]:
+    """`params` in the inference layout (gptsan/model/inference.py), as the decoders read them."""
     from gptsan.generate.beam import BeamDecoder
     from gptsan.generate.decode import Decoder
 
@@ -177,8 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.tpu_nodes:
         print("note: --tpu_nodes is not needed; JAX uses the devices it finds", file=sys.stderr)
     contexts = read_contexts(args)
+    from gptsan.model.inference import to_inference_layout
+
     config, params, tokenizer = load(args)
-    records = generate_texts(args, config, params, tokenizer, contexts)
+    records = generate_texts(args, config, to_inference_layout(params), tokenizer, contexts)
     if args.output:
         lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
         storage.write_text_atomic(args.output, lines)

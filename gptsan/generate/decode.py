@@ -82,8 +82,8 @@ def _start(config: ModelConfig, sampler: Sampler, params, ids, pad, num_preconte
     batch, width = ids.shape
     past = 0 if spout is None else 1
     cache = KVCache.allocate(config, batch, past + width + steps)
-    out = GPTSAN(config).apply({"params": params}, ids, num_precontext=num_precontext, spout=spout, pad=pad,
-                               cache=cache)
+    model = GPTSAN(config, inference=True)
+    out = model.apply({"params": params}, ids, num_precontext=num_precontext, spout=spout, pad=pad, cache=cache)
     state = DecodeState(
         cache=out.cache, tokens=jnp.full((batch, steps), end_id, jnp.int32), last=ids[:, -1],
         step=jnp.zeros((), jnp.int32), done=jnp.zeros((batch,), bool), lengths=jnp.zeros((batch,), jnp.int32),
@@ -93,7 +93,7 @@ def _start(config: ModelConfig, sampler: Sampler, params, ids, pad, num_preconte
 
 def _advance(config: ModelConfig, sampler: Sampler, params, state: DecodeState, num_steps) -> DecodeState:
     """Feed one token a step through the cache until `num_steps` more tokens or every row stopped."""
-    model = GPTSAN(config)
+    model = GPTSAN(config, inference=True)
     stop = jnp.minimum(state.step + num_steps, state.tokens.shape[1])
 
     def running(s: DecodeState):

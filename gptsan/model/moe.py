@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 
 from gptsan.model.config import ModelConfig
+from gptsan.model.dense import times_transposed
 from gptsan.model.expert_parallel import expert_parallel_ffn, expert_parallelism
-from gptsan.model.weights import Kernel, fan_in_normal, normal
+from gptsan.model.weights import Kernel, fan_in_normal, normal, param, zeros
 
 AUX_LOSS_COEF = 0.01
 FEW_TOKENS = 64  # up to this many tokens (decoding), expert_ffn runs every chosen expert on all of them
@@ -220,58 +221,50 @@ def expert_ffn(x: jax.Array, expert: jax.Array, kept: jax.Array, wi: jax.Array, 
     return y_sorted[sorted_position]
 
 
-# --- Streamed expert FFN (float32 decoding of a few tokens) -----------------------------------------------
+# --- Chosen experts' FFN (the inference layout) ------------------------------------------------------------
 # A decode step routes a handful of tokens, so each chosen expert's weights are read for very little compute
-# and the step is bound by how fast they stream from memory. `jax.lax.dynamic_index_in_dim(w, e)` before a
-# matmul would first copy the whole [d, f] expert (read + write + read again: 3x the traffic). Instead the
-# expert's rows are taken a cache-sized chunk at a time, so each weight byte crosses the memory bus once.
+# and the step is bound by how fast they stream from memory. In the inference layout (gptsan/model/inference.py)
+# each expert's matrices are arrays of their own, so a lax.switch hands the chosen expert's arrays to its
+# matmuls as they are: nothing is copied (`w[e]` of a stacked array would be copied whole before its matmul).
 
-STREAMED_TOKENS = 8  # at most this many tokens (float32 inference) take `streamed_expert_ffn`
-STREAM_CHUNK_BYTES = 2 << 20  # weight rows per chunk of `streamed_expert_matmul`: about 2 MiB, cache-resident
-
-
-def chunk_rows(rows: int, row_bytes: int) -> int:
-    """The largest divisor of `rows` whose chunk of rows stays within STREAM_CHUNK_BYTES (at least 1 row)."""
-    limit = max(1, STREAM_CHUNK_BYTES // row_bytes)
-    return max(r for r in range(1, min(rows, limit) + 1) if rows % r == 0)
+SWITCHED_TOKENS = 8  # at most this many tokens (a decode step) take `chosen_experts_ffn`
 
 
-def streamed_expert_matmul(x: jax.Array, w: jax.Array, e: jax.Array) -> jax.Array:
-    """x [N, k] @ w[e] for w [E, k, n], reading expert e's rows chunk by chunk -> [N, n]."""
-    k, n = w.shape[1:]
-    rows = chunk_rows(k, n * w.dtype.itemsize)
-
-    def add_chunk(chunk, acc):
-        w_rows = jax.lax.dynamic_slice(w, (e, chunk * rows, 0), (1, rows, n))[0]
-        x_rows = jax.lax.dynamic_slice_in_dim(x, chunk * rows, rows, axis=1)
-        return acc + x_rows @ w_rows
-
-    return jax.lax.fori_loop(0, k // rows, add_chunk, jnp.zeros((x.shape[0], n), x.dtype))
-
-
-def streamed_expert_ffn(x: jax.Array, expert: jax.Array, kept: jax.Array, wi: jax.Array,
-                         wo: jax.Array) -> jax.Array:
-    """`expert_ffn` for a few tokens (decoding): each distinct chosen expert runs once over all the tokens,
-    its weights streamed (`streamed_expert_matmul`), and keeps the rows of the tokens that chose it.
-    x [N, d], expert [N], kept [N] bool, wi [E, d, f], wo [E, f, d] -> [N, d]."""
-    num_tokens = x.shape[0]
-    num_experts = wi.shape[0]
+def chosen_experts_ffn(x: jax.Array, expert: jax.Array, kept: jax.Array, wi: tuple[jax.Array, ...],
+                       wo_t: tuple[jax.Array, ...]) -> jax.Array:
+    """`expert_ffn` for a few tokens in the inference layout: each distinct chosen expert runs once over all
+    the tokens and keeps the rows of the tokens that chose it.
+    x [N, d], expert [N], kept [N] bool, wi[e] [d, f], wo_t[e] [d, f] (wo[e] transposed) -> [N, d]."""
+    num_tokens, num_experts = x.shape[0], len(wi)
     no_expert = num_experts
     chosen = jnp.unique(jnp.where(kept, expert, no_expert), size=min(num_tokens, num_experts),
                         fill_value=no_expert)  # the distinct experts in use, then `no_expert` padding
 
-    def run_expert(y, e):
-        def run(y):
-            h = jax.nn.relu(streamed_expert_matmul(x, wi, e))
-            mine = (kept & (expert == e))[:, None]
-            return y + jnp.where(mine, streamed_expert_matmul(h, wo, e), 0)
+    def expert_branch(e: int):
+        return lambda x: times_transposed(jax.nn.relu(x @ wi[e]), wo_t[e])
 
-        return jax.lax.cond(e < no_expert, run, lambda y: y, y), None
+    branches = [expert_branch(e) for e in range(num_experts)] + [jnp.zeros_like]  # the last: no expert
+
+    def run_expert(y, e):
+        mine = (kept & (expert == e))[:, None]
+        return y + jnp.where(mine, jax.lax.switch(e, branches, x), 0), None
 
     return jax.lax.scan(run_expert, jnp.zeros_like(x), chosen)[0]
 
 
-# ------------------------------------------------------------------------------------------------------------
+class ExpertKernels(nn.Module):
+    """The inference layout's per-expert matrices of one Switch weight: `expert{e}{suffix}` [rows, cols]."""
+
+    num_experts: int
+    shape: tuple[int, int]
+    suffix: str = ""
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, ...]:
+        return tuple(param(self, f"expert{e}{self.suffix}", self.shape, ("embed", "mlp"), zeros)
+                     for e in range(self.num_experts))
+
+
 
 
 def capacity_kept(expert: jax.Array, num_experts: int, capacity: int) -> jax.Array:
@@ -280,9 +273,11 @@ def capacity_kept(expert: jax.Array, num_experts: int, capacity: int) -> jax.Arr
 
 
 class SwitchFF(nn.Module):
-    """GPTSAN's `moe{l}`: switch_gating [d, E], wi [E, d, 8d], wo [E, 8d, d], softmlp [d, d]; no biases."""
+    """GPTSAN's `moe{l}`: switch_gating [d, E], wi [E, d, 8d], wo [E, 8d, d], softmlp [d, d]; no biases.
+    `inference`: wi and wo are read per expert, wo transposed (gptsan/model/inference.py)."""
 
     config: ModelConfig
+    inference: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -290,8 +285,12 @@ class SwitchFF(nn.Module):
         d, f, num_experts = c.num_hidden, c.num_ff_hidden, c.num_experts
         router, _ = Kernel((d, num_experts), ("embed", "expert_route"), fan_in_normal(),
                            name="switch_gating")()
-        wi, _ = Kernel((num_experts, d, f), ("expert", "embed", "mlp"), fan_in_normal(-2, (0,)), name="wi")()
-        wo, _ = Kernel((num_experts, f, d), ("expert", "mlp", "embed"), fan_in_normal(-2, (0,)), name="wo")()
+        if self.inference:
+            wi = ExpertKernels(num_experts, (d, f), name="wi")()
+            wo = ExpertKernels(num_experts, (d, f), "_t", name="wo")()  # each expert's wo transposed
+        else:
+            wi, _ = Kernel((num_experts, d, f), ("expert", "embed", "mlp"), fan_in_normal(-2, (0,)), name="wi")()
+            wo, _ = Kernel((num_experts, f, d), ("expert", "mlp", "embed"), fan_in_normal(-2, (0,)), name="wo")()
         softmlp, _ = Kernel((d, d), ("embed", "embed_out"), normal(0.01), name="softmlp")()
 
         batch, length, _ = x.shape
@@ -313,20 +312,24 @@ class SwitchFF(nn.Module):
         else:
             capacity = group_tokens  # dropless: an expert may take its whole group
             kept = jnp.ones((num_tokens,), bool)
-        if expert_parallelism() > 1:
+        tokens, expert = x.reshape(num_tokens, d), expert.reshape(-1)
+        if self.inference:
+            wi, wo_t = [w.astype(x.dtype) for w in wi], [w.astype(x.dtype) for w in wo]
+            if num_tokens <= SWITCHED_TOKENS:
+                y = chosen_experts_ffn(tokens, expert, kept, wi, wo_t)
+            else:  # prefill: the stacked layout's dispatch, on a copy made for this call
+                y = expert_ffn(tokens, expert, kept, jnp.stack(wi), jnp.stack(wo_t).swapaxes(1, 2))
+        elif expert_parallelism() > 1:
             grouped = expert.reshape(groups, group_tokens)
-            y = expert_parallel_ffn(x.reshape(groups, group_tokens, d), grouped,
+            y = expert_parallel_ffn(tokens.reshape(groups, group_tokens, d), grouped,
                                     positions_in_expert(grouped, num_experts), min(capacity, group_tokens),
-                                    wi.astype(x.dtype), wo.astype(x.dtype)).reshape(batch, length, d)
+                                    wi.astype(x.dtype), wo.astype(x.dtype))
         else:
-            # float32 only: on CPU, bfloat16 chunk matmuls made decoding slower (81 vs 30 ms/step, bench-small)
-            streamed = not train and num_tokens <= STREAMED_TOKENS and x.dtype == jnp.float32
-            ffn = streamed_expert_ffn if streamed else expert_ffn
-            y = ffn(x.reshape(num_tokens, d), expert.reshape(-1), kept, wi.astype(x.dtype),
-                    wo.astype(x.dtype)).reshape(batch, length, d)
+            y = expert_ffn(tokens, expert, kept, wi.astype(x.dtype), wo.astype(x.dtype))
+        y = y.reshape(batch, length, d)
         dropped = 1.0 - kept.astype(jnp.float32).mean()
 
         moe_out = y * gate[..., None].astype(x.dtype)
         bypass = jnp.tanh(x @ softmlp.astype(x.dtype))
-        load = jnp.bincount(expert.reshape(-1), length=num_experts) / num_tokens
+        load = jnp.bincount(expert, length=num_experts) / num_tokens
         return moe_out + bypass, {"aux_loss": aux, "dropped_fraction": dropped, "expert_load": load}

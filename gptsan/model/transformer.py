@@ -70,9 +70,10 @@ def rematerialised(module: type[nn.Module], policy: str, static_argnums: tuple[i
 
 
 class Transformer(nn.Module):
-    """GPTSAN's `model/*` scope."""
+    """GPTSAN's `model/*` scope. `inference`: weights in the inference layout (gptsan/model/inference.py)."""
 
     config: ModelConfig
+    inference: bool = False
 
     @nn.compact
     def __call__(self, ids, positions, mask, spout_kv=None, cache: KVCache | None = None, write_index=None,
@@ -81,9 +82,14 @@ class Transformer(nn.Module):
         """`causal`: `mask` is exactly causal after the spout slot (see `Attention.causal`)."""
         c = self.config
         dtype = jnp.dtype(c.dtype)
-        wte = param(self, "wte", (c.num_vocabulary, c.num_hidden), ("vocab", "embed"), normal(0.02))
+        if self.inference:  # the tied table transposed, [d, V]: the head's fast matrix-vector form
+            wte = param(self, "wte_t", (c.num_hidden, c.num_vocabulary), ("embed", "vocab"), normal(0.02))
+            tokens = jnp.moveaxis(jnp.take(wte, ids, axis=1), 0, -1)
+        else:
+            wte = param(self, "wte", (c.num_vocabulary, c.num_hidden), ("vocab", "embed"), normal(0.02))
+            tokens = jnp.take(wte, ids, axis=0)
         wpe = param(self, "wpe", (c.num_contexts, c.num_hidden), ("ctx", "embed"), normal(0.01))
-        x = (jnp.take(wte, ids, axis=0) + jnp.take(wpe, positions, axis=0)).astype(dtype)  # [B, T, d]
+        x = (tokens + jnp.take(wpe, positions, axis=0)).astype(dtype)  # [B, T, d]
 
         AttentionLayer = rematerialised(Attention, c.remat)  # noqa: N806 (module classes)
         SwitchLayer = rematerialised(SwitchFF, c.remat, static_argnums=(2,))  # noqa: N806
@@ -101,12 +107,12 @@ class Transformer(nn.Module):
             a, stacked_cache = attention(x, mask, past_k, past_v, stacked_cache, write_index, layer)
             x = LayerNorm(c.num_hidden, c.layer_norm_eps, name=f"an{layer}")(a) + x
             if layer < c.num_switch_layers:
-                f, stats = SwitchLayer(c, name=f"moe{layer}")(x, train)
+                f, stats = SwitchLayer(c, self.inference, name=f"moe{layer}")(x, train)
                 aux.append(stats["aux_loss"])
                 dropped.append(stats["dropped_fraction"])
                 loads.append(stats["expert_load"])
             else:
-                f = DenseLayer(c, name=f"mlp{layer}")(x)
+                f = DenseLayer(c, self.inference, name=f"mlp{layer}")(x)
             x = LayerNorm(c.num_hidden, c.layer_norm_eps, name=f"ln{layer}")(f) + x
             if return_hidden:
                 hidden.append(x)
@@ -117,7 +123,8 @@ class Transformer(nn.Module):
         h = nn.silu(x @ head.astype(dtype) + head_bias.astype(dtype))
         logits = None
         if return_logits:
-            logits = jnp.einsum("btd,vd->btv", h, wte.astype(dtype), preferred_element_type=jnp.float32) + wob
+            head_form = "btd,dv->btv" if self.inference else "btd,vd->btv"
+            logits = jnp.einsum(head_form, h, wte.astype(dtype), preferred_element_type=jnp.float32) + wob
 
         if cache is not None:
             cache = cache.replace(k=stacked_cache[0], v=stacked_cache[1])
@@ -141,9 +148,11 @@ class GPTSAN(nn.Module):
       cache: a KVCache to write into and attend over (prefill: index 0; then one or more tokens a call).
     return_logits=False skips the vocabulary projection (training computes it inside its fused loss from
     `Output.head_input` and the tied `model/wte`, `model/wob`).
+    `inference`: the parameters are in the inference layout (gptsan/model/inference.py), as generation keeps them.
     """
 
     config: ModelConfig
+    inference: bool = False
 
     @nn.compact
     def __call__(self, ids, num_precontext=None, spout=None, pad=None, cache: KVCache | None = None,
@@ -180,7 +189,7 @@ class GPTSAN(nn.Module):
         mask = attention_mask(query_slots, key_slots, key_valid, prefix_end)
         positions = jnp.clip(query_slots[None, :] - pad[:, None], 0, c.num_contexts - 1)
 
-        out = Transformer(c, name="model")(ids, positions, mask, spout_kv, cache, write_index, train,
+        out = Transformer(c, self.inference, name="model")(ids, positions, mask, spout_kv, cache, write_index, train,
                                            return_hidden, return_logits, causal)
         if cache is not None:
             out = out.replace(cache=out.cache.replace(index=end))
