@@ -29,7 +29,7 @@ from gptsan.model.expert_parallel import expert_parallel_ffn, expert_parallelism
 from gptsan.model.weights import Kernel, fan_in_normal, normal, param, zeros
 
 AUX_LOSS_COEF = 0.01
-FEW_TOKENS = 64  # up to this many tokens (decoding), expert_ffn runs every chosen expert on all of them
+FEW_TOKENS = 64  # up to this many tokens (decoding, short prompts), each chosen expert runs all of them
 
 
 def route(router_logits: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -227,9 +227,6 @@ def expert_ffn(x: jax.Array, expert: jax.Array, kept: jax.Array, wi: jax.Array, 
 # each expert's matrices are arrays of their own, so a lax.switch hands the chosen expert's arrays to its
 # matmuls as they are: nothing is copied (`w[e]` of a stacked array would be copied whole before its matmul).
 
-SWITCHED_TOKENS = 8  # at most this many tokens (a decode step) take `chosen_experts_ffn`
-
-
 def chosen_experts_ffn(x: jax.Array, expert: jax.Array, kept: jax.Array, wi: tuple[jax.Array, ...],
                        wo_t: tuple[jax.Array, ...]) -> jax.Array:
     """`expert_ffn` for a few tokens in the inference layout: each distinct chosen expert runs once over all
@@ -315,7 +312,7 @@ class SwitchFF(nn.Module):
         tokens, expert = x.reshape(num_tokens, d), expert.reshape(-1)
         if self.inference:
             wi, wo_t = [w.astype(x.dtype) for w in wi], [w.astype(x.dtype) for w in wo]
-            if num_tokens <= SWITCHED_TOKENS:
+            if num_tokens <= FEW_TOKENS:
                 y = chosen_experts_ffn(tokens, expert, kept, wi, wo_t)
             else:  # prefill: the stacked layout's dispatch, on a copy made for this call
                 y = expert_ffn(tokens, expert, kept, jnp.stack(wi), jnp.stack(wo_t).swapaxes(1, 2))
