@@ -73,7 +73,7 @@ def bytes_per_step(config, params, batch: int, cache_length: int) -> tuple[float
 def run(config_name: str, batch: int, dtype: str, new_tokens: int, repeats: int) -> dict:
     config = load_config(CONFIGS / f"{config_name}.json", dtype=dtype)
     params = cast_for_compute(init_params(config), dtype)
-    weights = to_inference_layout(params)  # as gptsan-generate reads them
+    weights = to_inference_layout(params, batch)  # as gptsan-generate reads them
     rng = np.random.default_rng(0)
     prompts = [Prompt(tuple(int(t) for t in rng.integers(0, config.num_vocabulary - 7, PROMPT_TOKENS)))
                for _ in range(batch)]

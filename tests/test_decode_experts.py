@@ -1,5 +1,5 @@
-"""The decode step's expert FFN (inference layout: one array per expert, wo transposed) equals the stacked
-layout's dispatch."""
+"""The decode step's expert FFN (inference layout: one array per expert, wo as stored or transposed) equals
+the stacked layout's dispatch."""
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +9,9 @@ import pytest
 from gptsan.model.moe import chosen_experts_ffn, expert_ffn
 
 
+@pytest.mark.parametrize("wo_transposed", [False, True])
 @pytest.mark.parametrize("num_tokens", [1, 3, 8])
-def test_chosen_experts_ffn_equals_expert_ffn(num_tokens):
+def test_chosen_experts_ffn_equals_expert_ffn(num_tokens, wo_transposed):
     keys = jax.random.split(jax.random.key(0), 4)
     num_experts, d, f = 4, 16, 64
     x = jax.random.normal(keys[0], (num_tokens, d))
@@ -19,8 +20,8 @@ def test_chosen_experts_ffn_equals_expert_ffn(num_tokens):
     expert = jax.random.randint(keys[3], (num_tokens,), 0, num_experts)
     kept = jnp.arange(num_tokens) % 3 != 2  # some tokens dropped (capacity routing)
     expected = expert_ffn(x, expert, kept, wi, wo)
-    per_expert = tuple(wi[e] for e in range(num_experts)), tuple(wo[e].T for e in range(num_experts))
-    got = jax.jit(chosen_experts_ffn)(x, expert, kept, *per_expert)
+    wo_per_expert = tuple(wo[e].T if wo_transposed else wo[e] for e in range(num_experts))
+    got = jax.jit(chosen_experts_ffn, static_argnums=5)(x, expert, kept, tuple(wi), wo_per_expert, wo_transposed)
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
     magnitude = np.abs(np.asarray(expected)).max(axis=1)
     assert np.all(magnitude[np.asarray(kept)] > 0) and np.all(magnitude[~np.asarray(kept)] == 0)

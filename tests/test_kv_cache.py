@@ -7,6 +7,7 @@ import pytest
 
 from gptsan.model import GPTSAN, KVCache
 from gptsan.model.inference import to_inference_layout
+from gptsan.model.moe import FEW_TOKENS
 
 TOLERANCE = 1e-4
 
@@ -25,11 +26,11 @@ def incremental_logits(model, params, ids, prefill, spout=None, num_precontext=N
     return np.concatenate([np.asarray(x) for x in logits], axis=1)
 
 
-@pytest.mark.parametrize("inference", [False, True], ids=["stored layout", "inference layout"])
+@pytest.mark.parametrize("inference", [None, 1, 2], ids=["stored layout", "inference layout 1 row", "2 rows"])
 @pytest.mark.parametrize("use_spout, use_prefix", [(False, False), (True, False), (False, True), (True, True)])
 def test_cached_decoding_equals_full_forward(tiny, tiny_cases, use_spout, use_prefix, inference):
-    """Also in the inference layout (gptsan/model/inference.py) that generation reads: the prefill's 14 tokens
-    take the stacked experts' dispatch, each decode step `chosen_experts_ffn`."""
+    """Also in the inference layouts (gptsan/model/inference.py) that generation reads, wo and p2 transposed
+    (laid out for 1 row) or not: the prefill and each decode step take `chosen_experts_ffn`."""
     config, params = tiny
     model = GPTSAN(config)
     ids = jnp.asarray(tiny_cases["input_ids"])
@@ -38,9 +39,23 @@ def test_cached_decoding_equals_full_forward(tiny, tiny_cases, use_spout, use_pr
     full = model.apply({"params": params}, ids, num_precontext=prefix, spout=spout).logits
     prefill = 14  # covers both rows' prefixes (7 and 13)
     if inference:
-        model, params = GPTSAN(config, inference=True), to_inference_layout(params)
+        model, params = GPTSAN(config, inference=True), to_inference_layout(params, rows=inference)
     cached = incremental_logits(model, params, ids, prefill, spout, prefix)
     np.testing.assert_allclose(cached, np.asarray(full), rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_inference_layout_full_forward_equals_stored_layout(tiny, tiny_cases, rows):
+    """A whole 2 x 48-token input (more than moe.FEW_TOKENS: the stacked dispatch on per-expert arrays)."""
+    config, params = tiny
+    ids = jnp.tile(jnp.asarray(tiny_cases["input_ids"]), (1, 2))
+    spout = jnp.asarray(tiny_cases["spout"])
+    assert ids.size > FEW_TOKENS
+    expected = GPTSAN(config).apply({"params": params}, ids, spout=spout).logits
+    weights = to_inference_layout(params, rows)
+    assert ("expert0_t" in weights["model"]["moe0"]["wo"]) == (rows == 1)
+    got = GPTSAN(config, inference=True).apply({"params": weights}, ids, spout=spout).logits
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=0, atol=TOLERANCE)
 
 
 def test_left_padded_row_equals_unpadded_row(tiny, tiny_cases):

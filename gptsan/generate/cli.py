@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     from gptsan.model.inference import to_inference_layout
 
     config, params, tokenizer = load(args)
-    records = generate_texts(args, config, to_inference_layout(params), tokenizer, contexts)
+    rows = len(contexts) * (args.beam_width if args.beam_width > 1 else args.num_generate)  # per decode step
+    records = generate_texts(args, config, to_inference_layout(params, rows), tokenizer, contexts)
     if args.output:
         lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
         storage.write_text_atomic(args.output, lines)

@@ -9,26 +9,34 @@ from gptsan.model.config import ModelConfig
 from gptsan.model.weights import Kernel, normal, param
 
 
-def times_transposed(x: jax.Array, w_t: jax.Array) -> jax.Array:
-    """x @ w_t.T for x [..., k], w_t [n, k], computed as (w_t @ x.T).T: the weight is the left operand, read
-    along its rows, the fast matrix-vector form when they are long (gptsan/model/inference.py)."""
+def matmul(x: jax.Array, w: jax.Array, transposed: bool = False) -> jax.Array:
+    """x @ w for w [k, n]; `transposed`: w is stored as its transpose [n, k] and x @ w.T is computed as
+    (w @ x.T).T, so that the weight is the left operand read along its rows (the fast matrix-vector form when
+    they are long; gptsan/model/inference.py)."""
+    if not transposed:
+        return x @ w
     rows = x.reshape(-1, x.shape[-1])
-    return (w_t @ rows.T).T.reshape(*x.shape[:-1], w_t.shape[0])
+    return (w @ rows.T).T.reshape(*x.shape[:-1], w.shape[0])
 
 
-class TransposedKernel(nn.Module):
-    """The inference layout's `kernel_t` [n, k] of a [k, n] kernel, with its `bias` [n]."""
+class InferenceProjection(nn.Module):
+    """x @ kernel + bias in the inference layout: `kernel` [k, n] as stored, or `kernel_t` [n, k] where the
+    weights were laid out for one-row decoding (gptsan/model/inference.py)."""
 
-    shape_t: tuple[int, int]
+    shape: tuple[int, int]
 
     @nn.compact
-    def __call__(self) -> tuple[jax.Array, jax.Array]:
-        kernel_t = param(self, "kernel_t", self.shape_t, ("embed", "mlp"), normal(0.02))
-        return kernel_t, param(self, "bias", self.shape_t[:1], ("embed",), nn.initializers.zeros)
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, n = self.shape
+        bias = param(self, "bias", (n,), ("embed",), nn.initializers.zeros)
+        transposed = self.has_variable("params", "kernel_t")
+        shape, name = ((n, k), "kernel_t") if transposed else ((k, n), "kernel")
+        kernel = param(self, name, shape, ("embed", "mlp"), normal(0.02))
+        return matmul(x, kernel.astype(x.dtype), transposed) + bias.astype(x.dtype)
 
 
 class DenseFF(nn.Module):
-    """`inference`: p2's kernel is read transposed, as `p2/kernel_t` [d, 4d] (gptsan/model/inference.py)."""
+    """`inference`: p2 in the inference layout (`InferenceProjection`)."""
 
     config: ModelConfig
     inference: bool = False
@@ -39,8 +47,7 @@ class DenseFF(nn.Module):
         w1, b1 = Kernel((d, f), ("embed", "mlp"), normal(0.02), with_bias=True, name="p1")()
         h = nn.silu(x @ w1.astype(x.dtype) + b1.astype(x.dtype))  # [B, T, 4d]
         if self.inference:
-            w2_t, b2 = TransposedKernel((d, f), name="p2")()
-            return times_transposed(h, w2_t.astype(x.dtype)) + b2.astype(x.dtype)
+            return InferenceProjection((f, d), name="p2")(h)
         w2, b2 = Kernel((f, d), ("mlp", "embed"), normal(0.02), with_bias=True, name="p2")()
         return h @ w2.astype(x.dtype) + b2.astype(x.dtype)  # [B, T, d]
 

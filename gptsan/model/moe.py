@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from gptsan.model.config import ModelConfig
-from gptsan.model.dense import times_transposed
+from gptsan.model.dense import matmul
 from gptsan.model.expert_parallel import expert_parallel_ffn, expert_parallelism
 from gptsan.model.weights import Kernel, fan_in_normal, normal, param, zeros
 
@@ -228,17 +228,17 @@ def expert_ffn(x: jax.Array, expert: jax.Array, kept: jax.Array, wi: jax.Array, 
 # matmuls as they are: nothing is copied (`w[e]` of a stacked array would be copied whole before its matmul).
 
 def chosen_experts_ffn(x: jax.Array, expert: jax.Array, kept: jax.Array, wi: tuple[jax.Array, ...],
-                       wo_t: tuple[jax.Array, ...]) -> jax.Array:
+                       wo: tuple[jax.Array, ...], wo_transposed: bool = False) -> jax.Array:
     """`expert_ffn` for a few tokens in the inference layout: each distinct chosen expert runs once over all
     the tokens and keeps the rows of the tokens that chose it.
-    x [N, d], expert [N], kept [N] bool, wi[e] [d, f], wo_t[e] [d, f] (wo[e] transposed) -> [N, d]."""
+    x [N, d], expert [N], kept [N] bool, wi[e] [d, f], wo[e] [f, d] (`wo_transposed`: [d, f]) -> [N, d]."""
     num_tokens, num_experts = x.shape[0], len(wi)
     no_expert = num_experts
     chosen = jnp.unique(jnp.where(kept, expert, no_expert), size=min(num_tokens, num_experts),
                         fill_value=no_expert)  # the distinct experts in use, then `no_expert` padding
 
     def expert_branch(e: int):
-        return lambda x: times_transposed(jax.nn.relu(x @ wi[e]), wo_t[e])
+        return lambda x: matmul(jax.nn.relu(x @ wi[e]), wo[e], wo_transposed)
 
     branches = [expert_branch(e) for e in range(num_experts)] + [jnp.zeros_like]  # the last: no expert
 
@@ -250,16 +250,18 @@ def chosen_experts_ffn(x: jax.Array, expert: jax.Array, kept: jax.Array, wi: tup
 
 
 class ExpertKernels(nn.Module):
-    """The inference layout's per-expert matrices of one Switch weight: `expert{e}{suffix}` [rows, cols]."""
+    """The inference layout's per-expert matrices of one Switch weight: `expert{e}` [k, n] each, or
+    `expert{e}_t` [n, k] where the weights were laid out for one-row decoding. Returns (matrices, transposed)."""
 
     num_experts: int
     shape: tuple[int, int]
-    suffix: str = ""
 
     @nn.compact
-    def __call__(self) -> tuple[jax.Array, ...]:
-        return tuple(param(self, f"expert{e}{self.suffix}", self.shape, ("embed", "mlp"), zeros)
-                     for e in range(self.num_experts))
+    def __call__(self) -> tuple[tuple[jax.Array, ...], bool]:
+        transposed = self.has_variable("params", "expert0_t")
+        suffix, shape = ("_t", self.shape[::-1]) if transposed else ("", self.shape)
+        return tuple(param(self, f"expert{e}{suffix}", shape, ("embed", "mlp"), zeros)
+                     for e in range(self.num_experts)), transposed
 
 
 
@@ -271,7 +273,7 @@ def capacity_kept(expert: jax.Array, num_experts: int, capacity: int) -> jax.Arr
 
 class SwitchFF(nn.Module):
     """GPTSAN's `moe{l}`: switch_gating [d, E], wi [E, d, 8d], wo [E, 8d, d], softmlp [d, d]; no biases.
-    `inference`: wi and wo are read per expert, wo transposed (gptsan/model/inference.py)."""
+    `inference`: wi and wo are read per expert (`ExpertKernels`; gptsan/model/inference.py)."""
 
     config: ModelConfig
     inference: bool = False
@@ -283,8 +285,8 @@ class SwitchFF(nn.Module):
         router, _ = Kernel((d, num_experts), ("embed", "expert_route"), fan_in_normal(),
                            name="switch_gating")()
         if self.inference:
-            wi = ExpertKernels(num_experts, (d, f), name="wi")()
-            wo = ExpertKernels(num_experts, (d, f), "_t", name="wo")()  # each expert's wo transposed
+            wi, _ = ExpertKernels(num_experts, (d, f), name="wi")()
+            wo, wo_transposed = ExpertKernels(num_experts, (f, d), name="wo")()
         else:
             wi, _ = Kernel((num_experts, d, f), ("expert", "embed", "mlp"), fan_in_normal(-2, (0,)), name="wi")()
             wo, _ = Kernel((num_experts, f, d), ("expert", "mlp", "embed"), fan_in_normal(-2, (0,)), name="wo")()
@@ -311,11 +313,12 @@ class SwitchFF(nn.Module):
             kept = jnp.ones((num_tokens,), bool)
         tokens, expert = x.reshape(num_tokens, d), expert.reshape(-1)
         if self.inference:
-            wi, wo_t = [w.astype(x.dtype) for w in wi], [w.astype(x.dtype) for w in wo]
+            wi, wo = [w.astype(x.dtype) for w in wi], [w.astype(x.dtype) for w in wo]
             if num_tokens <= FEW_TOKENS:
-                y = chosen_experts_ffn(tokens, expert, kept, wi, wo_t)
-            else:  # prefill: the stacked layout's dispatch, on a copy made for this call
-                y = expert_ffn(tokens, expert, kept, jnp.stack(wi), jnp.stack(wo_t).swapaxes(1, 2))
+                y = chosen_experts_ffn(tokens, expert, kept, wi, wo, wo_transposed)
+            else:  # a long prompt: the stacked layout's dispatch, on a copy made for this call
+                stacked_wo = jnp.stack(wo).swapaxes(1, 2) if wo_transposed else jnp.stack(wo)
+                y = expert_ffn(tokens, expert, kept, jnp.stack(wi), stacked_wo)
         elif expert_parallelism() > 1:
             grouped = expert.reshape(groups, group_tokens)
             y = expert_parallel_ffn(tokens.reshape(groups, group_tokens, d), grouped,
