@@ -25,3 +25,13 @@ def test_chosen_experts_ffn_equals_expert_ffn(num_tokens, wo_transposed):
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
     magnitude = np.abs(np.asarray(expected)).max(axis=1)
     assert np.all(magnitude[np.asarray(kept)] > 0) and np.all(magnitude[~np.asarray(kept)] == 0)
+
+
+def test_a_dropped_single_token_gets_zero():
+    x = jnp.ones((1, 16))
+    wi = tuple(jnp.ones((16, 64)) for _ in range(4))
+    wo = tuple(jnp.ones((64, 16)) for _ in range(4))
+    kept_out = chosen_experts_ffn(x, jnp.asarray([2]), jnp.asarray([True]), wi, wo)
+    dropped_out = chosen_experts_ffn(x, jnp.asarray([2]), jnp.asarray([False]), wi, wo)
+    np.testing.assert_array_equal(np.asarray(kept_out), np.full((1, 16), 16 * 64.0))
+    np.testing.assert_array_equal(np.asarray(dropped_out), np.zeros((1, 16)))

@@ -234,13 +234,15 @@ def chosen_experts_ffn(x: jax.Array, expert: jax.Array, kept: jax.Array, wi: tup
     x [N, d], expert [N], kept [N] bool, wi[e] [d, f], wo[e] [f, d] (`wo_transposed`: [d, f]) -> [N, d]."""
     num_tokens, num_experts = x.shape[0], len(wi)
     no_expert = num_experts
-    chosen = jnp.unique(jnp.where(kept, expert, no_expert), size=min(num_tokens, num_experts),
-                        fill_value=no_expert)  # the distinct experts in use, then `no_expert` padding
 
     def expert_branch(e: int):
         return lambda x: matmul(jax.nn.relu(x @ wi[e]), wo[e], wo_transposed)
 
     branches = [expert_branch(e) for e in range(num_experts)] + [jnp.zeros_like]  # the last: no expert
+    if num_tokens == 1:  # batch-1 decoding: the token's own expert, without the search for distinct ones
+        return jax.lax.switch(jnp.where(kept[0], expert[0], no_expert), branches, x)
+    chosen = jnp.unique(jnp.where(kept, expert, no_expert), size=min(num_tokens, num_experts),
+                        fill_value=no_expert)  # the distinct experts in use, then `no_expert` padding
 
     def run_expert(y, e):
         mine = (kept & (expert == e))[:, None]
