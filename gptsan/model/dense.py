@@ -50,4 +50,3 @@ class DenseFF(nn.Module):
             return InferenceProjection((f, d), name="p2")(h)
         w2, b2 = Kernel((f, d), ("mlp", "embed"), normal(0.02), with_bias=True, name="p2")()
         return h @ w2.astype(x.dtype) + b2.astype(x.dtype)  # [B, T, d]
-

@@ -14,8 +14,8 @@ So generation (`GPTSAN(config, inference=True)`: Decoder, BeamDecoder) reads:
   mlp{l}/p2/kernel        [f, d]  as stored; for one-row decoding `kernel_t` [d, f], transposed
 
 and every other parameter as stored. Checkpoints, training and `ignore-params.json` keep GPTSAN's names and
-shapes; this layout exists only in memory, made by `to_inference_layout` after loading. The modules read
-whichever form of wo and p2 they find.
+shapes; this layout exists only in memory, made by `to_inference_layout` from loaded weights (the inference
+modules are never initialised). They read whichever form of wo and p2 they find.
 """
 
 from __future__ import annotations
@@ -43,8 +43,10 @@ def to_inference_layout(params: Params, rows: int = 1) -> Params:
         elif _EXPERTS.fullmatch(name):
             transpose = transpose_outputs and scope.endswith("/wo")
             for e in range(value.shape[0]):
-                matrix = jnp.asarray(value[e])
-                out[f"{scope}/expert{e}_t" if transpose else f"{scope}/expert{e}"] = matrix.T if transpose else matrix
+                if transpose:
+                    out[f"{scope}/expert{e}_t"] = jnp.asarray(value[e]).T
+                else:
+                    out[f"{scope}/expert{e}"] = jnp.asarray(value[e])
         elif _DENSE_OUT.fullmatch(name) and transpose_outputs:
             out[f"{scope}/kernel_t"] = jnp.asarray(value).T
         else:

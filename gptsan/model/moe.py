@@ -266,8 +266,6 @@ class ExpertKernels(nn.Module):
                      for e in range(self.num_experts)), transposed
 
 
-
-
 def capacity_kept(expert: jax.Array, num_experts: int, capacity: int) -> jax.Array:
     """The original's rule: within each group, an expert keeps its first `capacity` tokens. expert [G, S]."""
     return positions_in_expert(expert, num_experts) < capacity
