@@ -58,6 +58,19 @@ def test_inference_layout_full_forward_equals_stored_layout(tiny, tiny_cases, ro
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=0, atol=TOLERANCE)
 
 
+def test_inference_layout_can_release_its_input(tiny):
+    """gptsan-generate converts with release_input=True: the same layout, and the input tree ends empty (each
+    leaf dropped as it is converted, so both layouts of the whole model never coexist)."""
+    config, params = tiny
+    copy = jax.tree.map(lambda leaf: leaf, params)  # new dicts, the same leaves
+    expected = to_inference_layout(params, rows=1)
+    got = to_inference_layout(copy, rows=1, release_input=True)
+    assert copy == {}
+    assert jax.tree.structure(got) == jax.tree.structure(expected)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_left_padded_row_equals_unpadded_row(tiny, tiny_cases):
     """A row left-padded by 5 gives the same logits on its real tokens as the row alone."""
     config, params = tiny

@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
 
     config, params, tokenizer = load(args)
     rows = len(contexts) * (args.beam_width if args.beam_width > 1 else args.num_generate)  # per decode step
-    records = generate_texts(args, config, to_inference_layout(params, rows), tokenizer, contexts)
+    params = to_inference_layout(params, rows, release_input=True)
+    records = generate_texts(args, config, params, tokenizer, contexts)
     if args.output:
         lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
         storage.write_text_atomic(args.output, lines)

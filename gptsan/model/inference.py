@@ -21,6 +21,8 @@ modules are never initialised). They read whichever form of wo and p2 they find.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -30,13 +32,16 @@ _EXPERTS = re.compile(r"model/moe\d+/w[io]/kernel")
 _DENSE_OUT = re.compile(r"model/mlp\d+/p2/kernel")
 
 
-def to_inference_layout(params: Params, rows: int = 1) -> Params:
+def to_inference_layout(params: Params, rows: int = 1, release_input: bool = False) -> Params:
     """GPTSAN's parameter tree -> the inference layout (module docstring). `rows`: the token rows each decode
-    step multiplies (batch x beam width); with 1, wo and p2 are stored transposed too. Values are unchanged;
-    the input is not modified (the converted matrices exist twice until the caller drops it)."""
+    step multiplies (batch x beam width); with 1, wo and p2 are stored transposed too. Values are unchanged.
+
+    `release_input`: each leaf is removed from `params` as it is converted (`params` ends empty), so a caller
+    that holds no other reference to the weights has both layouts of at most one matrix at a time, not of the
+    whole model (gptsan-generate; GPTSAN-2.8B in float32 is 11 GB). Otherwise `params` is left as it is."""
     transpose_outputs = rows == 1
     out = {}
-    for name, value in flatten(params).items():
+    for name, value in (_take_leaves(params) if release_input else flatten(params).items()):
         scope = name.rsplit("/", 1)[0]
         if name == "model/wte":
             out["model/wte_t"] = jnp.asarray(value).T
@@ -52,3 +57,14 @@ def to_inference_layout(params: Params, rows: int = 1) -> Params:
         else:
             out[name] = value
     return unflatten(out)
+
+
+def _take_leaves(tree: Params, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(name, leaf) of every leaf of `tree`, each removed from it before it is yielded."""
+    for key in list(tree):
+        node = tree.pop(key)
+        name = f"{prefix}/{key}" if prefix else key
+        if isinstance(node, dict):
+            yield from _take_leaves(node, name)
+        else:
+            yield name, node
