@@ -59,12 +59,9 @@ def to_inference_layout(params: Params, rows: int = 1, release_input: bool = Fal
     return unflatten(out)
 
 
-def _take_leaves(tree: Params, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(name, leaf) of every leaf of `tree`, each removed from it before it is yielded."""
-    for key in list(tree):
-        node = tree.pop(key)
-        name = f"{prefix}/{key}" if prefix else key
-        if isinstance(node, dict):
-            yield from _take_leaves(node, name)
-        else:
-            yield name, node
+def _take_leaves(tree: Params) -> Iterator[tuple[str, Any]]:
+    """(name, leaf) of every leaf of `tree`, which is emptied first; each leaf is let go once yielded."""
+    flat = flatten(tree)
+    tree.clear()
+    for name in list(flat):
+        yield name, flat.pop(name)
