@@ -1,5 +1,5 @@
-"""The decode step's expert FFN (inference layout: one array per expert, wo as stored or transposed) equals
-the stacked layout's dispatch."""
+"""The decode step's expert FFN (inference layout: one array per expert, wi and wo as stored or both
+transposed) equals the stacked layout's dispatch."""
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +9,9 @@ import pytest
 from gptsan.model.moe import chosen_experts_ffn, expert_ffn
 
 
-@pytest.mark.parametrize("wo_transposed", [False, True])
+@pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("num_tokens", [1, 3, 8])
-def test_chosen_experts_ffn_equals_expert_ffn(num_tokens, wo_transposed):
+def test_chosen_experts_ffn_equals_expert_ffn(num_tokens, transposed):
     keys = jax.random.split(jax.random.key(0), 4)
     num_experts, d, f = 4, 16, 64
     x = jax.random.normal(keys[0], (num_tokens, d))
@@ -20,8 +20,9 @@ def test_chosen_experts_ffn_equals_expert_ffn(num_tokens, wo_transposed):
     expert = jax.random.randint(keys[3], (num_tokens,), 0, num_experts)
     kept = jnp.arange(num_tokens) % 3 != 2  # some tokens dropped (capacity routing)
     expected = expert_ffn(x, expert, kept, wi, wo)
-    wo_per_expert = tuple(wo[e].T if wo_transposed else wo[e] for e in range(num_experts))
-    got = jax.jit(chosen_experts_ffn, static_argnums=5)(x, expert, kept, tuple(wi), wo_per_expert, wo_transposed)
+    wi_per_expert, wo_per_expert = (tuple(w[e].T if transposed else w[e] for e in range(num_experts))
+                                    for w in (wi, wo))
+    got = jax.jit(chosen_experts_ffn, static_argnums=5)(x, expert, kept, wi_per_expert, wo_per_expert, transposed)
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
     magnitude = np.abs(np.asarray(expected)).max(axis=1)
     assert np.all(magnitude[np.asarray(kept)] > 0) and np.all(magnitude[~np.asarray(kept)] == 0)

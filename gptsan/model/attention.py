@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from gptsan.model.config import ModelConfig
+from gptsan.model.dense import InferenceProjection
 from gptsan.model.weights import Kernel, normal
 
 
@@ -72,6 +73,7 @@ class Attention(nn.Module):
 
     config: ModelConfig
     causal: bool = False
+    inference: bool = False  # the qkv kernel as stored or transposed (gptsan/model/inference.py)
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array, past_k: jax.Array | None = None,
@@ -85,14 +87,22 @@ class Attention(nn.Module):
         """
         c = self.config
         dtype = x.dtype
-        qkv_kernel, _ = Kernel((c.num_hidden, 3, c.num_header, c.head_dim), ("embed", "qkv", "heads", "kv"),
-                               normal(0.02), name="qkv")()
+        batch, length, d = x.shape
+        qkv_shape = (d, 3, c.num_header, c.head_dim)
+        qkv_width = 3 * c.num_header * c.head_dim
+        if self.inference:  # [B, T, 3 * H * dh], through the stored kernel or its transpose
+            qkv = InferenceProjection((d, qkv_width), stored_shape=qkv_shape, use_bias=False, name="qkv")(x)
+        else:
+            qkv_kernel, _ = Kernel(qkv_shape, ("embed", "qkv", "heads", "kv"), normal(0.02), name="qkv")()
+            qkv = x @ qkv_kernel.astype(dtype).reshape(d, qkv_width) if cache is not None else None
         o_kernel, _ = Kernel((c.num_header, c.head_dim, c.num_hidden), ("heads", "kv", "embed"),
                              normal(0.02), name="o")()
         if cache is not None:
-            return self._attend_with_cache(x, mask, qkv_kernel, o_kernel, past_k, past_v, cache, cache_index,
-                                           cache_layer)
-        qkv = jnp.einsum("btd,dnhk->nbthk", x, qkv_kernel.astype(dtype))  # [3, B, T, H, dh]
+            return self._attend_with_cache(qkv, mask, o_kernel, past_k, past_v, cache, cache_index, cache_layer)
+        if qkv is None:
+            qkv = jnp.einsum("btd,dnhk->nbthk", x, qkv_kernel.astype(dtype))  # [3, B, T, H, dh]
+        else:
+            qkv = qkv.reshape(batch, length, *qkv_shape[1:]).transpose(2, 0, 1, 3, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         if self.causal:
             out = causal_attention(q, k, v, past_k, past_v)
@@ -107,17 +117,16 @@ class Attention(nn.Module):
         out = jnp.einsum("bhts,bshk->bthk", probs, v.astype(dtype))
         return jnp.einsum("bthk,hkd->btd", out, o_kernel.astype(dtype)), None
 
-    def _attend_with_cache(self, x, mask, qkv_kernel, o_kernel, past_k, past_v, cache, cache_index, cache_layer):
-        """The cached path (prefill and decoding). Written for a decode step's few tokens, which read every
-        weight once: the projections are plain [d, 3*H*dh] / [H*dh, d] matmuls on the kernels as stored (an
-        einsum into another layout would transpose the kernel in memory every step), and the new keys/values
-        are written in place into the stacked [L, B, H, S, dh] cache (no per-layer slice-and-restack), laid out
-        so that the score and value matmuls read it without transposing."""
+    def _attend_with_cache(self, qkv, mask, o_kernel, past_k, past_v, cache, cache_index, cache_layer):
+        """The cached path (prefill and decoding), from qkv [B, T, 3 * H * dh]. Written for a decode step's
+        few tokens, which read every weight once: the projections are plain matmuls on the kernels as stored
+        or laid out (an einsum into another layout would transpose the kernel in memory every step), and the
+        new keys/values are written in place into the stacked [L, B, H, S, dh] cache (no per-layer
+        slice-and-restack), laid out so that the score and value matmuls read it without transposing."""
         c = self.config
-        dtype = x.dtype
-        batch, length, d = x.shape
+        dtype = qkv.dtype
+        batch, length, _ = qkv.shape
         heads, head_dim = c.num_header, c.head_dim
-        qkv = x @ qkv_kernel.astype(dtype).reshape(d, 3 * heads * head_dim)
         qkv = qkv.reshape(batch, length, 3, heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if past_k is not None:
@@ -136,4 +145,4 @@ class Attention(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)  # [B, H, T, S]
         out = jax.lax.dot_general(probs, v, (((3,), (2,)), per_head))  # [B, H, T, dh]
         out = out.transpose(0, 2, 1, 3).reshape(batch, length, heads * head_dim)
-        return out @ o_kernel.astype(dtype).reshape(heads * head_dim, d), (cache_k, cache_v)
+        return out @ o_kernel.astype(dtype).reshape(heads * head_dim, c.num_hidden), (cache_k, cache_v)

@@ -20,23 +20,27 @@ def matmul(x: jax.Array, w: jax.Array, transposed: bool = False) -> jax.Array:
 
 
 class InferenceProjection(nn.Module):
-    """x @ kernel + bias in the inference layout: `kernel` [k, n] as stored, or `kernel_t` [n, k] where the
-    weights were laid out for one-row decoding (gptsan/model/inference.py)."""
+    """x @ kernel (+ bias) in the inference layout: `kernel` as stored (`stored_shape`, default [k, n]), or
+    `kernel_t` [n, k] where the weights were laid out for one-row decoding (gptsan/model/inference.py)."""
 
     shape: tuple[int, int]
+    stored_shape: tuple[int, ...] | None = None
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         k, n = self.shape
-        bias = param(self, "bias", (n,), ("embed",), nn.initializers.zeros)
         transposed = self.has_variable("params", "kernel_t")
-        shape, name = ((n, k), "kernel_t") if transposed else ((k, n), "kernel")
-        kernel = param(self, name, shape, ("embed", "mlp"), normal(0.02))
-        return matmul(x, kernel.astype(x.dtype), transposed) + bias.astype(x.dtype)
+        shape, name = ((n, k), "kernel_t") if transposed else (self.stored_shape or (k, n), "kernel")
+        kernel = param(self, name, shape, ("embed", "mlp") if len(shape) == 2 else (None,) * len(shape), normal(0.02))
+        y = matmul(x, kernel.astype(x.dtype).reshape((n, k) if transposed else (k, n)), transposed)
+        if self.use_bias:
+            y = y + param(self, "bias", (n,), ("embed",), nn.initializers.zeros).astype(x.dtype)
+        return y
 
 
 class DenseFF(nn.Module):
-    """`inference`: p2 in the inference layout (`InferenceProjection`)."""
+    """`inference`: p1 and p2 in the inference layout (`InferenceProjection`)."""
 
     config: ModelConfig
     inference: bool = False
@@ -44,9 +48,10 @@ class DenseFF(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         d, f = self.config.num_hidden, self.config.num_ext_hidden
+        if self.inference:
+            h = nn.silu(InferenceProjection((d, f), name="p1")(x))
+            return InferenceProjection((f, d), name="p2")(h)
         w1, b1 = Kernel((d, f), ("embed", "mlp"), normal(0.02), with_bias=True, name="p1")()
         h = nn.silu(x @ w1.astype(x.dtype) + b1.astype(x.dtype))  # [B, T, 4d]
-        if self.inference:
-            return InferenceProjection((f, d), name="p2")(h)
         w2, b2 = Kernel((f, d), ("mlp", "embed"), normal(0.02), with_bias=True, name="p2")()
         return h @ w2.astype(x.dtype) + b2.astype(x.dtype)  # [B, T, d]

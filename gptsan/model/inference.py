@@ -3,19 +3,22 @@
 A decode step multiplies a few token vectors by every weight matrix it uses, so it is bound by how fast the
 matrices stream from memory, and on CPU (XLA's kernels) that depends on the layout:
   - `w[e]` of a stacked [E, d, f] expert array is copied before its matmul (read + write + read again);
-  - one token vector times a matrix whose rows are long (4096 or 36,000 floats) streams at ~30-40 GB/s on
-    the bench machine, times one whose rows are 512 floats at ~20 GB/s; with 2-8 token rows, XLA's
-    matrix-matrix kernels read the stored [f, d] form faster than its transpose (9 vs 14 GB/s).
+  - with one token row, the product read as `(w_t @ x.T).T` from the transposed matrix is 5-8% faster over a
+    whole step than `x @ w` (bench-small, 2-vCPU bench machine, 2026-12-01: a chain of the step's products,
+    4.15 -> 3.95 ms at 40-48 GB/s, 3.6 -> 3.3 ms at 70-77 GB/s); with 2-8 token rows, XLA's matrix-matrix
+    kernels read the stored form faster than its transpose (9 vs 14 GB/s on the first bench machine).
 So generation (`GPTSAN(config, inference=True)`: Decoder, BeamDecoder) reads:
 
   model/wte_t             [d, V]  model/wte transposed: the tied head is h @ wte_t, the embedding a column
-  moe{l}/wi/expert{e}     [d, f]  moe{l}/wi/kernel[e], one array per expert (a lax.switch picks it, no copy)
-  moe{l}/wo/expert{e}     [f, d]  moe{l}/wo/kernel[e]; for one-row decoding `expert{e}_t` [d, f], transposed
-  mlp{l}/p2/kernel        [f, d]  as stored; for one-row decoding `kernel_t` [d, f], transposed
+  moe{l}/w[io]/expert{e}  [d, f] / [f, d]  moe{l}/w[io]/kernel[e], one array per expert (a lax.switch picks
+                          it, no copy); for one-row decoding `expert{e}_t`, transposed
+  att{l}/qkv/kernel_t     [3*H*dh, d]  one-row decoding only: att{l}/qkv/kernel [d, 3, H, dh] as a matrix,
+                          transposed (otherwise the kernel as stored)
+  mlp{l}/p[12]/kernel_t   [f, d] / [d, f]  one-row decoding only: mlp{l}/p[12]/kernel transposed
 
 and every other parameter as stored. Checkpoints, training and `ignore-params.json` keep GPTSAN's names and
 shapes; this layout exists only in memory, made by `to_inference_layout` from loaded weights (the inference
-modules are never initialised). They read whichever form of wo and p2 they find.
+modules are never initialised). They read whichever form of each matrix they find.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import jax.numpy as jnp
 from gptsan.model.params import Params, flatten, unflatten
 
 _EXPERTS = re.compile(r"model/moe\d+/w[io]/kernel")
-_DENSE_OUT = re.compile(r"model/mlp\d+/p2/kernel")
+_PROJECTIONS = re.compile(r"model/(mlp\d+/p[12]|att\d+/qkv)/kernel")
 
 
 def to_inference_layout(params: Params, rows: int = 1, release_input: bool = False) -> Params:
@@ -39,21 +42,21 @@ def to_inference_layout(params: Params, rows: int = 1, release_input: bool = Fal
     `release_input`: each leaf is removed from `params` as it is converted (`params` ends empty), so a caller
     that holds no other reference to the weights has both layouts of at most one matrix at a time, not of the
     whole model (gptsan-generate; GPTSAN-2.8B in float32 is 11 GB). Otherwise `params` is left as it is."""
-    transpose_outputs = rows == 1
+    one_row = rows == 1
     out = {}
     for name, value in (_take_leaves(params) if release_input else flatten(params).items()):
         scope = name.rsplit("/", 1)[0]
         if name == "model/wte":
             out["model/wte_t"] = jnp.asarray(value).T
         elif _EXPERTS.fullmatch(name):
-            transpose = transpose_outputs and scope.endswith("/wo")
             for e in range(value.shape[0]):
-                if transpose:
+                if one_row:
                     out[f"{scope}/expert{e}_t"] = jnp.asarray(value[e]).T
                 else:
                     out[f"{scope}/expert{e}"] = jnp.asarray(value[e])
-        elif _DENSE_OUT.fullmatch(name) and transpose_outputs:
-            out[f"{scope}/kernel_t"] = jnp.asarray(value).T
+        elif _PROJECTIONS.fullmatch(name) and one_row:
+            matrix = jnp.asarray(value)
+            out[f"{scope}/kernel_t"] = matrix.reshape(matrix.shape[0], -1).T
         else:
             out[name] = value
     return unflatten(out)

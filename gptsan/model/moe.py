@@ -228,15 +228,16 @@ def expert_ffn(x: jax.Array, expert: jax.Array, kept: jax.Array, wi: jax.Array, 
 # matmuls as they are: nothing is copied (`w[e]` of a stacked array would be copied whole before its matmul).
 
 def chosen_experts_ffn(x: jax.Array, expert: jax.Array, kept: jax.Array, wi: tuple[jax.Array, ...],
-                       wo: tuple[jax.Array, ...], wo_transposed: bool = False) -> jax.Array:
+                       wo: tuple[jax.Array, ...], transposed: bool = False) -> jax.Array:
     """`expert_ffn` for a few tokens in the inference layout: each distinct chosen expert runs once over all
     the tokens and keeps the rows of the tokens that chose it.
-    x [N, d], expert [N], kept [N] bool, wi[e] [d, f], wo[e] [f, d] (`wo_transposed`: [d, f]) -> [N, d]."""
+    x [N, d], expert [N], kept [N] bool, wi[e] [d, f], wo[e] [f, d] (`transposed`: both stored transposed,
+    [f, d] and [d, f]) -> [N, d]."""
     num_tokens, num_experts = x.shape[0], len(wi)
     no_expert = num_experts
 
     def expert_branch(e: int):
-        return lambda x: matmul(jax.nn.relu(x @ wi[e]), wo[e], wo_transposed)
+        return lambda x: matmul(jax.nn.relu(matmul(x, wi[e], transposed)), wo[e], transposed)
 
     branches = [expert_branch(e) for e in range(num_experts)] + [jnp.zeros_like]  # the last: no expert
     if num_tokens == 1:  # batch-1 decoding: the token's own expert, without the search for distinct ones
@@ -285,8 +286,10 @@ class SwitchFF(nn.Module):
         router, _ = Kernel((d, num_experts), ("embed", "expert_route"), fan_in_normal(),
                            name="switch_gating")()
         if self.inference:
-            wi, _ = ExpertKernels(num_experts, (d, f), name="wi")()
+            wi, transposed = ExpertKernels(num_experts, (d, f), name="wi")()
             wo, wo_transposed = ExpertKernels(num_experts, (f, d), name="wo")()
+            if wo_transposed != transposed:
+                raise ValueError(f"{self.name}: wi and wo must both be laid out for one row, or neither")
         else:
             wi, _ = Kernel((num_experts, d, f), ("expert", "embed", "mlp"), fan_in_normal(-2, (0,)), name="wi")()
             wo, _ = Kernel((num_experts, f, d), ("expert", "mlp", "embed"), fan_in_normal(-2, (0,)), name="wo")()
@@ -315,10 +318,10 @@ class SwitchFF(nn.Module):
         if self.inference:
             wi, wo = [w.astype(x.dtype) for w in wi], [w.astype(x.dtype) for w in wo]
             if num_tokens <= FEW_TOKENS:
-                y = chosen_experts_ffn(tokens, expert, kept, wi, wo, wo_transposed)
+                y = chosen_experts_ffn(tokens, expert, kept, wi, wo, transposed)
             else:  # a long prompt: the stacked layout's dispatch, on a copy made for this call
-                stacked_wo = jnp.stack(wo).swapaxes(1, 2) if wo_transposed else jnp.stack(wo)
-                y = expert_ffn(tokens, expert, kept, jnp.stack(wi), stacked_wo)
+                stacked = [jnp.stack(w).swapaxes(1, 2) if transposed else jnp.stack(w) for w in (wi, wo)]
+                y = expert_ffn(tokens, expert, kept, *stacked)
         elif expert_parallelism() > 1:
             grouped = expert.reshape(groups, group_tokens)
             y = expert_parallel_ffn(tokens.reshape(groups, group_tokens, d), grouped,

@@ -103,7 +103,7 @@ class Transformer(nn.Module):
             past_k = past_v = None
             if spout_kv is not None:
                 past_k, past_v = spout_kv[0][layer], spout_kv[1][layer]
-            attention = AttentionLayer(c, causal, name=f"att{layer}")
+            attention = AttentionLayer(c, causal, self.inference, name=f"att{layer}")
             a, stacked_cache = attention(x, mask, past_k, past_v, stacked_cache, write_index, layer)
             x = LayerNorm(c.num_hidden, c.layer_norm_eps, name=f"an{layer}")(a) + x
             if layer < c.num_switch_layers:
