@@ -9,7 +9,7 @@ touches + the KV cache it attends over), and that traffic as a fraction of the m
 the same process. Batch-1 decode is memory bound, so the fraction is how close it is to the hardware's limit.
 
 The bandwidth is read (large float32 sums) before and after every decode repeat, and each repeat's fraction is
-taken against the better of its two readings; `bandwidth_fraction` is the median repeat's. The host's read
+taken against the better of its two readings; `bandwidth_fraction` is the (lower) median repeat's. The host's read
 bandwidth changes state for tens of seconds at a time (on the 2-vCPU bench machine: 38-48 GB/s or 70-77 GB/s),
 so a repeat is compared with the bound of its own moment; `bandwidth_fraction_of_best` (best decode over best
 reading of the whole run) is printed too. `matvec_chain_ms` is XLA's own floor for the step: the same weight
@@ -154,7 +154,7 @@ def run(config_name: str, batch: int, dtype: str, new_tokens: int, repeats: int)
     # each repeat against the better reading of its own moment (module doc); the median repeat's is reported
     paired = sorted((traffic_gb * (new_tokens - 1) / decode_s / max(before, after), max(before, after))
                     for (_, decode_s), before, after in zip(runs, readings[:-1], readings[1:], strict=True))
-    fraction, bandwidth = paired[len(paired) // 2]
+    fraction, bandwidth = paired[(len(paired) - 1) // 2]  # the lower median
     prefill_s, decode_s = min(runs)
     steps_per_s = (new_tokens - 1) / decode_s
     return {

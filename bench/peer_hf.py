@@ -201,7 +201,9 @@ def decode_part(name: str, config: ModelConfig, repeats: int) -> dict:
               "hf_tokens_per_s": round(theirs["tokens_per_s"], 2),
               "hf_tokens_per_s_by_threads": {k: round(v, 2) for k, v in theirs["tokens_per_s_by_threads"].items()},
               "tokens_per_s": round(mine["tokens_per_s"], 2) if mine else None,
-              "bandwidth_fraction": mine.get("bandwidth_fraction") if mine else None,
+              **{key: mine.get(key) if mine else None for key in (
+                  "bandwidth_fraction", "bandwidth_readings_gbs", "bandwidth_fraction_of_best", "matvec_chain_ms",
+                  "fraction_of_matvec_chain")},
               "ratio": round(mine["tokens_per_s"] / theirs["tokens_per_s"], 3) if mine else None,
               "load": ours.machine_load()}
     return record
@@ -212,7 +214,7 @@ def run(name: str, batch: int, steps: int, parts: list[str]) -> list[dict]:
     records = []
     for part in parts:
         if part == "decode":
-            records.append(decode_part(name, config, 2))
+            records.append(decode_part(name, config, 3))
         else:
             records.append(train_part(name, config, batch, part, steps))
         print(json.dumps(records[-1]), flush=True)

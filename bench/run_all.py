@@ -54,7 +54,8 @@ def fmt(value, digits: int = 3) -> str:
 COLUMNS = [
     ("bench", "bench"), ("config", "config"), ("batch", "batch"), ("dtype", "dtype"),
     ("mode", "trainable"), ("tokens/s", "tokens_per_s"), ("peak fraction", "peak_fraction"),
-    ("bandwidth fraction", "bandwidth_fraction"), ("HF tokens/s", "hf_tokens_per_s"), ("vs HF", "ratio"),
+    ("bandwidth fraction", "bandwidth_fraction"), ("of XLA's matvec chain", "fraction_of_matvec_chain"),
+    ("HF tokens/s", "hf_tokens_per_s"), ("vs HF", "ratio"),
     ("HF tokens/s, kept memory", "hf_keep_memory_tokens_per_s"), ("vs HF, kept memory", "ratio_hf_keep_memory"),
     ("load", "load"),
 ]
