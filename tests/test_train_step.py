@@ -101,9 +101,9 @@ def test_float16_overflow_skips_the_step_and_keeps_finite_weights():
     overflowing = state.replace(loss_scale=state.loss_scale.replace(scale=jnp.float32(1e30)))
     skipped, metrics = step(overflowing, batch)
     assert not bool(metrics["update_applied"])
-    for old, new in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(skipped.params),
-                        strict=True):
-        assert np.array_equal(np.asarray(old), np.asarray(new))
+    for old, new in zip(jax.tree_util.tree_leaves((state.params, state.opt_state)),
+                        jax.tree_util.tree_leaves((skipped.params, skipped.opt_state)), strict=True):
+        assert np.array_equal(np.asarray(old), np.asarray(new))  # parameters and Adam's moments kept
     assert float(skipped.loss_scale.scale) == pytest.approx(5e29)
     assert int(skipped.step) == int(state.step) + 1
 

@@ -63,16 +63,24 @@ def apply_gradients(optimizer: optax.GradientTransformation, state: TrainState,
     """One optimizer update; a step with non-finite gradients is skipped (parameters and optimizer state
     kept) and shrinks the loss scale. Returns the new state, whether the update was applied, and the
     gradients' global norm. The norm doubles as the finiteness check (an inf or NaN anywhere makes it
-    non-finite), which saves a pass over the gradients."""
+    non-finite), which saves a pass over the gradients.
+
+    The skip is a `lax.cond`, not an element-wise choice between new and old values: XLA then updates the
+    parameters and moments in place, without keeping the old ones for the choice (bench-small all trainable
+    on CPU: 982-989 against 934-939 tokens/s)."""
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(grad_norm)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+
+    def updated(params, opt_state):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    params, opt_state = jax.lax.cond(finite, updated, lambda params, opt_state: (params, opt_state),
+                                     state.params, state.opt_state)
     state = state.replace(
         step=state.step + 1,
-        params=jax.tree_util.tree_map(keep, params, state.params),
-        opt_state=jax.tree_util.tree_map(keep, opt_state, state.opt_state),
+        params=params,
+        opt_state=opt_state,
         loss_scale=state.loss_scale.update(finite),
         data_position=state.data_position + 1,
     )
