@@ -6,7 +6,7 @@ matrices stream from memory, and on CPU (XLA's kernels) that depends on the layo
   - with one token row, the product read as `(w_t @ x.T).T` from the transposed matrix is 5-8% faster over a
     whole step than `x @ w` (bench-small, 2-vCPU bench machine, 2026-12-01: a chain of the step's products,
     4.15 -> 3.95 ms at 40-48 GB/s, 3.6 -> 3.3 ms at 70-77 GB/s); with 2-8 token rows, XLA's matrix-matrix
-    kernels read the stored form faster than its transpose (9 vs 14 GB/s on the first bench machine).
+    kernels read the stored form faster than its transpose (13-14 vs 9 GB/s on the first bench machine).
 So generation (`GPTSAN(config, inference=True)`: Decoder, BeamDecoder) reads:
 
   model/wte_t             [d, V]  model/wte transposed: the tied head is h @ wte_t, the embedding a column

@@ -286,10 +286,8 @@ class SwitchFF(nn.Module):
         router, _ = Kernel((d, num_experts), ("embed", "expert_route"), fan_in_normal(),
                            name="switch_gating")()
         if self.inference:
-            wi, transposed = ExpertKernels(num_experts, (d, f), name="wi")()
-            wo, wo_transposed = ExpertKernels(num_experts, (f, d), name="wo")()
-            if wo_transposed != transposed:
-                raise ValueError(f"{self.name}: wi and wo must both be laid out for one row, or neither")
+            wi, transposed = ExpertKernels(num_experts, (d, f), name="wi")()  # wo is laid out as wi is
+            wo, _ = ExpertKernels(num_experts, (f, d), name="wo")()
         else:
             wi, _ = Kernel((num_experts, d, f), ("expert", "embed", "mlp"), fan_in_normal(-2, (0,)), name="wi")()
             wo, _ = Kernel((num_experts, f, d), ("expert", "mlp", "embed"), fan_in_normal(-2, (0,)), name="wo")()
