@@ -1,5 +1,6 @@
-"""Gradient accumulation over k micro-batches equals one step on the k-times larger batch, and activation
-rematerialisation changes memory, not results."""
+"""Gradient accumulation over k micro-batches equals one step on the k-times larger batch (also when the
+micro-batches count different numbers of targets), and activation rematerialisation changes memory, not
+results."""
 
 import jax
 import jax.numpy as jnp
@@ -32,14 +33,18 @@ def comparable_config(**runtime):
     return mini_config(routing="dropless", router_jitter=0.0, group_size=16, **runtime)
 
 
-def run_steps(config, accumulate_steps, steps=3):
+def run_steps(config, accumulate_steps, steps=3, unequal_targets=False):
+    """`unequal_targets`: rows 0 and 4 (micro-batch 0 of 4) count 3 targets instead of 15 (the rest `y` = -1)."""
     optimizer, schedule = make_optimizer("adam", 3e-3, 0)
     state = create_state(init_params(config, 0), frozenset(), optimizer, 0, LossScale.for_dtype("float32"))
     step = jax.jit(make_accumulating_train_step(config, optimizer, schedule, StepOptions(), accumulate_steps))
     stream = memory_batches(counting_corpus(32, 16, 128, period=8), 8)
     losses, norms = [], []
     for _ in range(steps):
-        state, metrics = step(state, next(stream))
+        batch = next(stream)
+        if unequal_targets:
+            batch = {**batch, "y": jnp.asarray(batch["y"]).at[jnp.asarray([0, 4]), 3:].set(-1)}
+        state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
         norms.append(float(metrics["grad_norm"]))
     return losses, norms, state
@@ -56,6 +61,19 @@ def test_four_micro_batches_equal_one_batch_four_times_larger():
     print("loss", whole, accumulated, "max parameter difference", max(differences))
     assert max(differences) < PARAM_ATOL
     assert whole[-1] < whole[0]  # the updates did something
+
+
+def test_micro_batches_with_unequal_target_counts_equal_one_batch():
+    """Each micro-batch's loss is weighted by its share of the targets: a micro-batch with 6 targets among 96
+    weighs 1/16, not 1/4 (equal weights, as before: losses 0.04%, 0.06% and 1.6% off the whole batch's over
+    three steps, against 1e-7 now)."""
+    whole, whole_norms, whole_state = run_steps(comparable_config(), 1, unequal_targets=True)
+    accumulated, accumulated_norms, accumulated_state = run_steps(comparable_config(), 4, unequal_targets=True)
+    np.testing.assert_allclose(accumulated, whole, rtol=TOLERANCE)
+    np.testing.assert_allclose(accumulated_norms, whole_norms, rtol=TOLERANCE)
+    for a, b in zip(jax.tree_util.tree_leaves(accumulated_state.params),
+                    jax.tree_util.tree_leaves(whole_state.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=PARAM_ATOL)
 
 
 def test_micro_batches_take_strided_rows_and_must_divide_the_batch():

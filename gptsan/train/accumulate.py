@@ -4,13 +4,15 @@
 
 The global batch [B, ...] is cut into k micro-batches of B/k rows (row r goes to micro-batch r mod k, so
 each device's rows stay on that device: no data moves), `lax.scan` runs forward and backward on one
-micro-batch at a time and sums the gradients, and the optimizer applies their mean once. Peak activation
+micro-batch at a time and sums the gradients, and the optimizer applies the sum once. Peak activation
 memory is that of one micro-batch.
 
-The mean of the k micro-batch gradients equals the gradient on the whole batch when every micro-batch
-counts as many target tokens (the loss is a per-token mean) and routing treats rows alike in both cases:
-dropless routing (or capacity with no drops) and routing groups that do not straddle micro-batches.
-Router jitter draws differ (each micro-batch gets its own key folded from the step's).
+Each micro-batch's per-token loss is weighted by its share of the batch's target tokens (n_i / N) and its
+router aux loss by 1/k, so the summed gradient equals the gradient on the whole batch, also when
+micro-batches count different numbers of targets (padding, `y` = -1), as long as routing treats rows
+alike in both cases: dropless routing (or capacity with no drops) and routing groups that do not straddle
+micro-batches. Router jitter draws differ (each micro-batch gets its own key folded from the step's).
+Metrics are weighted the same way.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def make_accumulating_train_step(config: ModelConfig, optimizer: optax.GradientT
                                  schedule: optax.Schedule, options: StepOptions,
                                  accumulate_steps: int) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Like `make_train_step`, but one optimizer update per `accumulate_steps` micro-batches. Metrics are
-    micro-batch means (`tokens` is the sum)."""
+    weighted as the gradients are (module doc; `tokens` is the sum)."""
     if accumulate_steps < 1:
         raise UserError(f"--accumulate_steps: expected a positive integer, got {accumulate_steps}")
     if accumulate_steps == 1:
@@ -54,25 +56,28 @@ def make_accumulating_train_step(config: ModelConfig, optimizer: optax.GradientT
 
     def train_step(state: TrainState, batch: Batch):
         micro_batches = split_micro_batches(batch, accumulate_steps)
+        targets = (micro_batches["y"] >= 0).reshape(accumulate_steps, -1).sum(axis=1).astype(jnp.float32)
+        shares = targets / jnp.maximum(targets.sum(), 1.0)  # [k]: each micro-batch's share of the targets
+        aux_share = 1.0 / accumulate_steps
 
         def one(grad_sum, micro):
-            index, micro_batch = micro
+            index, share, micro_batch = micro
             micro_state = state.replace(rng=jax.random.fold_in(state.rng, index))
-            grads, terms, out = loss_and_grads(model, options, micro_state, micro_batch)
+            grads, terms, out = loss_and_grads(model, options, micro_state, micro_batch, share, aux_share)
             grad_sum = jax.tree_util.tree_map(jnp.add, grad_sum, grads)
-            return grad_sum, {
-                "loss": terms.loss + out.aux_loss, "cross_entropy": terms.cross_entropy, "z_loss": terms.z_loss,
-                "aux_loss": out.aux_loss, "accuracy": terms.accuracy, "tokens": terms.tokens,
-                "dropped_fraction": out.dropped_fraction, "expert_load": out.expert_load,
-            }
+            per_token = {"cross_entropy": terms.cross_entropy, "z_loss": terms.z_loss, "accuracy": terms.accuracy}
+            weighted = {name: share * value for name, value in per_token.items()}
+            weighted.update({name: aux_share * value for name, value in (
+                ("aux_loss", out.aux_loss), ("dropped_fraction", out.dropped_fraction),
+                ("expert_load", out.expert_load))})
+            weighted["loss"] = share * terms.loss + aux_share * out.aux_loss
+            return grad_sum, {**weighted, "tokens": terms.tokens}
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-        grad_sum, per_micro = jax.lax.scan(one, zeros, (jnp.arange(accumulate_steps), micro_batches))
-        grads = jax.tree_util.tree_map(lambda g: g / accumulate_steps, grad_sum)
+        grads, per_micro = jax.lax.scan(one, zeros, (jnp.arange(accumulate_steps), shares, micro_batches))
         new_state, applied, grad_norm = apply_gradients(optimizer, state, grads)
-        metrics = {name: value.mean(axis=0) for name, value in per_micro.items()}
-        metrics.update(tokens=per_micro["tokens"].sum(), learning_rate=schedule(state.step),
-                       grad_norm=grad_norm, loss_scale=state.loss_scale.scale,
+        metrics = {name: value.sum(axis=0) for name, value in per_micro.items()}
+        metrics.update(learning_rate=schedule(state.step), grad_norm=grad_norm, loss_scale=state.loss_scale.scale,
                        update_applied=applied)
         return new_state, metrics
 

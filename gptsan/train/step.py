@@ -42,14 +42,17 @@ def _forward(model: GPTSAN, params: dict, batch: Batch, options: StepOptions, rn
     return out, terms
 
 
-def loss_and_grads(model: GPTSAN, options: StepOptions, state: TrainState, batch: Batch):
+def loss_and_grads(model: GPTSAN, options: StepOptions, state: TrainState, batch: Batch,
+                   loss_weight: jax.Array | float = 1.0, aux_weight: jax.Array | float = 1.0):
     """Gradients of the (loss-scaled) objective for the trainable parameters only, unscaled, and the
-    loss terms. The frozen parameters are not differentiated (no gradient is computed for them)."""
+    loss terms. The frozen parameters are not differentiated (no gradient is computed for them).
+    The objective is loss_weight * (per-token loss) + aux_weight * (router aux loss): gradient accumulation
+    weighs each micro-batch's share of the batch's targets (`accumulate.py`)."""
 
     def objective(trainable, frozen):
         rng = jax.random.fold_in(state.rng, state.step)
         out, terms = _forward(model, merge_params(trainable, frozen), batch, options, rng, train=True)
-        total = terms.loss + out.aux_loss
+        total = loss_weight * terms.loss + aux_weight * out.aux_loss
         return total * state.loss_scale.scale, (terms, out)
 
     grads, (terms, out) = jax.grad(objective, has_aux=True)(state.params, state.frozen)
