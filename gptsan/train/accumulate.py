@@ -65,13 +65,12 @@ def make_accumulating_train_step(config: ModelConfig, optimizer: optax.GradientT
             micro_state = state.replace(rng=jax.random.fold_in(state.rng, index))
             grads, terms, out = loss_and_grads(model, options, micro_state, micro_batch, share, aux_share)
             grad_sum = jax.tree_util.tree_map(jnp.add, grad_sum, grads)
-            per_token = {"cross_entropy": terms.cross_entropy, "z_loss": terms.z_loss, "accuracy": terms.accuracy}
-            weighted = {name: share * value for name, value in per_token.items()}
-            weighted.update({name: aux_share * value for name, value in (
-                ("aux_loss", out.aux_loss), ("dropped_fraction", out.dropped_fraction),
-                ("expert_load", out.expert_load))})
-            weighted["loss"] = share * terms.loss + aux_share * out.aux_loss
-            return grad_sum, {**weighted, "tokens": terms.tokens}
+            return grad_sum, {  # weighted as the objective is, so that the sums over micro-batches are the metrics
+                "loss": share * terms.loss + aux_share * out.aux_loss, "cross_entropy": share * terms.cross_entropy,
+                "z_loss": share * terms.z_loss, "accuracy": share * terms.accuracy,
+                "aux_loss": aux_share * out.aux_loss, "dropped_fraction": aux_share * out.dropped_fraction,
+                "expert_load": aux_share * out.expert_load, "tokens": terms.tokens,
+            }
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
         grads, per_micro = jax.lax.scan(one, zeros, (jnp.arange(accumulate_steps), shares, micro_batches))
