@@ -70,7 +70,7 @@ def apply_gradients(optimizer: optax.GradientTransformation, state: TrainState,
 
     The skip is a `lax.cond`, not an element-wise choice between new and old values: XLA then updates the
     parameters and moments in place, without keeping the old ones for the choice (bench-small all trainable
-    on CPU: 982-989 against 934-939 tokens/s)."""
+    on CPU, old and new alternating: 895-952 against 855-920 tokens/s; bench/RESULTS.md)."""
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(grad_norm)
 
