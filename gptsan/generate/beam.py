@@ -164,10 +164,7 @@ class BeamDecoder:
             out = self.model.apply({"params": params}, input_map[tokens][:, None], cache=cache)
             return out.logits[:, 0], out.cache
 
-        def gather(cache: KVCache, rows: jax.Array) -> KVCache:
-            return cache.replace(k=cache.k[:, rows], v=cache.v[:, rows], pad=cache.pad[rows])
-
-        search = BeamSearch(step, gather, self.width, self.end_id, self.length_penalty, self.banned_ids)
+        search = BeamSearch(step, KVCache.select_rows, self.width, self.end_id, self.length_penalty, self.banned_ids)
         return search.search(out.cache, out.logits[:, -1], limit, steps)
 
     def generate(self, params, batch: PromptBatch, max_new: int, spout=None) -> BeamResult:

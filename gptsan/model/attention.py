@@ -78,12 +78,12 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array, past_k: jax.Array | None = None,
                  past_v: jax.Array | None = None, cache: tuple[jax.Array, jax.Array] | None = None,
-                 cache_index: jax.Array | None = None, cache_layer: jax.Array | int = 0):
+                 cache_index: jax.Array | None = None):
         """x [B, T, d]; mask [B, T, S].
 
         Without a cache, keys are `past ++ new` (past: the spout slot [B, 1, H, dh], or None).
-        With a cache (k, v [L, B, H, S, dh], every layer's), `past ++ new` is written into layer `cache_layer`
-        at slot `cache_index` and attention runs over that layer's whole cache; the updated cache is returned.
+        With a cache (this layer's k, v [B * H, S, dh]), `past ++ new` is written at slot `cache_index` and
+        attention runs over the whole cache; the updated cache is returned.
         """
         c = self.config
         dtype = x.dtype
@@ -98,7 +98,7 @@ class Attention(nn.Module):
         o_kernel, _ = Kernel((c.num_header, c.head_dim, c.num_hidden), ("heads", "kv", "embed"),
                              normal(0.02), name="o")()
         if cache is not None:
-            return self._attend_with_cache(qkv, mask, o_kernel, past_k, past_v, cache, cache_index, cache_layer)
+            return self._attend_with_cache(qkv, mask, o_kernel, past_k, past_v, cache, cache_index)
         if qkv is None:
             qkv = jnp.einsum("btd,dnhk->nbthk", x, qkv_kernel.astype(dtype))  # [3, B, T, H, dh]
         else:
@@ -117,12 +117,12 @@ class Attention(nn.Module):
         out = jnp.einsum("bhts,bshk->bthk", probs, v.astype(dtype))
         return jnp.einsum("bthk,hkd->btd", out, o_kernel.astype(dtype)), None
 
-    def _attend_with_cache(self, qkv, mask, o_kernel, past_k, past_v, cache, cache_index, cache_layer):
+    def _attend_with_cache(self, qkv, mask, o_kernel, past_k, past_v, cache, cache_index):
         """The cached path (prefill and decoding), from qkv [B, T, 3 * H * dh]. Written for a decode step's
         few tokens, which read every weight once: the projections are plain matmuls on the kernels as stored
         or laid out (an einsum into another layout would transpose the kernel in memory every step), and the
-        new keys/values are written in place into the stacked [L, B, H, S, dh] cache (no per-layer
-        slice-and-restack), laid out so that the score and value matmuls read it without transposing."""
+        new keys/values are written in place into the layer's [B * H, S, dh] cache, which the score and value
+        matmuls read as it is (one batch axis, each head's keys and values contiguous)."""
         c = self.config
         dtype = qkv.dtype
         batch, length, _ = qkv.shape
@@ -132,17 +132,19 @@ class Attention(nn.Module):
         if past_k is not None:
             k = jnp.concatenate([past_k.astype(dtype), k], axis=1)
             v = jnp.concatenate([past_v.astype(dtype), v], axis=1)
-        cache_k, cache_v = cache  # [L, B, H, S, dh]: keys and values of one head contiguous, as the matmuls read them
-        start = (cache_layer, 0, 0, cache_index, 0)
-        cache_k = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 1, 3)[None].astype(cache_k.dtype), start)
-        cache_v = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3)[None].astype(cache_v.dtype), start)
-        k = jax.lax.dynamic_index_in_dim(cache_k, cache_layer, 0, keepdims=False).astype(dtype)  # [B, H, S, dh]
-        v = jax.lax.dynamic_index_in_dim(cache_v, cache_layer, 0, keepdims=False).astype(dtype)
-        per_head = ((0, 1), (0, 1))  # batch and head
-        scores = jax.lax.dot_general(k, q.transpose(0, 2, 1, 3), (((3,), (3,)), per_head))  # [B, H, S, T]
-        scores = scores.transpose(0, 1, 3, 2).astype(jnp.float32) * (head_dim ** -0.5)
-        scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+
+        def by_head(x):  # [B, T, H, dh] -> [B * H, T, dh]
+            return x.transpose(0, 2, 1, 3).reshape(batch * heads, x.shape[1], head_dim)
+
+        cache_k, cache_v = cache
+        cache_k = jax.lax.dynamic_update_slice(cache_k, by_head(k).astype(cache_k.dtype), (0, cache_index, 0))
+        cache_v = jax.lax.dynamic_update_slice(cache_v, by_head(v).astype(cache_v.dtype), (0, cache_index, 0))
+        per_head = ((0,), (0,))
+        scores = jax.lax.dot_general(cache_k.astype(dtype), by_head(q), (((2,), (2,)), per_head))  # [B * H, S, T]
+        scores = scores.reshape(batch, heads, -1, length).transpose(0, 1, 3, 2).astype(jnp.float32)
+        scores = jnp.where(mask[:, None], scores * head_dim ** -0.5, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)  # [B, H, T, S]
-        out = jax.lax.dot_general(probs, v, (((3,), (2,)), per_head))  # [B, H, T, dh]
-        out = out.transpose(0, 2, 1, 3).reshape(batch, length, heads * head_dim)
+        out = jax.lax.dot_general(probs.reshape(batch * heads, length, -1), cache_v.astype(dtype),
+                                  (((2,), (1,)), per_head))  # [B * H, T, dh]
+        out = out.reshape(batch, heads, length, head_dim).transpose(0, 2, 1, 3).reshape(batch, length, -1)
         return out @ o_kernel.astype(dtype).reshape(heads * head_dim, c.num_hidden), (cache_k, cache_v)

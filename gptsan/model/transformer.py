@@ -25,14 +25,17 @@ from gptsan.model.weights import Bias, Kernel, normal, param, zeros
 
 @flax.struct.dataclass
 class KVCache:
-    """Preallocated keys/values [L, B, H, S, dh] for incremental decoding.
+    """Preallocated keys/values for incremental decoding: per layer, k[l] and v[l] [B * H, S, dh].
 
+    One array per layer, so that a layer writes and reads its own in place (a slice of a stacked [L, ...]
+    array is copied before the attention matmuls read it), with batch and heads as one leading axis: the
+    matmuls' batch axis as they read it, without a reshape that would make XLA copy the written cache.
     Slot layout per row: [spout slot (if any)] [left padding] [tokens...]. `index` is the next free slot,
     `pad` [B] the left-padding count and `past` (0 or 1) whether slot 0 holds a spout key/value.
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     index: jax.Array
     pad: jax.Array
     past: jax.Array
@@ -40,13 +43,24 @@ class KVCache:
     @classmethod
     def allocate(cls, config: ModelConfig, batch: int, length: int, dtype: Any = None) -> KVCache:
         dtype = jnp.dtype(dtype or config.dtype)
-        shape = (config.num_layers, batch, config.num_header, length, config.head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), index=jnp.zeros((), jnp.int32),
-                   pad=jnp.zeros((batch,), jnp.int32), past=jnp.zeros((), jnp.int32))
+        shape = (batch * config.num_header, length, config.head_dim)
+        layers = range(config.num_layers)
+        return cls(k=tuple(jnp.zeros(shape, dtype) for _ in layers), v=tuple(jnp.zeros(shape, dtype) for _ in layers),
+                   index=jnp.zeros((), jnp.int32), pad=jnp.zeros((batch,), jnp.int32), past=jnp.zeros((), jnp.int32))
 
     @property
     def length(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[1]
+
+    def select_rows(self, rows: jax.Array) -> KVCache:
+        """The cache of batch rows `rows` [B'] (beam search's reordering)."""
+        batch = self.pad.shape[0]
+
+        def gather(x):  # [B * H, S, dh] -> [B' * H, S, dh]
+            per_row = x.reshape(batch, -1, *x.shape[1:])[rows]
+            return per_row.reshape(-1, *x.shape[1:])
+
+        return self.replace(k=tuple(map(gather, self.k)), v=tuple(map(gather, self.v)), pad=self.pad[rows])
 
 
 @flax.struct.dataclass
@@ -95,7 +109,7 @@ class Transformer(nn.Module):
         SwitchLayer = rematerialised(SwitchFF, c.remat, static_argnums=(2,))  # noqa: N806
         DenseLayer = rematerialised(DenseFF, c.remat)  # noqa: N806
         aux, dropped, loads, hidden = [], [], [], []
-        stacked_cache = None if cache is None else (cache.k, cache.v)  # each layer writes its slice in place
+        new_k, new_v = [], []  # each layer's cache, written in place
         for layer in range(c.num_layers):
             if layer == c.num_switch_layers:
                 ete = param(self, "ete", (c.num_contexts, c.num_hidden), ("ctx", "embed"), zeros)
@@ -104,7 +118,11 @@ class Transformer(nn.Module):
             if spout_kv is not None:
                 past_k, past_v = spout_kv[0][layer], spout_kv[1][layer]
             attention = AttentionLayer(c, causal, self.inference, name=f"att{layer}")
-            a, stacked_cache = attention(x, mask, past_k, past_v, stacked_cache, write_index, layer)
+            layer_cache = None if cache is None else (cache.k[layer], cache.v[layer])
+            a, layer_cache = attention(x, mask, past_k, past_v, layer_cache, write_index)
+            if cache is not None:
+                new_k.append(layer_cache[0])
+                new_v.append(layer_cache[1])
             x = LayerNorm(c.num_hidden, c.layer_norm_eps, name=f"an{layer}")(a) + x
             if layer < c.num_switch_layers:
                 f, stats = SwitchLayer(c, self.inference, name=f"moe{layer}")(x, train)
@@ -127,7 +145,7 @@ class Transformer(nn.Module):
             logits = jnp.einsum(head_form, h, wte.astype(dtype), preferred_element_type=jnp.float32) + wob
 
         if cache is not None:
-            cache = cache.replace(k=stacked_cache[0], v=stacked_cache[1])
+            cache = cache.replace(k=tuple(new_k), v=tuple(new_v))
         num_switch = max(1, len(aux))
         return Output(
             logits=logits,
