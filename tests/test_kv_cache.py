@@ -29,8 +29,9 @@ def incremental_logits(model, params, ids, prefill, spout=None, num_precontext=N
 @pytest.mark.parametrize("inference", [None, 1, 2], ids=["stored layout", "inference layout 1 row", "2 rows"])
 @pytest.mark.parametrize("use_spout, use_prefix", [(False, False), (True, False), (False, True), (True, True)])
 def test_cached_decoding_equals_full_forward(tiny, tiny_cases, use_spout, use_prefix, inference):
-    """Also in the inference layouts (gptsan/model/inference.py) that generation reads, the experts, qkv, p1
-    and p2 transposed (laid out for 1 row) or not: the prefill and each decode step take `chosen_experts_ffn`."""
+    """Also in the inference layouts (gptsan/model/inference.py) that generation reads, the experts and
+    projections transposed (laid out for 1 row) or not: the prefill and each decode step take
+    `chosen_experts_ffn`."""
     config, params = tiny
     model = GPTSAN(config)
     ids = jnp.asarray(tiny_cases["input_ids"])
@@ -55,9 +56,11 @@ def test_inference_layout_full_forward_equals_stored_layout(tiny, tiny_cases, ro
     weights = to_inference_layout(params, rows)
     last = f"mlp{config.num_layers - 1}"
     one_row_forms = [("moe0", "wi", "expert0_t"), ("moe0", "wo", "expert0_t"), ("att0", "qkv", "kernel_t"),
-                     (last, "p1", "kernel_t"), (last, "p2", "kernel_t")]
+                     ("att0", "o", "kernel_t"), ("moe0", "softmlp", "kernel_t"), (last, "p1", "kernel_t"),
+                     (last, "p2", "kernel_t")]
     for scope, projection, name in one_row_forms:
         assert (name in weights["model"][scope][projection]) == (rows == 1), (scope, projection)
+    assert ("kernel_t" in weights["model"]["dense"]) == (rows == 1)
     got = GPTSAN(config, inference=True).apply({"params": weights}, ids, spout=spout).logits
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=0, atol=TOLERANCE)
 

@@ -73,7 +73,7 @@ class Attention(nn.Module):
 
     config: ModelConfig
     causal: bool = False
-    inference: bool = False  # the qkv kernel as stored or transposed (gptsan/model/inference.py)
+    inference: bool = False  # the qkv and o kernels as stored or transposed (gptsan/model/inference.py)
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array, past_k: jax.Array | None = None,
@@ -95,18 +95,28 @@ class Attention(nn.Module):
         else:
             qkv_kernel, _ = Kernel(qkv_shape, ("embed", "qkv", "heads", "kv"), normal(0.02), name="qkv")()
             qkv = x @ qkv_kernel.astype(dtype).reshape(d, qkv_width) if cache is not None else None
-        o_kernel, _ = Kernel((c.num_header, c.head_dim, c.num_hidden), ("heads", "kv", "embed"),
-                             normal(0.02), name="o")()
+        o_shape = (c.num_header, c.head_dim, c.num_hidden)
+        if self.inference:
+            o_projection = InferenceProjection((qkv_width // 3, d), stored_shape=o_shape, use_bias=False, name="o")
+
+            def project(out: jax.Array, form: str) -> jax.Array:  # out [B, T, H, dh] or [B, H, T, dh] -> [B, T, d]
+                return o_projection(jnp.einsum(f"{form}->bthk", out).reshape(batch, length, -1))
+        else:
+            o_kernel, _ = Kernel(o_shape, ("heads", "kv", "embed"), normal(0.02), name="o")()
+
+            def project(out: jax.Array, form: str) -> jax.Array:
+                return jnp.einsum(f"{form},hkd->btd", out, o_kernel.astype(dtype))
+
         if cache is not None:
-            return self._attend_with_cache(qkv, mask, o_kernel, past_k, past_v, cache, cache_index)
+            out, cache = self._attend_with_cache(qkv, mask, past_k, past_v, cache, cache_index)
+            return project(out, "bthk"), cache
         if qkv is None:
             qkv = jnp.einsum("btd,dnhk->nbthk", x, qkv_kernel.astype(dtype))  # [3, B, T, H, dh]
         else:
             qkv = qkv.reshape(batch, length, *qkv_shape[1:]).transpose(2, 0, 1, 3, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         if self.causal:
-            out = causal_attention(q, k, v, past_k, past_v)
-            return jnp.einsum("bhtk,hkd->btd", out, o_kernel.astype(dtype)), None
+            return project(causal_attention(q, k, v, past_k, past_v), "bhtk"), None
         if past_k is not None:
             k = jnp.concatenate([past_k.astype(dtype), k], axis=1)
             v = jnp.concatenate([past_v.astype(dtype), v], axis=1)
@@ -114,11 +124,11 @@ class Attention(nn.Module):
         scores = scores * (c.head_dim ** -0.5)
         scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)  # [B, H, T, S]
-        out = jnp.einsum("bhts,bshk->bthk", probs, v.astype(dtype))
-        return jnp.einsum("bthk,hkd->btd", out, o_kernel.astype(dtype)), None
+        return project(jnp.einsum("bhts,bshk->bthk", probs, v.astype(dtype)), "bthk"), None
 
-    def _attend_with_cache(self, qkv, mask, o_kernel, past_k, past_v, cache, cache_index):
-        """The cached path (prefill and decoding), from qkv [B, T, 3 * H * dh]. Written for a decode step's
+    def _attend_with_cache(self, qkv, mask, past_k, past_v, cache, cache_index):
+        """The cached path (prefill and decoding), from qkv [B, T, 3 * H * dh] to the heads' outputs
+        [B, T, H, dh] (before the o projection) and the updated cache. Written for a decode step's
         few tokens, which read every weight once: the projections are plain matmuls on the kernels as stored
         or laid out (an einsum into another layout would transpose the kernel in memory every step), and the
         new keys/values are written in place into the layer's [B * H, S, dh] cache, which the score and value
@@ -146,5 +156,4 @@ class Attention(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)  # [B, H, T, S]
         out = jax.lax.dot_general(probs.reshape(batch * heads, length, -1), cache_v.astype(dtype),
                                   (((2,), (1,)), per_head))  # [B * H, T, dh]
-        out = out.reshape(batch, heads, length, head_dim).transpose(0, 2, 1, 3).reshape(batch, length, -1)
-        return out @ o_kernel.astype(dtype).reshape(heads * head_dim, c.num_hidden), (cache_k, cache_v)
+        return out.reshape(batch, heads, length, head_dim).transpose(0, 2, 1, 3), (cache_k, cache_v)

@@ -14,7 +14,9 @@ So generation (`GPTSAN(config, inference=True)`: Decoder, BeamDecoder) reads:
                           it, no copy); for one-row decoding `expert{e}_t`, transposed
   att{l}/qkv/kernel_t     [3*H*dh, d]  one-row decoding only: att{l}/qkv/kernel [d, 3, H, dh] as a matrix,
                           transposed (otherwise the kernel as stored)
+  att{l}/o/kernel_t       [d, H*dh]  one-row decoding only: att{l}/o/kernel [H, dh, d] as a matrix, transposed
   mlp{l}/p[12]/kernel_t   [f, d] / [d, f]  one-row decoding only: mlp{l}/p[12]/kernel transposed
+  moe{l}/softmlp/kernel_t, dense/kernel_t  [d, d]  one-row decoding only: the kernel transposed
 
 and every other parameter as stored. Checkpoints, training and `ignore-params.json` keep GPTSAN's names and
 shapes; this layout exists only in memory, made by `to_inference_layout` from loaded weights (the inference
@@ -23,6 +25,7 @@ modules are never initialised). They read whichever form of each matrix they fin
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -32,12 +35,12 @@ import jax.numpy as jnp
 from gptsan.model.params import Params, flatten, unflatten
 
 _EXPERTS = re.compile(r"model/moe\d+/w[io]/kernel")
-_PROJECTIONS = re.compile(r"model/(mlp\d+/p[12]|att\d+/qkv)/kernel")
+_PROJECTIONS = re.compile(r"model/(att\d+/(qkv|o)|mlp\d+/p[12]|moe\d+/softmlp|dense)/kernel")
 
 
 def to_inference_layout(params: Params, rows: int = 1, release_input: bool = False) -> Params:
     """GPTSAN's parameter tree -> the inference layout (module docstring). `rows`: the token rows each decode
-    step multiplies (batch x beam width); with 1, wo and p2 are stored transposed too. Values are unchanged.
+    step multiplies (batch x beam width); with 1, the other projections are stored transposed too. Values are unchanged.
 
     `release_input`: each leaf is removed from `params` as it is converted (`params` ends empty), so a caller
     that holds no other reference to the weights has both layouts of at most one matrix at a time, not of the
@@ -56,7 +59,8 @@ def to_inference_layout(params: Params, rows: int = 1, release_input: bool = Fal
                     out[f"{scope}/expert{e}"] = jnp.asarray(value[e])
         elif _PROJECTIONS.fullmatch(name) and one_row:
             matrix = jnp.asarray(value)
-            out[f"{scope}/kernel_t"] = matrix.reshape(matrix.shape[0], -1).T
+            inputs = 2 if scope.endswith("/o") else 1  # o [H, dh, d] reads every head's output
+            out[f"{scope}/kernel_t"] = matrix.reshape(math.prod(matrix.shape[:inputs]), -1).T
         else:
             out[name] = value
     return unflatten(out)

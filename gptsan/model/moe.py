@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from gptsan.model.config import ModelConfig
-from gptsan.model.dense import matmul
+from gptsan.model.dense import InferenceProjection, matmul
 from gptsan.model.expert_parallel import expert_parallel_ffn, expert_parallelism
 from gptsan.model.weights import Kernel, fan_in_normal, normal, param, zeros
 
@@ -274,7 +274,8 @@ def capacity_kept(expert: jax.Array, num_experts: int, capacity: int) -> jax.Arr
 
 class SwitchFF(nn.Module):
     """GPTSAN's `moe{l}`: switch_gating [d, E], wi [E, d, 8d], wo [E, 8d, d], softmlp [d, d]; no biases.
-    `inference`: wi and wo are read per expert (`ExpertKernels`; gptsan/model/inference.py)."""
+    `inference`: wi and wo are read per expert (`ExpertKernels`) and softmlp as stored or transposed
+    (`InferenceProjection`; gptsan/model/inference.py)."""
 
     config: ModelConfig
     inference: bool = False
@@ -291,7 +292,11 @@ class SwitchFF(nn.Module):
         else:
             wi, _ = Kernel((num_experts, d, f), ("expert", "embed", "mlp"), fan_in_normal(-2, (0,)), name="wi")()
             wo, _ = Kernel((num_experts, f, d), ("expert", "mlp", "embed"), fan_in_normal(-2, (0,)), name="wo")()
-        softmlp, _ = Kernel((d, d), ("embed", "embed_out"), normal(0.01), name="softmlp")()
+        if self.inference:
+            bypass = jnp.tanh(InferenceProjection((d, d), use_bias=False, name="softmlp")(x))
+        else:
+            softmlp, _ = Kernel((d, d), ("embed", "embed_out"), normal(0.01), name="softmlp")()
+            bypass = jnp.tanh(x @ softmlp.astype(x.dtype))
 
         batch, length, _ = x.shape
         num_tokens = batch * length
@@ -331,6 +336,5 @@ class SwitchFF(nn.Module):
         dropped = 1.0 - kept.astype(jnp.float32).mean()
 
         moe_out = y * gate[..., None].astype(x.dtype)
-        bypass = jnp.tanh(x @ softmlp.astype(x.dtype))
         load = jnp.bincount(expert, length=num_experts) / num_tokens
         return moe_out + bypass, {"aux_loss": aux, "dropped_fraction": dropped, "expert_load": load}

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from gptsan.model.attention import Attention, attention_mask
 from gptsan.model.config import ModelConfig
-from gptsan.model.dense import DenseFF
+from gptsan.model.dense import DenseFF, InferenceProjection
 from gptsan.model.moe import SwitchFF
 from gptsan.model.norm import LayerNorm
 from gptsan.model.spout import Spout
@@ -135,10 +135,14 @@ class Transformer(nn.Module):
             if return_hidden:
                 hidden.append(x)
 
-        head, _ = Kernel((c.num_hidden, c.num_hidden), ("embed", "embed_out"), normal(0.02), name="dense")()
+        if self.inference:
+            h = InferenceProjection((c.num_hidden, c.num_hidden), use_bias=False, name="dense")(x)
+        else:
+            head, _ = Kernel((c.num_hidden, c.num_hidden), ("embed", "embed_out"), normal(0.02), name="dense")()
+            h = x @ head.astype(dtype)
         head_bias = Bias(c.num_hidden, "embed", name="dense_1")()
         wob = param(self, "wob", (c.num_vocabulary,), ("vocab",), zeros)
-        h = nn.silu(x @ head.astype(dtype) + head_bias.astype(dtype))
+        h = nn.silu(h + head_bias.astype(dtype))
         logits = None
         if return_logits:
             head_form = "btd,dv->btv" if self.inference else "btd,vd->btv"
