@@ -293,10 +293,12 @@ class SwitchFF(nn.Module):
             wi, _ = Kernel((num_experts, d, f), ("expert", "embed", "mlp"), fan_in_normal(-2, (0,)), name="wi")()
             wo, _ = Kernel((num_experts, f, d), ("expert", "mlp", "embed"), fan_in_normal(-2, (0,)), name="wo")()
         if self.inference:
-            bypass = jnp.tanh(InferenceProjection((d, d), use_bias=False, name="softmlp")(x))
+            softmlp = InferenceProjection((d, d), use_bias=False, name="softmlp")
         else:
-            softmlp, _ = Kernel((d, d), ("embed", "embed_out"), normal(0.01), name="softmlp")()
-            bypass = jnp.tanh(x @ softmlp.astype(x.dtype))
+            softmlp_kernel, _ = Kernel((d, d), ("embed", "embed_out"), normal(0.01), name="softmlp")()
+
+            def softmlp(x: jax.Array) -> jax.Array:
+                return x @ softmlp_kernel.astype(x.dtype)
 
         batch, length, _ = x.shape
         num_tokens = batch * length
@@ -336,5 +338,6 @@ class SwitchFF(nn.Module):
         dropped = 1.0 - kept.astype(jnp.float32).mean()
 
         moe_out = y * gate[..., None].astype(x.dtype)
+        bypass = jnp.tanh(softmlp(x))
         load = jnp.bincount(expert, length=num_experts) / num_tokens
         return moe_out + bypass, {"aux_loss": aux, "dropped_fraction": dropped, "expert_load": load}
