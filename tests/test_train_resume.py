@@ -14,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from gptsan.errors import UserError
 from gptsan.model.params import flatten
 from gptsan.train.config import RunConfig
 from gptsan.train.loop import run
@@ -101,3 +102,20 @@ def test_sigkill_loses_at_most_the_steps_since_the_last_save(tmp_path, compilati
     assert int(state.step) == last_save + 2
     steps_after = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps_after[len(logged):] == [last_save + 1, last_save + 2]
+
+
+def test_a_truncated_latest_checkpoint_is_one_clear_error(tmp_path):
+    """Resuming from a checkpoint whose data files were cut short: a UserError naming the output_dir, the
+    step and the way out, not Orbax's exception."""
+    files = corpus_files(tmp_path)
+    out = tmp_path / "out"
+    parameter_file = write_mini_parameters(tmp_path / "model", out, checkpoint_per_steps=100)
+    common = dict(parameter_file=str(parameter_file), input_files=files, progress=False, log_every=1)
+    run(RunConfig(max_training_step=2, **common))
+    chunks = list((out / "2" / "state").rglob("d/*"))
+    assert chunks
+    for chunk in chunks:
+        chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+    with pytest.raises(UserError, match=r"cannot resume from its step-2 checkpoint .*move 2/ aside") as caught:
+        run(RunConfig(max_training_step=4, **common))
+    assert str(out) in str(caught.value) and "\n" not in str(caught.value)

@@ -57,7 +57,7 @@ def _checkpointer():
     import orbax.checkpoint as ocp
 
     absl.logging.set_verbosity(absl.logging.ERROR)  # Orbax logs a warning per restore of a train state
-    _drop_late_reads_after_a_failed_restore()
+    drop_late_orbax_reads()
     return ocp.PyTreeCheckpointer()
 
 
@@ -71,7 +71,7 @@ def _is_late_read(unraisable) -> bool:
     return bool(frames) and frames[0].name == "call_soon_threadsafe"
 
 
-def _drop_late_reads_after_a_failed_restore() -> None:
+def drop_late_orbax_reads() -> None:
     """When one read of a truncated or corrupt checkpoint fails, Orbax raises (gptsan turns that into one
     error line) and closes its event loop while the checkpoint's other reads are still in flight; each of
     those then reports an unraisable `RuntimeError: Event loop is closed` (105 tracebacks on stderr for the

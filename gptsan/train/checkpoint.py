@@ -13,6 +13,9 @@ from typing import Any
 import flax.serialization
 import orbax.checkpoint as ocp
 
+from gptsan.checkpoint.native import drop_late_orbax_reads
+from gptsan.checkpoint.validate import error_summary
+from gptsan.errors import UserError
 from gptsan.train.state import TrainState
 
 
@@ -23,7 +26,8 @@ class Checkpointer:
         self.every_seconds = float(every_hours) * 3600.0
         options = ocp.CheckpointManagerOptions(max_to_keep=max(int(max_to_keep), 1), create=True,
                                                enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(str(directory), options=options)
+        self.directory = str(directory)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.last_save = time.monotonic()
         self.last_saved_step = self.manager.latest_step()
 
@@ -33,8 +37,15 @@ class Checkpointer:
     def restore(self, abstract_state: TrainState) -> tuple[TrainState, dict]:
         """The latest checkpoint, laid out as `abstract_state` (shapes, dtypes and shardings)."""
         target = flax.serialization.to_state_dict(abstract_state)
-        restored = self.manager.restore(self.manager.latest_step(), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), run=ocp.args.JsonRestore()))
+        step = self.manager.latest_step()
+        drop_late_orbax_reads()
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), run=ocp.args.JsonRestore()))
+        except Exception as err:  # orbax/tensorstore raise several types for unreadable or mismatched data
+            raise UserError(f"{self.directory}: cannot resume from its step-{step} checkpoint (truncated, corrupt "
+                            f"or from another model?): {error_summary(err)}; move {step}/ aside to resume from "
+                            "an earlier one") from None
         return flax.serialization.from_state_dict(abstract_state, restored["state"]), restored["run"]
 
     def due(self, step: int) -> bool:
