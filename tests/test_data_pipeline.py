@@ -2,6 +2,9 @@
 length validation, corrupt-record policy, shuffling, sharding, resuming, fsspec (non-local) paths."""
 
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import fsspec
@@ -14,6 +17,8 @@ from gptsan.data.pipeline import make_dataset
 from gptsan.data.schema import frame, parse_example, read_frames, serialize_example, tf_feature_spec
 from gptsan.errors import UserError
 from tests.conftest import shared_path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 T = 32
 
@@ -168,3 +173,17 @@ def test_bad_arguments_are_user_errors(corpus_dir):
         make_dataset(str(corpus_dir / "*.tfrecord"), T, 1, seed=0, on_corrupt="ignore")
     with pytest.raises(UserError, match="no tfrecord file matches"):
         make_dataset(str(corpus_dir / "none_*.tfrecord"), T, 1, seed=0)
+
+
+def test_reading_records_in_a_fresh_process_keeps_stderr_clean(corpus_dir):
+    """TensorFlow is imported through gptsan/tf_runtime.py: its C++ start-up lines (the oneDNN notice,
+    absl's pre-init warning) stay off the stderr that carries gptsan's one-line errors."""
+    script = ("import sys; from gptsan.data.pipeline import make_dataset; "
+              "batch = next(iter(make_dataset(sys.argv[1], num_contexts=32, batch_size=2, seed=0, shuffle=False))); "
+              "print(batch['x'].shape)")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TF_")}
+    result = subprocess.run([sys.executable, "-c", script, str(corpus_dir / "part_*.tfrecord")],
+                            env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(2, 32)"
+    assert result.stderr == ""

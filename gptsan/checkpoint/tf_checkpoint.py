@@ -8,7 +8,6 @@ and writes the `checkpoint` state file, so the result is what a TF1 `Saver` woul
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -17,17 +16,12 @@ from gptsan import storage
 from gptsan.checkpoint.names import is_tf_parameter
 from gptsan.checkpoint.validate import check_tensors, error_summary
 from gptsan.errors import UserError
+from gptsan.tf_runtime import tensorflow
 
 STATE_FILE = "checkpoint"
 PREFIX = "model"
 
 
-def _tf():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep stderr for our own one-line errors
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # its start-up notice ignores the level above
-    import tensorflow as tf
-
-    return tf
 
 
 def is_tf_dir(path: str) -> bool:
@@ -36,7 +30,7 @@ def is_tf_dir(path: str) -> bool:
 
 def _checkpoint_prefix(path: str) -> str:
     """The checkpoint prefix named by the `checkpoint` state file, else the directory's only `*.index`."""
-    tf = _tf()
+    tf = tensorflow()
     if storage.exists(storage.join(path, STATE_FILE)):
         prefix = tf.train.latest_checkpoint(str(path))
         if prefix:
@@ -50,7 +44,7 @@ def _checkpoint_prefix(path: str) -> str:
 
 def read(path: str, expected: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     """GPTSAN-named float32 arrays from the TF checkpoint in `path`, checked against `expected` shapes."""
-    tf = _tf()
+    tf = tensorflow()
     prefix = _checkpoint_prefix(path)
     try:
         reader = tf.train.load_checkpoint(prefix)
@@ -65,7 +59,7 @@ def read(path: str, expected: dict[str, tuple[int, ...]]) -> dict[str, np.ndarra
 
 def write(path: str, flat: dict[str, Any], dtype: str = "float32") -> None:
     """Write `flat` (GPTSAN name -> array) as an original-style TF1 checkpoint into the directory `path`."""
-    tf = _tf()
+    tf = tensorflow()
     names = sorted(flat)
     with tf.device("/cpu:0"):
         tensors = [tf.constant(np.asarray(flat[name], np.float32), dtype=tf.dtypes.as_dtype(dtype))

@@ -30,6 +30,7 @@ import numpy as np
 from gptsan import storage
 from gptsan.data.schema import CorruptRecordError, read_frames
 from gptsan.errors import UserError
+from gptsan.tf_runtime import tensorflow
 
 CORRUPT_POLICIES = ("stop", "skip")
 
@@ -66,6 +67,7 @@ class RecordSource:
                 return
 
     def _file_records(self, path: str):
+        tensorflow()  # quietly, before its protos import it
         from tensorflow.core.example import example_pb2
 
         skip = self.on_corrupt == "skip"
@@ -130,7 +132,7 @@ class BatchIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        import tensorflow as tf
+        tf = tensorflow()
 
         try:
             return next(self._iterator)
@@ -165,7 +167,7 @@ def make_dataset(pattern: str, num_contexts: int, batch_size: int, *, seed: int,
 
 
 def _tf_dataset(source, num_contexts, batch_size, shuffle, shuffle_buffer, seed, start_step, drop_remainder):
-    import tensorflow as tf
+    tf = tensorflow()
 
     sequence = tf.TensorSpec([num_contexts], tf.int32)
     scalar = tf.TensorSpec([], tf.int32)

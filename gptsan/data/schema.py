@@ -16,6 +16,8 @@ from typing import BinaryIO
 import google_crc32c
 import numpy as np
 
+from gptsan.tf_runtime import tensorflow
+
 FEATURES = ("x", "y", "i", "num_input")
 SEQUENCE_FEATURES = ("x", "y")
 
@@ -196,7 +198,7 @@ def read_frames(stream: BinaryIO, path: str, skip_bad_data: bool = False) -> Ite
 
 def tf_feature_spec(num_contexts: int) -> dict:
     """The `tf.io.parse_single_example` spec of a record of `num_contexts` tokens."""
-    import tensorflow as tf
+    tf = tensorflow()
 
     return {
         "x": tf.io.FixedLenFeature([num_contexts], tf.int64),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -70,8 +69,7 @@ class Pipeline:
     def command(self, module: str, *args: str) -> str:
         """Run `python -m module args` (what the console script runs) and show the command a user types."""
         self.say("$ " + " ".join([CONSOLE_SCRIPTS[module], *map(shlex.quote, args)]))
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-        done = subprocess.run([sys.executable, "-m", module, *args], env=env, text=True, capture_output=True)
+        done = subprocess.run([sys.executable, "-m", module, *args], text=True, capture_output=True)
         if done.returncode != 0:
             sys.stderr.write(done.stderr[-4000:])
             raise UserError(f"demo step failed: {module} exited with {done.returncode}")
