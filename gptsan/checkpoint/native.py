@@ -101,7 +101,7 @@ def read_params(path: str, config: ModelConfig) -> dict[str, np.ndarray]:
 def _restore_params(directory: str, config: ModelConfig,
                     subtrees: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
     """Restore a parameter tree (or the union of `subtrees` of a larger tree) as float32 numpy arrays."""
-    with _checkpointer() as checkpointer:  # closed on every path: an open one prints an asyncio error at exit
+    with _checkpointer() as checkpointer:  # released on every path, the failing ones too
         return _restore_with(checkpointer, directory, config, subtrees)
 
 

@@ -22,8 +22,6 @@ STATE_FILE = "checkpoint"
 PREFIX = "model"
 
 
-
-
 def is_tf_dir(path: str) -> bool:
     return storage.exists(storage.join(path, STATE_FILE)) or bool(storage.glob(storage.join(path, "*.index")))
 
