@@ -89,7 +89,10 @@ class Attention(nn.Module):
         dtype = x.dtype
         batch, length, d = x.shape
         qkv_shape = (d, 3, c.num_header, c.head_dim)
-        qkv_width = 3 * c.num_header * c.head_dim
+        heads_width = c.num_header * c.head_dim
+        qkv_width = 3 * heads_width
+        # With a cache (a decode step's few tokens read every weight once) the projections are plain matmuls on
+        # the kernels as stored or laid out: an einsum into another layout would transpose the kernel every step.
         if self.inference:  # [B, T, 3 * H * dh], through the stored kernel or its transpose
             qkv = InferenceProjection((d, qkv_width), stored_shape=qkv_shape, use_bias=False, name="qkv")(x)
         else:
@@ -97,7 +100,7 @@ class Attention(nn.Module):
             qkv = x @ qkv_kernel.astype(dtype).reshape(d, qkv_width) if cache is not None else None
         o_shape = (c.num_header, c.head_dim, c.num_hidden)
         if self.inference:
-            o_projection = InferenceProjection((qkv_width // 3, d), stored_shape=o_shape, use_bias=False, name="o")
+            o_projection = InferenceProjection((heads_width, d), stored_shape=o_shape, use_bias=False, name="o")
 
             def project(out: jax.Array, form: str) -> jax.Array:  # out [B, T, H, dh] or [B, H, T, dh] -> [B, T, d]
                 return o_projection(jnp.einsum(f"{form}->bthk", out).reshape(batch, length, -1))
@@ -128,11 +131,9 @@ class Attention(nn.Module):
 
     def _attend_with_cache(self, qkv, mask, past_k, past_v, cache, cache_index):
         """The cached path (prefill and decoding), from qkv [B, T, 3 * H * dh] to the heads' outputs
-        [B, T, H, dh] (before the o projection) and the updated cache. Written for a decode step's
-        few tokens, which read every weight once: the projections are plain matmuls on the kernels as stored
-        or laid out (an einsum into another layout would transpose the kernel in memory every step), and the
-        new keys/values are written in place into the layer's [B * H, S, dh] cache, which the score and value
-        matmuls read as it is (one batch axis, each head's keys and values contiguous)."""
+        [B, T, H, dh] (before the o projection) and the updated cache. The new keys/values are written in place
+        into the layer's [B * H, S, dh] cache, which the score and value matmuls read as it is (one batch axis,
+        each head's keys and values contiguous)."""
         c = self.config
         dtype = qkv.dtype
         batch, length, _ = qkv.shape
