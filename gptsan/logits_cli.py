@@ -25,7 +25,7 @@ from gptsan.model import GPTSAN
 from gptsan.model.config import COMPUTE_DTYPES, ROUTING_MODES, ModelConfig
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptsan-logits", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="model directory: native, original TF or HF folder")
     parser.add_argument("--ids", required=True, help=".npy of token ids [batch, length]")
@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES, help="compute dtype")
     parser.add_argument("--routing", default="dropless", choices=ROUTING_MODES, help="expert routing")
     parser.add_argument("--output", required=True, help="where to write the logits .npy")
-    return parser.parse_args(argv)
+    return parser
 
 
 def read_npy(path: str, flag: str) -> np.ndarray:
@@ -97,7 +97,7 @@ def write_npy_atomic(path: str, array: np.ndarray) -> None:
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     ids = read_npy(args.ids, "--ids")
     num_precontext = read_npy(args.num_precontext, "--num_precontext") if args.num_precontext else None
     spout = read_npy(args.spout, "--spout") if args.spout else None

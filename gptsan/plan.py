@@ -181,7 +181,7 @@ def describe(report: dict) -> str:
     return "\n".join(lines)
 
 
-def parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptsan-plan", description=__doc__.split("\n")[0])
     p.add_argument("--parameter_file", required=True, help="parameters.json (model_params, train_params)")
     p.add_argument("--devices", type=int, required=True, help="number of devices (chips or cores)")
@@ -208,7 +208,7 @@ def simulate_devices(count: int) -> None:
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if not args.skip_activations:
         simulate_devices(args.devices)
     report = plan(args.parameter_file, args.devices, args.mesh, args.batch, args.trainable,

@@ -33,15 +33,19 @@ def describe(record, tokenizer) -> str:
     ])
 
 
-@cli_main
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("path", help="a .tfrecord file (local or gs://)")
     p.add_argument("--tokenizer", default="swe", help=" | ".join(KINDS))
     p.add_argument("--vocabulary", required=True)
     p.add_argument("--emoji", default=None)
     p.add_argument("--num", type=int, default=3, help="records to show")
-    args = p.parse_args(argv)
+    return p
+
+
+@cli_main
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     tokenizer = load_tokenizer(args.tokenizer, args.vocabulary, emoji_file=args.emoji)
     if not storage.exists(args.path):
         raise UserError(f"{args.path}: file not found")

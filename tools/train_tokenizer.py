@@ -18,8 +18,7 @@ from gptsan.errors import UserError, cli_main
 from gptsan.tokenizer.sentencepiece import MODEL_TYPES, SentencePieceTokenizer, train_sentencepiece
 
 
-@cli_main
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input_files", required=True, help="glob of .txt or .jsonl files")
     p.add_argument("--model_prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
@@ -28,7 +27,12 @@ def main(argv=None) -> int:
     p.add_argument("--character_coverage", type=float, default=0.9995, help="0.9995 suits Japanese")
     p.add_argument("--text_field", default="text", help="field holding the text in .jsonl records")
     p.add_argument("--max_sentences", type=int, default=2_000_000, help="sentences sampled for training")
-    args = p.parse_args(argv)
+    return p
+
+
+@cli_main
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     files = storage.glob(args.input_files)
     if not files:
         raise UserError(f"--input_files: no file matches {args.input_files!r}")

@@ -31,7 +31,7 @@ DEFAULT_TRAIN_PARAMS = {"batch_size": 16, "base_lr": 1e-4, "num_warmup_steps": 2
                         "checkpoint_per_hours": 1, "checkpoint_per_steps": 10000}
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="run_modelconvert.py", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="source model directory (TF, HF or native)")
     parser.add_argument("--output", required=True, help="new native model directory (must not exist)")
@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also list the spout network in ignore-params.json")
     parser.add_argument("--dtype", default="float32", choices=native.STORAGE_DTYPES, help="storage dtype")
     parser.add_argument("--seed", type=int, default=0, help="seed of the newly initialised parameters")
-    return parser.parse_args(argv)
+    return parser
 
 
 def source_train_params(src: str, dst: str) -> dict[str, Any]:
@@ -84,7 +84,7 @@ def convert(src: str, dst: str, add_extra_stage: int = 0, num_spout: int | None 
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     lists = convert(args.checkpoint, args.output, args.add_extra_stage, args.num_spout,
                     "spout" in args.freeze, args.dtype, args.seed)
     print(f"wrote {args.output}: {len(lists['all-params.json'])} parameters, "

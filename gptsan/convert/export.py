@@ -23,13 +23,13 @@ from gptsan.model.config import read_parameters_json
 EXPORT_FORMATS = ("hf", "gptsan-tf")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptsan-export", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="model directory (native, TF or HF)")
     parser.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="what to write")
     parser.add_argument("--output", required=True, help="new directory (must not exist)")
     parser.add_argument("--dtype", default="float32", choices=hf.STORAGE_DTYPES, help="storage dtype")
-    return parser.parse_args(argv)
+    return parser
 
 
 def export(model: str, fmt: str, output: str, dtype: str = "float32") -> None:
@@ -52,7 +52,7 @@ def export(model: str, fmt: str, output: str, dtype: str = "float32") -> None:
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     export(args.model, args.format, args.output, args.dtype)
     print(f"wrote {args.format} model to {args.output}")
     return 0

@@ -137,14 +137,18 @@ class Pipeline:
         return correct / max(total, 1)
 
 
-@cli_main
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptsan-demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default=None,
                         help="where everything is written (must not exist; default demo_output/<date-time>)")
     parser.add_argument("--quick", action="store_true", help="a much shorter run (for tests)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     keep_freed_memory()
     workdir = Path(args.workdir or Path("demo_output") / time.strftime("%Y%m%d-%H%M%S")).resolve()
     if workdir.exists():

@@ -27,7 +27,7 @@ from gptsan.memory import keep_freed_memory
 from gptsan.model.config import COMPUTE_DTYPES
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptsan-generate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="model directory: native, original TF or HF folder")
     parser.add_argument("--vocabulary", required=True, help="ja-swe36k.txt (swe) or a .model (sentencepiece)")
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", help="write the texts as JSON lines here")
     parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES, help="compute dtype")
     parser.add_argument("--tpu_nodes", help="accepted for compatibility; JAX finds its devices itself")
-    return parser.parse_args(argv)
+    return parser
 
 
 def read_contexts(args: argparse.Namespace) -> list[str]:
@@ -172,7 +172,7 @@ def stream_one(decoder, params, batch, args, spout, tokenizer) -> list[int]:
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     check_args(args)
     keep_freed_memory()
     if args.tpu_nodes:

@@ -25,7 +25,7 @@ from gptsan.generate.cli import output_text
 from gptsan.model.config import COMPUTE_DTYPES
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptsan-languagemodel", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="model directory: native, original TF or HF folder")
     parser.add_argument("--vocabulary", required=True, help="ja-swe36k.txt (swe) or a .model (sentencepiece)")
@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pos_vector", type=int, default=-1, help="input position of output_vector")
     parser.add_argument("--output", help="JSON file to write (default: print)")
     parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES, help="compute dtype")
-    return parser.parse_args(argv)
+    return parser
 
 
 def masked_input(tokenizer, context: str, mask: str) -> list[int]:
@@ -80,7 +80,7 @@ def fill_masks(config, params, ids: list[int], special, pos_vector: int) -> dict
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.output and storage.isdir(args.output):
         raise UserError(f"--output {args.output}: is a directory; give a file name")
     from gptsan.generate.cli import load

@@ -13,7 +13,7 @@ from gptsan.train.optim import DEFAULT_CLIP_NORM, OPTIMIZERS
 from gptsan.train.spout import SPOUT_KINDS
 
 
-def parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptsan-train", description="Train a GPTSAN model on tfrecords.")
     p.add_argument("--input_files", required=True, help="tfrecord glob, local or gs://")
     p.add_argument("--parameter_file", required=True,
@@ -76,7 +76,7 @@ def select_devices(args: argparse.Namespace) -> None:
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     keep_freed_memory()
     select_devices(args)
     from gptsan.train.loop import run

@@ -1,0 +1,144 @@
+"""docs/flags.md and the tools' parsers agree: every option of each tool's `build_parser()` is written in that
+tool's section, every `--flag` written in a section is an option of that tool, every console script has a
+section, and the GPTSAN column's original/new marks match the original command lines of the spec."""
+
+import argparse
+import importlib
+import importlib.util
+import re
+import tomllib
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import shared_path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "flags.md"
+
+# Section key (the first word of its `## ` heading) -> the module, or the script, that defines build_parser().
+TOOLS = {
+    "gptsan-encode": "gptsan.data.encode",
+    "gptsan-convert": "gptsan.convert.cli",
+    "gptsan-train": "gptsan.train.cli",
+    "gptsan-generate": "gptsan.generate.cli",
+    "gptsan-languagemodel": "gptsan.generate.languagemodel",
+    "gptsan-logits": "gptsan.logits_cli",
+    "gptsan-tokenize": "gptsan.tokenize_cli",
+    "gptsan-export": "gptsan.convert.export",
+    "gptsan-plan": "gptsan.plan",
+    "gptsan-demo": "gptsan.demo.run",
+    "tools/train_tokenizer.py": "tools/train_tokenizer.py",
+    "tools/inspect_tfrecord.py": "tools/inspect_tfrecord.py",
+}
+# The original's command lines (spec section 6), by the script each bullet starts with.
+ORIGINAL_SCRIPTS = {
+    "gptsan-encode": "tools/make_tfrecord_simple.py",
+    "gptsan-convert": "run_modelconvert.py",
+    "gptsan-train": "run_training.py",
+    "gptsan-generate": "run_generate.py",
+    "gptsan-languagemodel": "run_languagemodel.py",
+}
+FLAG = re.compile(r"(?<![\w-])--[A-Za-z][\w-]*")
+HELP = {"-h", "--help"}
+
+
+def build_parser(tool: str) -> argparse.ArgumentParser:
+    target = TOOLS[tool]
+    if target.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(Path(target).stem, ROOT / target)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    return module.build_parser()
+
+
+@cache
+def sections() -> dict[str, str]:
+    """`## ` section of docs/flags.md by the first word of its heading -> its body (heading excluded)."""
+    found: dict[str, list[str]] = {}
+    current = None
+    for line in DOC.read_text(encoding="utf-8").splitlines():
+        if line.startswith("## "):
+            current = line[3:].split()[0]
+            found[current] = []
+        elif current is not None:
+            found[current].append(line)
+    return {key: "\n".join(lines) for key, lines in found.items()}
+
+
+def section(tool: str) -> str:
+    assert tool in sections(), f"{tool}: docs/flags.md has no section '## {tool} ...'"
+    return sections()[tool]
+
+
+def options(parser: argparse.ArgumentParser) -> list[str]:
+    return [opt for action in parser._actions for opt in action.option_strings if opt not in HELP]
+
+
+def written(text: str, option: str) -> bool:
+    return re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", text) is not None
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """The cells of each table row whose first cell names a flag, by that flag."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| `--"):
+            cells = [cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]]
+            rows[FLAG.search(cells[0]).group()] = cells
+    return rows
+
+
+@pytest.mark.parametrize("tool", list(TOOLS))
+def test_every_option_is_documented(tool):
+    parser, text = build_parser(tool), section(tool)
+    missing = [opt for opt in options(parser) if not written(text, opt)]
+    assert not missing, f"{tool}: {', '.join(missing)} in build_parser() but not in its docs/flags.md section"
+    positionals = [a.dest for a in parser._actions if not a.option_strings and f"`{a.dest}`" not in text]
+    assert not positionals, f"{tool}: positional {', '.join(positionals)} not in its docs/flags.md section"
+    undescribed = [opt for opt in options(parser) if opt.startswith("--") and opt not in table_rows(text)]
+    assert not undescribed, f"{tool}: {', '.join(undescribed)} has no table row in docs/flags.md"
+
+
+@pytest.mark.parametrize("tool", list(TOOLS))
+def test_every_documented_flag_exists(tool):
+    known = set(options(build_parser(tool))) | HELP
+    unknown = sorted({flag for flag in FLAG.findall(section(tool)) if flag not in known})
+    assert not unknown, f"{tool}: docs/flags.md names {', '.join(unknown)}, which build_parser() does not define"
+
+
+def test_every_console_script_has_a_section():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    missing = sorted(set(scripts) - set(TOOLS))
+    assert not missing, f"console scripts without a docs/flags.md section (add them to TOOLS): {missing}"
+    for script, entry in scripts.items():
+        assert entry == f"{TOOLS[script]}:main", f"{script}: runs {entry}, but TOOLS says {TOOLS[script]}"
+
+
+@cache
+def original_flags() -> dict[str, set[str]]:
+    """The flags of each original command line, from the spec's section 6 bullets."""
+    text = shared_path("spec", "GPTSAN.md").read_text(encoding="utf-8")
+    part = text.split("## 6.", 1)[1].split("\n## ", 1)[0]
+    bullets = [bullet.strip() for bullet in part.split("\n- ")]
+    flags = {}
+    for tool, script in ORIGINAL_SCRIPTS.items():
+        (bullet,) = [b for b in bullets if b.lstrip("- ").startswith(f"`{script}")]
+        flags[tool] = set(FLAG.findall(bullet))
+    return flags
+
+
+@pytest.mark.parametrize("tool", list(ORIGINAL_SCRIPTS))
+def test_gptsan_column_matches_the_spec(tool):
+    spec_flags = original_flags()[tool]
+    gone = sorted(spec_flags - set(options(build_parser(tool))))
+    assert not gone, f"{tool}: original flags {', '.join(gone)} are missing from build_parser()"
+    for flag, cells in table_rows(section(tool)).items():
+        mark = cells[-1]
+        assert mark in ("original", "changed", "new"), f"{tool}: {flag} has GPTSAN column {mark!r}"
+        assert (mark != "new") == (flag in spec_flags), (
+            f"{tool}: {flag} is marked {mark!r} in docs/flags.md, but the spec's original command line "
+            f"{'has' if flag in spec_flags else 'lacks'} it")
