@@ -25,6 +25,11 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(str(base), *parts) if is_remote(base) else os.path.join(str(base), *parts)
 
 
+def parent(path: str) -> str:
+    """The folder holding `path` (local paths made absolute first)."""
+    return posixpath.dirname(str(path)) if is_remote(path) else os.path.dirname(os.path.abspath(path))
+
+
 def exists(path: str) -> bool:
     fs, p = filesystem(path)
     return fs.exists(p)

@@ -5,8 +5,8 @@
     gptsan-tokenize --vocabulary ja-swe36k.txt --count --files 'corpus/*.txt'
 
 Encoding prints one JSON list per text (per line with --files); decoding reads one JSON list per text.
-`--count` prints one JSON object: files, lines, characters and tokens, counting one `<BR>` per line as
-the encoder writes it (before run compression).
+`--count` prints one JSON object: files, lines, characters and tokens, counting each line as the encoder
+writes a document's body: stripped, clean-text, one `<BR>` after it, before run compression.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--files", help="glob of UTF-8 files, one text per line")
     action = p.add_mutually_exclusive_group()
     action.add_argument("--decode", action="store_true", help="ids → text")
-    action.add_argument("--count", action="store_true", help="count the tokens of the input")
+    action.add_argument("--count", action="store_true", help="count the input's tokens as the encoder writes them")
     return p
 
 
@@ -68,7 +68,7 @@ def count_tokens(tokenizer: Tokenizer, args) -> dict[str, int]:
         seen_files.add(where.rsplit(":", 1)[0])
         totals["lines"] += 1
         totals["characters"] += len(line)
-        totals["tokens"] += len(tokenizer.encode(line)) + 1
+        totals["tokens"] += len(tokenizer.encode(line.strip(), clean=True)) + 1
     totals["files"] = len(seen_files) if args.files else 0
     return totals
 

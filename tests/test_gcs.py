@@ -103,3 +103,33 @@ def test_training_on_gs_paths(emulator, tmp_path, tmp_path_factory):
     assert sorted(params) == sorted(local_params)
     for name, value in params.items():
         np.testing.assert_array_equal(value, local_params[name], err_msg=name)
+
+
+def test_tokenizers_and_vocabulary_size_read_from_gs(emulator, tmp_path):
+    """A GPTSAN vocabulary (its emoji.json found beside it) and a SentencePiece model on gs:// encode as their
+    local copies do, and training's `--vocabulary` counts them alike; a SentencePiece model trains from gs://."""
+    import fsspec
+
+    from gptsan.tokenizer import load_tokenizer
+    from gptsan.tokenizer.sentencepiece import train_sentencepiece
+    from gptsan.train.loop import vocabulary_size
+    from tests.conftest import shared_path
+
+    fs = fsspec.filesystem("gs", skip_instance_cache=True, token="anon")
+    vocabulary = shared_path("vocab", "ja-swe36k.txt")
+    fs.put(str(vocabulary), f"{BUCKET}/tok/ja-swe36k.txt")
+    fs.put(str(shared_path("vocab", "emoji.json")), f"{BUCKET}/tok/emoji.json")
+    (tmp_path / "corpus.txt").write_text("\n".join(f"今日は{k % 28 + 1}日、天気は晴れです。" for k in range(200)),
+                                         encoding="utf-8")
+    fs.put(str(tmp_path / "corpus.txt"), f"{BUCKET}/tok/corpus.txt")  # the tokenizer trainer reads gs:// too
+    sentencepiece_model = train_sentencepiece([f"gs://{BUCKET}/tok/corpus.txt"], str(tmp_path / "sp"), vocab_size=400)
+    fs.put(sentencepiece_model, f"{BUCKET}/tok/sp.model")
+
+    text = "今日は晴れ😀、電話は03-1234-5678です。"
+    for kind, local, remote in [("swe", str(vocabulary), f"gs://{BUCKET}/tok/ja-swe36k.txt"),
+                                ("sentencepiece", sentencepiece_model, f"gs://{BUCKET}/tok/sp.model")]:
+        local_ids = load_tokenizer(kind, local, clean_text=True).encode(text)
+        assert load_tokenizer(kind, remote, clean_text=True).encode(text) == local_ids, kind
+        assert vocabulary_size(remote) == vocabulary_size(local), kind
+    pieces = (tmp_path / "sp.vocab").read_text(encoding="utf-8").splitlines()  # the trainer's piece list
+    assert vocabulary_size(str(vocabulary)) == 36000 and vocabulary_size(sentencepiece_model) == len(pieces)

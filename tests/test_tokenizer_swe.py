@@ -150,6 +150,14 @@ def test_cli_files_one_line_per_text_and_count(capsys, tmp_path):
     assert json.loads(out) == {"files": 2, "lines": 3, "characters": 5, "tokens": expected_tokens}
 
 
+def test_cli_count_is_what_the_encoder_writes(capsys, tmp_path):
+    """Lines are stripped and cleaned (a phone number is one tag) as the encoder's body text is."""
+    (tmp_path / "a.txt").write_text("  電話番号は03-1234-5678です \n", encoding="utf-8")
+    _, out, _ = tokenize_cli(capsys, "--count", "--files", str(tmp_path / "a.txt"))
+    _, cleaned, _ = tokenize_cli(capsys, "--clean_text", "--text", "電話番号は03-1234-5678です")
+    assert json.loads(out)["tokens"] == len(json.loads(cleaned)) + 1 == 6
+
+
 def test_cli_bad_ids_are_one_line_errors(capsys):
     code, _, err = tokenize_cli(capsys, "--decode", "--text", "hello")
     assert code == 2 and err == "error: --text: expected a JSON list of integer ids, got 'hello'\n"

@@ -9,11 +9,13 @@ NFKC normalisation, character coverage 0.9995, byte fallback, no dummy-prefix sp
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
 
+from gptsan import storage
 from gptsan.errors import UserError
 from gptsan.tokenizer.base import SpecialIds, Tokenizer
 from gptsan.tokenizer.cleaning import clean_text
@@ -33,12 +35,14 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, model_file: str, clean_text: bool = False):
         import sentencepiece as spm
 
-        if not os.path.isfile(model_file):
-            raise UserError(f"{model_file}: SentencePiece model not found")
+        try:
+            serialized = storage.read_bytes(model_file)
+        except (FileNotFoundError, IsADirectoryError):
+            raise UserError(f"{model_file}: SentencePiece model not found") from None
         self.model_file, self.clean_text = str(model_file), clean_text
         self.sp = spm.SentencePieceProcessor()
         try:
-            self.sp.Load(self.model_file)
+            self.sp.LoadFromSerializedProto(serialized)
         except (OSError, RuntimeError) as err:
             raise UserError(f"{model_file}: not a SentencePiece model ({err})") from None
         self.vocab_size = self.sp.GetPieceSize()
@@ -93,7 +97,7 @@ def read_training_lines(paths: Iterable[str], text_field: str = "text") -> Itera
     """Non-empty lines of UTF-8 `.txt` files, or of the `text_field` of each `.jsonl` record."""
     for path in paths:
         try:
-            with open(path, encoding="utf-8") as f:
+            with storage.open_file(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
                 for line_number, line in enumerate(f, start=1):
                     if path.endswith(".jsonl"):
                         line = _jsonl_text(path, line_number, line, text_field)

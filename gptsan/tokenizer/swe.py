@@ -21,9 +21,9 @@ the pair, which also says whether a 3-character spelling can start there) and a 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 
+from gptsan import storage
 from gptsan.errors import UserError
 from gptsan.tokenizer.base import SpecialIds, Tokenizer
 from gptsan.tokenizer.cleaning import clean_text
@@ -57,8 +57,7 @@ _BYTE_PREFIX = "<|byte"
 def read_vocabulary(path: str) -> list[list[str]]:
     """The spellings of each id, one line per id; a line that is just `,` is the comma itself."""
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().split("\n")
+        lines = storage.read_bytes(path).decode("utf-8").split("\n")
     except FileNotFoundError:
         raise UserError(f"{path}: vocabulary file not found") from None
     except UnicodeDecodeError as err:
@@ -70,8 +69,7 @@ def read_vocabulary(path: str) -> list[list[str]]:
 
 def read_emoji(path: str) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
-            emoji = json.load(f)
+        emoji = json.loads(storage.read_bytes(path).decode("utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path}: emoji.json not found (give --emoji, or put it beside)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -124,7 +122,7 @@ class SWETokenizer(Tokenizer):
 
     def __init__(self, vocab_file: str, emoji_file: str | None = None, clean_text: bool = False):
         if emoji_file is None:
-            emoji_file = os.path.join(os.path.dirname(os.path.abspath(vocab_file)), "emoji.json")
+            emoji_file = storage.join(storage.parent(vocab_file), "emoji.json")
         self.vocab_file, self.emoji_file, self.clean_text = str(vocab_file), str(emoji_file), clean_text
         self.spellings = read_vocabulary(self.vocab_file)
         self.emoji = read_emoji(self.emoji_file)

@@ -27,6 +27,8 @@ from gptsan.errors import UserError
 from gptsan.model.config import ModelConfig, read_parameters_json
 from gptsan.model.params import abstract_params, expected_shapes, flatten, init_params
 from gptsan.model.sharding import batch_sharding, make_mesh, param_shardings, replicated, under_mesh
+from gptsan.tokenizer import load_tokenizer
+from gptsan.tokenizer.swe import read_vocabulary
 from gptsan.train.accumulate import make_accumulating_train_step
 from gptsan.train.checkpoint import Checkpointer
 from gptsan.train.config import RunConfig, TrainParams
@@ -56,11 +58,10 @@ def read_ignore_list(path: str | None, config: ModelConfig) -> frozenset[str]:
 
 
 def vocabulary_size(path: str) -> int:
-    """Number of ids in a line-per-id vocabulary file (as the original counted them)."""
-    try:
-        return len(storage.read_text(path).split("\n"))
-    except FileNotFoundError:
-        raise UserError(f"--vocabulary: {path} not found") from None
+    """Number of ids of a vocabulary: a line-per-id file (`ja-swe36k.txt`) or a SentencePiece `.model`."""
+    if path.endswith(".model"):
+        return load_tokenizer("sentencepiece", path).vocab_size
+    return len(read_vocabulary(path))
 
 
 def model_config(cfg: RunConfig, model_params: dict) -> ModelConfig:
