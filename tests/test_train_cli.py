@@ -82,3 +82,11 @@ def test_ignore_list_with_unknown_names_exits_nonzero_with_one_line(inputs):
     # nothing else on stderr: no traceback, no TensorFlow start-up lines (gptsan/tf_runtime.py)
     assert result.stderr.splitlines() == [f"error: {ignore}: names no parameter of this model: model/moe7/wi/kernel"]
     assert not (inputs / "out").exists()
+
+
+def test_vocabulary_size_counts_ids_not_a_final_newline(tmp_path):
+    from gptsan.train.loop import vocabulary_size
+
+    (tmp_path / "v.txt").write_text("<|endoftext|>\n猫\n,\n犬,いぬ\n", encoding="utf-8")  # 4 ids, a final newline
+    (tmp_path / "w.txt").write_text("<|endoftext|>\n猫\n,\n犬,いぬ", encoding="utf-8")  # the same ids, none
+    assert vocabulary_size(str(tmp_path / "v.txt")) == vocabulary_size(str(tmp_path / "w.txt")) == 4
