@@ -25,9 +25,14 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(str(base), *parts) if is_remote(base) else os.path.join(str(base), *parts)
 
 
+def absolute(path: str) -> str:
+    """`path` with a local one made absolute (Orbax reads and writes only absolute paths)."""
+    return str(path) if is_remote(path) else os.path.abspath(path)
+
+
 def parent(path: str) -> str:
     """The folder holding `path` (local paths made absolute first)."""
-    return posixpath.dirname(str(path)) if is_remote(path) else os.path.dirname(os.path.abspath(path))
+    return posixpath.dirname(str(path)) if is_remote(path) else os.path.dirname(absolute(path))
 
 
 def exists(path: str) -> bool:

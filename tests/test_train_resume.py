@@ -119,3 +119,30 @@ def test_a_truncated_latest_checkpoint_is_one_clear_error(tmp_path):
     with pytest.raises(UserError, match=r"cannot resume from its step-2 checkpoint .*move 2/ aside") as caught:
         run(RunConfig(max_training_step=4, **common))
     assert str(out) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_relative_paths_checkpoint_resume_and_load(tmp_path, monkeypatch):
+    """A hand-written parameters.json with a relative output_dir, and relative --model paths: Orbax takes only
+    absolute paths, so each must be made absolute before it gets there (a relative one used to leave only
+    *.orbax-checkpoint-tmp folders, restart at step 1, and fail to load as 'not a readable checkpoint')."""
+    from gptsan.checkpoint import load_flat, native
+
+    files = corpus_files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    parameter_file = write_mini_parameters(Path("model"), "out", checkpoint_per_steps=2)
+    common = dict(parameter_file=str(parameter_file), input_files=files, progress=False, log_every=1)
+    run(RunConfig(max_training_step=2, **common))
+    assert (tmp_path / "out" / "2" / "state").is_dir()
+    state = run(RunConfig(max_training_step=4, **common))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+    config, params = load_flat("out")  # the newest training checkpoint, through a relative path
+    want = host_params(state)
+    assert sorted(params) == sorted(want)
+    for name, value in want.items():
+        np.testing.assert_array_equal(params[name], value, err_msg=name)
+    native.save("native", config, params)  # a native model directory written and read back relatively
+    _, again = load_flat("native")
+    for name, value in want.items():
+        np.testing.assert_array_equal(again[name], value, err_msg=name)

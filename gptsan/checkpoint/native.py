@@ -111,7 +111,7 @@ def _restore_with(checkpointer, directory: str, config: ModelConfig,
     import orbax.checkpoint as ocp
 
     try:
-        metadata = checkpointer.metadata(directory).item_metadata
+        metadata = checkpointer.metadata(storage.absolute(directory)).item_metadata
     except Exception as err:  # orbax/tensorstore raise several types for an unreadable directory
         raise UserError(f"{directory}: not a readable Orbax checkpoint (truncated or corrupt?): "
                         f"{error_summary(err)}") from None
@@ -128,7 +128,7 @@ def _restore_with(checkpointer, directory: str, config: ModelConfig,
     restore = ocp.args.PyTreeRestore(restore_args=restore_args) if subtrees is None else \
         ocp.args.PyTreeRestore(item=metadata, restore_args=restore_args, partial_restore=True)
     try:
-        tree = checkpointer.restore(directory, args=restore)
+        tree = checkpointer.restore(storage.absolute(directory), args=restore)
     except Exception as err:  # truncated or corrupt chunk files
         raise UserError(f"{directory}: cannot read the checkpoint (truncated or corrupt?): "
                         f"{error_summary(err)}") from None
@@ -160,7 +160,7 @@ def write(path: str, config: ModelConfig, flat: dict[str, Any], train_params: di
     check_tensors(str(path), {k: np.shape(v) for k, v in flat.items()}, expected_shapes(config), "parameters")
     tree = unflatten({name: np.asarray(jnp.asarray(value, dtype)) for name, value in flat.items()})
     with _checkpointer() as checkpointer:
-        checkpointer.save(storage.join(path, PARAMS_DIR), tree)
+        checkpointer.save(storage.absolute(storage.join(path, PARAMS_DIR)), tree)
     parameters = {"train_params": dict(train_params or {}), "model_params": config.to_model_params()}
     storage.write_text_atomic(storage.join(path, PARAMETERS), json.dumps(parameters, indent=1) + "\n")
 

@@ -13,6 +13,7 @@ from typing import Any
 import flax.serialization
 import orbax.checkpoint as ocp
 
+from gptsan import storage
 from gptsan.checkpoint.native import drop_late_orbax_reads
 from gptsan.checkpoint.validate import error_summary
 from gptsan.errors import UserError
@@ -27,7 +28,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=max(int(max_to_keep), 1), create=True,
                                                enable_async_checkpointing=async_save)
         self.directory = str(directory)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.manager = ocp.CheckpointManager(storage.absolute(self.directory), options=options)
         self.last_save = time.monotonic()
         self.last_saved_step = self.manager.latest_step()
 

@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip_gradients", nargs="?", type=float, const=DEFAULT_CLIP_NORM, default=None,
                    help=f"clip gradients by global norm (default norm {DEFAULT_CLIP_NORM} when no value)")
     p.add_argument("--max_training_step", type=int, default=-1, help="stop after this step (<=0: never)")
-    p.add_argument("--vocabulary", default="", help="ja-swe36k.txt (its line count) or a SentencePiece .model: num_vocabulary")
+    p.add_argument("--vocabulary", default="",
+                   help="ja-swe36k.txt (its line count) or a SentencePiece .model: num_vocabulary")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log_every", type=int, default=10)
     p.add_argument("--eval_files", default="", help="tfrecord glob for an eval loss at each checkpoint")
