@@ -113,6 +113,41 @@ def test_corrupt_record_stops_with_file_and_index(corpus_dir, tmp_path):
         all_batches(make_dataset(str(path), T, 1, seed=0, shuffle=False, repeat=False))
 
 
+def test_bad_records_are_the_one_error_without_tensorflow_logs(corpus_dir, tmp_path):
+    """tf.data logs a generator's exception with two Python tracebacks (at warning level, whatever
+    TF_CPP_MIN_LOG_LEVEL says); the reader ends its stream instead and the iterator raises the error. In a
+    fresh process, as a training run meets it (JAX started first: with it TensorFlow's warnings reach stderr): a
+    corrupt record, then records of the wrong length."""
+    script = ("import sys, jax; jax.numpy.zeros(1).block_until_ready()\n"
+              "from gptsan.data.pipeline import make_dataset; from gptsan.errors import UserError\n"
+              "for pattern, size in ((sys.argv[1], 32), (sys.argv[2], 64)):\n"
+              "    try:\n"
+              "        list(make_dataset(pattern, num_contexts=size, batch_size=1, seed=0))\n"
+              "    except UserError as err:\n"
+              "        print(err)\n")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TF_")}
+    result = subprocess.run([sys.executable, "-c", script, str(corrupt_copy(corpus_dir, tmp_path)),
+                             str(corpus_dir / "part_0.tfrecord")],
+                            env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"{tmp_path / 'bad.tfrecord'}: record 1 is corrupt (data checksum mismatch)",
+                                          f"{corpus_dir / 'part_0.tfrecord'}: record 0 has 32 tokens but the "
+                                          "model's num_contexts is 64 (encode the corpus with --num_context 64)"]
+    assert result.stderr == ""
+
+
+def test_token_ids_outside_the_vocabulary_name_the_record(corpus_dir):
+    records = python_records([corpus_dir / "part_0.tfrecord"])
+    first = int(max(np.max(records[0]["x"]), np.max(records[0]["y"])))
+    largest = max(int(max(np.max(r["x"]), np.max(r["y"]))) for r in records)
+    pattern = str(corpus_dir / "part_0.tfrecord")
+    expected = rf"part_0.tfrecord: record 0 has token id {first} but the model's num_vocabulary is {first} "
+    with pytest.raises(UserError, match=expected):
+        next(make_dataset(pattern, T, 1, seed=0, shuffle=False, num_vocabulary=first))
+    every = make_dataset(pattern, T, 1, seed=0, shuffle=False, repeat=False, num_vocabulary=largest + 1)
+    assert len(all_batches(every)) == len(records)
+
+
 def test_corrupt_record_skipped_and_counted(corpus_dir, tmp_path):
     path = corrupt_copy(corpus_dir, tmp_path)
     total = len(python_records([corpus_dir / "part_0.tfrecord"]))

@@ -35,6 +35,20 @@ def test_records_of_the_wrong_length(inputs, capsys):
     assert not (inputs / "out").exists()
 
 
+def test_records_from_another_vocabulary(inputs, capsys):
+    """Ids past num_vocabulary used to train on silently (NaN losses, exit 0)."""
+    corpus = counting_corpus(8, 16, 128, period=200)
+    write_records(inputs / "wide.tfrecord", corpus)
+    parameters = write_mini_parameters(inputs / "model", inputs / "out")
+    status, err = call(capsys, "--input_files", str(inputs / "wide.tfrecord"), "--parameter_file",
+                       str(parameters))
+    first = int(max(corpus["x"][0].max(), corpus["y"][0].max()))
+    assert first >= 128
+    assert status == 2 and err == [f"error: {inputs / 'wide.tfrecord'}: record 0 has token id {first} but the "
+                                   "model's num_vocabulary is 128 (was the corpus encoded with another vocabulary?)"]
+    assert not (inputs / "out").exists()
+
+
 def test_missing_parameter_file_keys(inputs, capsys):
     parameters = write_mini_parameters(inputs / "model", inputs / "out")
     data = json.loads(parameters.read_text())

@@ -7,8 +7,9 @@
   protobuf) and handed to tf.data, which shuffles, batches and prefetches. One code path serves local
   files and gs:// (gcsfs honours STORAGE_EMULATOR_HOST; TensorFlow's own GCS client does not), and every
   problem names its file and record index.
-- Each record's `x`/`y` length must equal `num_contexts`; a mismatch stops with a UserError naming the file
-  (the corpus was encoded for another context length).
+- Each record's `x`/`y` length must equal `num_contexts`, and with `num_vocabulary` its ids must be below it; a
+  mismatch stops with a UserError naming the file (the corpus was encoded for another context length or with
+  another vocabulary). Such errors end the record stream quietly and are raised by the batch iterator.
 - Corrupt records: `on_corrupt="stop"` (default) raises UserError with the file and record index;
   `"skip"` skips them and counts them in `iterator.skipped` (a frame whose length is unreadable loses
   the rest of its file, counted as one).
@@ -39,14 +40,17 @@ class RecordSource:
     """A Python generator of validated records over files, which remembers the error it stopped on."""
 
     def __init__(self, files, num_contexts, *, seed, repeat, shuffle_files, keep_every=1, keep_offset=0,
-                 on_corrupt="stop"):
+                 on_corrupt="stop", num_vocabulary=None):
         self.files, self.num_contexts, self.seed, self.repeat = files, num_contexts, seed, repeat
+        self.num_vocabulary = num_vocabulary
         self.shuffle_files, self.keep_every, self.keep_offset = shuffle_files, keep_every, keep_offset
         self.on_corrupt, self.skipped, self.error = on_corrupt, 0, None
 
     def __call__(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.int32, np.int32]]:
         try:
             yield from self._records()
+        except UserError as err:  # end the stream; BatchIterator raises it (tf.data would log it with tracebacks)
+            self.error = err
         except Exception as err:  # tf.data turns generator errors into opaque OpErrors: keep the original
             self.error = err
             raise
@@ -109,6 +113,11 @@ class RecordSource:
                 f"{path}: record {index} has {len(x)} tokens but the model's num_contexts is "
                 f"{self.num_contexts} (encode the corpus with --num_context {self.num_contexts})"
             )
+        if self.num_vocabulary is not None and (x.max() >= self.num_vocabulary or y.max() >= self.num_vocabulary):
+            raise UserError(
+                f"{path}: record {index} has token id {max(x.max(), y.max())} but the model's num_vocabulary is "
+                f"{self.num_vocabulary} (was the corpus encoded with another vocabulary?)"
+            )
         i = np.int32(feature["i"].int64_list.value[0])
         num_input = np.int32(feature["num_input"].int64_list.value[0])
         return x, y, i, num_input
@@ -135,19 +144,24 @@ class BatchIterator:
         tf = tensorflow()
 
         try:
-            return next(self._iterator)
-        except tf.errors.OpError:
-            error = self._source.error
-            if isinstance(error, UserError):
-                raise UserError(str(error)) from None
+            batch = next(self._iterator)
+        except (StopIteration, tf.errors.OpError):
+            self._raise_user_error()
             raise
+        self._raise_user_error()  # the reader stopped on a bad record while this batch waited in the buffers
+        return batch
+
+    def _raise_user_error(self) -> None:
+        if isinstance(self._source.error, UserError):
+            raise UserError(str(self._source.error)) from None
 
 
 def make_dataset(pattern: str, num_contexts: int, batch_size: int, *, seed: int, shuffle: bool = True,
                  repeat: bool = True, process_index: int = 0, process_count: int = 1,
                  on_corrupt: str = "stop", shuffle_buffer: int = 10_000, start_step: int = 0,
-                 drop_remainder: bool = True) -> BatchIterator:
-    """Batches of `{x, y: int32 [B, T], i, num_input: int32 [B]}`; see the module docstring."""
+                 drop_remainder: bool = True, num_vocabulary: int | None = None) -> BatchIterator:
+    """Batches of `{x, y: int32 [B, T], i, num_input: int32 [B]}`; see the module docstring. With
+    `num_vocabulary`, a token id outside the vocabulary stops the stream as a misshapen record does."""
     if on_corrupt not in CORRUPT_POLICIES:
         raise UserError(f"on_corrupt: expected one of {', '.join(CORRUPT_POLICIES)}, got {on_corrupt!r}")
     if not 0 <= process_index < process_count:
@@ -160,7 +174,7 @@ def make_dataset(pattern: str, num_contexts: int, batch_size: int, *, seed: int,
     source = RecordSource(
         files[process_index::process_count] if by_file else files, num_contexts, seed=seed, repeat=repeat,
         shuffle_files=shuffle, keep_every=1 if by_file else process_count,
-        keep_offset=0 if by_file else process_index, on_corrupt=on_corrupt,
+        keep_offset=0 if by_file else process_index, on_corrupt=on_corrupt, num_vocabulary=num_vocabulary,
     )
     return BatchIterator(_tf_dataset(source, num_contexts, batch_size, shuffle, shuffle_buffer, seed,
                                      start_step, drop_remainder), source)

@@ -153,7 +153,7 @@ def run(cfg: RunConfig) -> TrainState:
     local_batch = local_batch_size(train.batch_size)
     for pattern in filter(None, (cfg.input_files, cfg.eval_files)):
         next(make_dataset(pattern, config.num_contexts, local_batch, seed=cfg.seed, shuffle=False,
-                          repeat=False))  # unreadable or misshapen records stop the run here
+                          repeat=False, num_vocabulary=config.num_vocabulary))  # bad records stop the run here
     parameters["model_params"] = {**parameters["model_params"], "num_vocabulary": config.num_vocabulary}
     prepare_output_dir(train.output_dir, parameters)
 
@@ -197,7 +197,7 @@ def run(cfg: RunConfig) -> TrainState:
     last_step = cfg.max_training_step if cfg.max_training_step > 0 else None
     stream = make_dataset(cfg.input_files, config.num_contexts, local_batch, seed=cfg.seed,
                           process_index=jax.process_index(), process_count=jax.process_count(),
-                          start_step=int(state.data_position))
+                          start_step=int(state.data_position), num_vocabulary=config.num_vocabulary)
     writer = MetricsWriter(train.output_dir, enabled=jax.process_index() == 0, total_steps=last_step,
                            first_step=step, progress=cfg.progress)
     run_record = {"parameters": parameters, "ignore_parameters": sorted(frozen_names),
@@ -208,7 +208,7 @@ def run(cfg: RunConfig) -> TrainState:
             return
         batches = make_dataset(cfg.eval_files, config.num_contexts, local_batch, seed=0, shuffle=False,
                                repeat=False, process_index=jax.process_index(),
-                               process_count=jax.process_count())
+                               process_count=jax.process_count(), num_vocabulary=config.num_vocabulary)
         rows = [jax.device_get(eval_step(state, to_global(batch)))
                 for batch, _ in zip(batches, range(cfg.eval_batches), strict=False)]
         if not rows:
