@@ -112,10 +112,12 @@ def test_train_tool_from_another_directory(tmp_path):
     (tmp_path / "corpus.txt").write_text("\n".join(japanese_lines(200)), encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the tool finds its own package
     cmd = [sys.executable, str(REPO / "tools" / "train_tokenizer.py"), "--input_files", "corpus.txt",
-           "--model_prefix", "out/ja", "--vocab_size", "350"]
+           "--model_prefix", "out/ja", "--vocab_size", "5000"]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "ja.model").exists() and "start 1" in done.stderr
+    pieces = len((tmp_path / "out" / "ja.vocab").read_text(encoding="utf-8").splitlines())
+    assert f"{pieces} pieces (not the 5000 asked for: the corpus has no more)" in done.stderr  # a small corpus
 
 
 def test_train_tool_refuses_a_tiny_vocabulary(tmp_path):

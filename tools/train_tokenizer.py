@@ -43,7 +43,10 @@ def main(argv=None) -> int:
     )
     tokenizer = SentencePieceTokenizer(model)
     roles = ", ".join(f"{role} {token_id}" for role, token_id in vars(tokenizer.special).items())
-    print(f"wrote {model}: {tokenizer.vocab_size} pieces; {roles}", file=sys.stderr)
+    short = ""
+    if tokenizer.vocab_size < args.vocab_size:
+        short = f" (not the {args.vocab_size} asked for: the corpus has no more)"
+    print(f"wrote {model}: {tokenizer.vocab_size} pieces{short}; {roles}", file=sys.stderr)
     return 0
 
 
