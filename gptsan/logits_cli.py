@@ -26,7 +26,7 @@ from gptsan.model.config import COMPUTE_DTYPES, ROUTING_MODES, ModelConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gptsan-logits", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="gptsan-logits", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="model directory: native, original TF or HF folder")
     parser.add_argument("--ids", required=True, help=".npy of token ids [batch, length]")
     parser.add_argument("--num_precontext", help=".npy of prefix lengths [batch] (default: causal)")

@@ -182,7 +182,7 @@ def describe(report: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gptsan-plan", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="gptsan-plan", description=__doc__.split("\n\n")[0])
     p.add_argument("--parameter_file", required=True, help="parameters.json (model_params, train_params)")
     p.add_argument("--devices", type=int, required=True, help="number of devices (chips or cores)")
     p.add_argument("--mesh", default=None, help="data,expert,model sizes (default: model = num_pallarelizm)")

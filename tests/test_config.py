@@ -1,6 +1,9 @@
 """parameters.json is read into a validated ModelConfig."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -28,12 +31,30 @@ def test_heads_must_divide_hidden():
         ModelConfig.from_model_params({**BASE, "num_header": 5})
 
 
-def test_missing_num_spout_defaults_to_128_with_a_warning():
+def without_num_spout(tmp_path) -> Path:
     params = dict(BASE)
     del params["num_spout"]
-    with pytest.warns(UserWarning, match="num_spout missing"):
-        config = ModelConfig.from_model_params(params)
+    path = tmp_path / "parameters.json"
+    path.write_text(json.dumps({"train_params": {"batch_size": 2}, "model_params": params}))
+    return path
+
+
+def test_missing_num_spout_defaults_to_128_with_one_warning_line(tmp_path, capsys):
+    path = without_num_spout(tmp_path)
+    config = load_config(path)
+    assert load_config(path) == config  # read again: no second warning
     assert config.num_spout == DEFAULT_NUM_SPOUT == 128
+    assert capsys.readouterr().err == f"warning: {path}: model_params.num_spout missing; using 128\n"
+
+
+def test_missing_num_spout_warning_of_a_tool_is_one_line(tmp_path):
+    """The line a user sees: no Python source line under it (warnings.warn printed one)."""
+    path = without_num_spout(tmp_path)
+    command = [sys.executable, "-m", "gptsan.plan", "--parameter_file", str(path), "--devices", "1",
+               "--skip_activations", "--json"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == f"warning: {path}: model_params.num_spout missing; using 128\n"
 
 
 @pytest.mark.parametrize("key, value, message", [

@@ -110,6 +110,13 @@ def test_every_documented_flag_exists(tool):
     assert not unknown, f"{tool}: docs/flags.md names {', '.join(unknown)}, which build_parser() does not define"
 
 
+@pytest.mark.parametrize("tool", list(TOOLS))
+def test_help_description_is_whole_sentences(tool):
+    """--help's description is not cut off mid-sentence (as the first line of a two-line sentence was)."""
+    description = (build_parser(tool).description or "").strip()
+    assert description.endswith((".", "。", ")")), f"{tool}: --help description ends mid-sentence: {description!r}"
+
+
 def test_every_console_script_has_a_section():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     missing = sorted(set(scripts) - set(TOOLS))

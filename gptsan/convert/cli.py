@@ -32,7 +32,7 @@ DEFAULT_TRAIN_PARAMS = {"batch_size": 16, "base_lr": 1e-4, "num_warmup_steps": 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gptsan-convert", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="gptsan-convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="source model directory (TF, HF or native)")
     parser.add_argument("--output", required=True, help="new native model directory (must not exist)")
     parser.add_argument("--add_extra_stage", type=int, default=0, help="extended layers to append")

@@ -24,7 +24,7 @@ EXPORT_FORMATS = ("hf", "gptsan-tf")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gptsan-export", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="gptsan-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="model directory (native, TF or HF)")
     parser.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="what to write")
     parser.add_argument("--output", required=True, help="new directory (must not exist)")

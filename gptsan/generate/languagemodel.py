@@ -26,7 +26,7 @@ from gptsan.model.config import COMPUTE_DTYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gptsan-languagemodel", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="gptsan-languagemodel", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="model directory: native, original TF or HF folder")
     parser.add_argument("--vocabulary", required=True, help="ja-swe36k.txt (swe) or a .model (sentencepiece)")
     parser.add_argument("--tokenizer", default="swe", choices=["swe", "sentencepiece"])

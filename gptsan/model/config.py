@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
+import sys
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -121,8 +122,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         values = {key: model_params[key] for key in model_params if key in known}
         if "num_spout" not in model_params:
-            warnings.warn(f"{source}: model_params.num_spout missing; using {DEFAULT_NUM_SPOUT}",
-                          stacklevel=2)
+            warn_once(f"{source}: model_params.num_spout missing; using {DEFAULT_NUM_SPOUT}")
         values.update(runtime)
         try:
             return cls(**values)
@@ -199,6 +199,12 @@ class ModelConfig:
             "use_cache": True,
             "torch_dtype": "float32",
         }
+
+
+@cache
+def warn_once(message: str) -> None:
+    """One line `warning: MESSAGE` on stderr, the first time this process meets MESSAGE."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def read_parameters_json(path: str | Path) -> dict[str, Any]:
