@@ -1,7 +1,8 @@
 """Model checkpoints in every format gptsan reads: `load_model(path)` finds out which one it is.
 
 Formats (one module each; name tables in names.py):
-- native (native.py): `parameters.json` + `params/` (Orbax), what gptsan writes;
+- native (native.py): `parameters.json` + `params/` (Orbax), what gptsan writes, or a training run's
+  `output_dir` (`parameters.json` + `<step>/state`), read from its newest finished step;
 - original TF1 checkpoint (tf_checkpoint.py): `checkpoint` + `model.index` + `model.data-*`, with the
   `parameters.json` of the original in the same directory;
 - Hugging Face GPTSanJapanese folder (hf.py): `config.json` + `model.safetensors` (or `pytorch_model.bin`).
