@@ -155,5 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--workdir: {workdir} already exists; give a new folder")
     workdir.mkdir(parents=True)
     trained, untrained = Pipeline(workdir, QUICK if args.quick else FULL, args.seed).run()
+    if args.quick:
+        print(f"--quick: {QUICK.finetune_steps} fine-tuning steps are too few to learn the classes; the figures "
+              "below show that the pipeline ran, not what it learns (run without --quick for that)")
     print(f"demo: spout-conditioned class accuracy {trained:.2f} (without spout training {untrained:.2f})")
     return 0
