@@ -104,6 +104,15 @@ def test_missing_vocabulary_is_a_user_error(tmp_path):
         SWETokenizer(str(tmp_path / "nope.txt"))
 
 
+def test_a_vocabulary_with_windows_line_ends_reads_the_same(tmp_path):
+    from gptsan.tokenizer.swe import read_vocabulary
+
+    original = shared_path("vocab", "ja-swe36k.txt")
+    crlf = tmp_path / "ja-swe36k.txt"
+    crlf.write_bytes(original.read_bytes().replace(b"\n", b"\r\n"))
+    assert read_vocabulary(str(crlf)) == read_vocabulary(str(original))
+
+
 def test_missing_emoji_file_is_a_user_error(tmp_path):
     vocab = tmp_path / "ja-swe36k.txt"
     vocab.write_text(shared_path("vocab", "ja-swe36k.txt").read_text(encoding="utf-8"), encoding="utf-8")

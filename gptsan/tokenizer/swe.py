@@ -57,7 +57,7 @@ _BYTE_PREFIX = "<|byte"
 def read_vocabulary(path: str) -> list[list[str]]:
     """The spellings of each id, one line per id; a line that is just `,` is the comma itself."""
     try:
-        lines = storage.read_bytes(path).decode("utf-8").split("\n")
+        lines = storage.read_text(path).split("\n")  # universal newlines, as open() in text mode
     except FileNotFoundError:
         raise UserError(f"{path}: vocabulary file not found") from None
     except UnicodeDecodeError as err:
@@ -69,7 +69,7 @@ def read_vocabulary(path: str) -> list[list[str]]:
 
 def read_emoji(path: str) -> dict:
     try:
-        emoji = json.loads(storage.read_bytes(path).decode("utf-8"))
+        emoji = json.loads(storage.read_text(path))
     except FileNotFoundError:
         raise UserError(f"{path}: emoji.json not found (give --emoji, or put it beside)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
