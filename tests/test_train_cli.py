@@ -49,6 +49,36 @@ def test_records_from_another_vocabulary(inputs, capsys):
     assert not (inputs / "out").exists()
 
 
+@pytest.mark.parametrize("flags, expected", [
+    (["--accumulate_steps", "3"], "error: --accumulate_steps 3: must be a positive divisor of the batch size 8"),
+    (["--accumulate_steps", "0"], "error: --accumulate_steps 0: must be a positive divisor of the batch size 8"),
+    (["--expert_parallelism", "0"], "error: mesh: the expert (0) and model (1) axes need at least one device each"),
+    (["--eval_batches", "-1"], "error: --eval_batches: expected a positive count, got -1"),
+])
+def test_bad_run_flags_stop_before_the_output_dir_is_made(inputs, capsys, flags, expected):
+    parameters = write_mini_parameters(inputs / "model", inputs / "out")
+    status, err = call(capsys, "--input_files", str(inputs / "good.tfrecord"), "--parameter_file",
+                       str(parameters), *flags)
+    assert status == 2 and err == [expected]
+    assert not (inputs / "out").exists()
+
+
+def test_an_ignore_list_of_every_parameter_is_a_warning(inputs, capsys):
+    from gptsan.model.params import expected_shapes
+    from gptsan.train.loop import read_ignore_list
+    from tests.train_support import mini_config
+
+    config = mini_config()
+    every = inputs / "every.json"
+    every.write_text(json.dumps(sorted(expected_shapes(config))))
+    assert read_ignore_list(str(every), config) == frozenset(expected_shapes(config))
+    assert capsys.readouterr().err == f"warning: {every}: lists every parameter, so training will change nothing\n"
+    some = inputs / "some.json"
+    some.write_text(json.dumps(sorted(expected_shapes(config))[1:]))
+    read_ignore_list(str(some), config)
+    assert capsys.readouterr().err == ""
+
+
 def test_missing_parameter_file_keys(inputs, capsys):
     parameters = write_mini_parameters(inputs / "model", inputs / "out")
     data = json.loads(parameters.read_text())

@@ -146,3 +146,17 @@ def test_relative_paths_checkpoint_resume_and_load(tmp_path, monkeypatch):
     _, again = load_flat("native")
     for name, value in want.items():
         np.testing.assert_array_equal(again[name], value, err_msg=name)
+
+
+def test_eval_loss_at_each_save_and_at_the_end(tmp_path):
+    """--eval_files: an eval row at every checkpoint save, the final one too (a run shorter than
+    checkpoint_per_steps used to get none, and no run got one at its last step)."""
+    files = corpus_files(tmp_path)
+    parameter_file = write_mini_parameters(tmp_path / "model", tmp_path / "out", checkpoint_per_steps=2)
+    run(RunConfig(parameter_file=str(parameter_file), input_files=files, eval_files=files, eval_batches=2,
+                  progress=False, log_every=1, max_training_step=3))
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    evals = [row for row in rows if row["split"] == "eval"]
+    assert [row["step"] for row in evals] == [2, 3]
+    assert all(np.isfinite(row["loss"]) and row["loss"] > 0 for row in evals)
+    assert evals[0]["loss"] != evals[1]["loss"]  # the model changed between the saves

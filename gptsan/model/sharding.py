@@ -39,7 +39,9 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 def make_mesh(model: int = 1, expert: int = 1, devices=None) -> Mesh:
     """A (data, expert, model) mesh over all devices; `data` takes whatever `expert x model` leaves."""
     devices = list(jax.devices() if devices is None else devices)
-    if model < 1 or expert < 1 or len(devices) % (model * expert):
+    if model < 1 or expert < 1:
+        raise UserError(f"mesh: the expert ({expert}) and model ({model}) axes need at least one device each")
+    if len(devices) % (model * expert):
         raise UserError(f"mesh: {len(devices)} devices cannot be split into expert {expert} x model {model}")
     shape = (len(devices) // (model * expert), expert, model)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)

@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -54,7 +55,10 @@ def read_ignore_list(path: str | None, config: ModelConfig) -> frozenset[str]:
         raise UserError(f"{path}: not valid JSON ({err.msg})") from None
     if not isinstance(names, list):
         raise UserError(f"{path}: expected a JSON list of parameter names")
-    return check_frozen_names(names, config, source=path)
+    frozen = check_frozen_names(names, config, source=path)
+    if frozen >= expected_shapes(config).keys():
+        print(f"warning: {path}: lists every parameter, so training will change nothing", file=sys.stderr)
+    return frozen
 
 
 def vocabulary_size(path: str) -> int:
@@ -151,14 +155,19 @@ def run(cfg: RunConfig) -> TrainState:
     optimizer, schedule = make_optimizer(cfg.optimizer, train.base_lr, train.num_warmup_steps,
                                          clip_norm=cfg.clip_gradients, total_steps=cfg.max_training_step)
     local_batch = local_batch_size(train.batch_size)
+    if cfg.accumulate_steps < 1 or train.batch_size % cfg.accumulate_steps:
+        raise UserError(f"--accumulate_steps {cfg.accumulate_steps}: must be a positive divisor of the batch size "
+                        f"{train.batch_size}")
+    if cfg.eval_batches < 1:
+        raise UserError(f"--eval_batches: expected a positive count, got {cfg.eval_batches}")
+    mesh = make_mesh(config.num_pallarelizm, cfg.expert_parallelism)
     for pattern in filter(None, (cfg.input_files, cfg.eval_files)):
         next(make_dataset(pattern, config.num_contexts, local_batch, seed=cfg.seed, shuffle=False,
                           repeat=False, num_vocabulary=config.num_vocabulary))  # bad records stop the run here
     parameters["model_params"] = {**parameters["model_params"], "num_vocabulary": config.num_vocabulary}
     prepare_output_dir(train.output_dir, parameters)
 
-    # Mesh and shardings.
-    mesh = make_mesh(config.num_pallarelizm, cfg.expert_parallelism)
+    # Shardings.
     loss_scale = LossScale.for_dtype(config.dtype)
     init = functools.partial(create_state, frozen_names=frozen_names, optimizer=optimizer, seed=cfg.seed,
                              loss_scale=loss_scale)
@@ -237,7 +246,10 @@ def run(cfg: RunConfig) -> TrainState:
                 writer.flush()
             if stop.requested:
                 break
-        checkpointer.save(step, state, run_record)
+        if step != checkpointer.last_saved_step:  # the final save (the loop's last step may have saved already)
+            checkpointer.save(step, state, run_record)
+            if not cfg.eval_every and not stop.requested:  # a preempted run leaves at once
+                evaluate()
         checkpointer.close()
         writer.close()
     return state
