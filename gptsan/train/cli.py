@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("lm", "hybrid"), default=None,
                    help="hybrid: the record's num_input is the prefix-LM prefix (default: train_mode)")
     p.add_argument("--routing", choices=("capacity", "dropless"), default="capacity",
-                   help="capacity: the original's (cf 1.25, router jitter); dropless: no token dropped")
+                   help="capacity: the original's (cf 1.25); dropless: no token dropped (both: router jitter)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
                    help="adam: the original (no bias correction, inverse-sqrt schedule); adamw_cosine")
     p.add_argument("--expert_parallelism", type=int, default=1, help="size of the mesh's expert axis")
