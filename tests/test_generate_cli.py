@@ -80,6 +80,19 @@ def test_generate_cli_writes_the_library_tokens(swe_model, vocabulary, tmp_path)
     assert proc.stdout.splitlines()[:2] == [r["text"] for r in records]
 
 
+def test_a_prefix_is_fed_as_written_and_the_continuation_as_training_bodies(vocabulary):
+    """In training records only the body's sentence punctuation is `<|separator|>`; a prefix keeps it."""
+    from gptsan.generate.cli import build_prompts
+    from gptsan.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer("swe", str(vocabulary))
+    special = tokenizer.special
+    [prompt] = build_prompts(tokenizer, ["続きです。"], prefix="前置きです。")
+    assert prompt.ids == (special.start, *tokenizer.encode("前置きです。"), special.segmenter,
+                          *tokenizer.as_model_input(tokenizer.encode("続きです。")))
+    assert prompt.ids[-1] == special.separator and tokenizer.encode("。")[0] in prompt.ids
+
+
 def test_generate_cli_errors_are_one_line_and_write_nothing(swe_model, vocabulary, tmp_path):
     path, _, _ = swe_model
     out = tmp_path / "out.jsonl"

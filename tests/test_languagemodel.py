@@ -43,3 +43,18 @@ def test_bad_inputs_are_user_errors(tiny):
         fill_masks(config, params, [1, 2, 3], special, pos_vector=3)
     with pytest.raises(UserError, match="exceed the model's context"):
         fill_masks(config, params, [1] * 65, special, pos_vector=-1)
+
+
+def test_the_context_is_fed_as_written_like_a_training_prefix():
+    """Training records keep a prefix's sentence punctuation as written (only the body's becomes
+    `<|separator|>`), and so did the original tool: the mask-fill input is the plain encoding."""
+    from gptsan.generate.languagemodel import masked_input
+    from gptsan.tokenizer import load_tokenizer
+    from tests.conftest import shared_path
+
+    tokenizer = load_tokenizer("swe", str(shared_path("vocab", "ja-swe36k.txt")))
+    special = tokenizer.special
+    ids = masked_input(tokenizer, "明日の[MASK]は晴れです。", "[MASK]")
+    assert ids == [special.start, *tokenizer.encode("明日の"), special.mask, *tokenizer.encode("は晴れです。"),
+                   special.segmenter]
+    assert special.separator not in ids and tokenizer.encode("。")[0] in ids

@@ -66,7 +66,8 @@ def read_contexts(args: argparse.Namespace) -> list[str]:
 
 
 def build_prompts(tokenizer, contexts: list[str], prefix: str | None) -> list[Prompt]:
-    """Prompts as the model saw text in training (sentence punctuation as `<|separator|>`)."""
+    """Prompts as the model saw text in training: the text to continue with its sentence punctuation as
+    `<|separator|>` (as in a record's body), a prefix as written (as in a record's prefix)."""
     special = tokenizer.special
 
     def encode(text: str) -> list[int]:
@@ -74,7 +75,7 @@ def build_prompts(tokenizer, contexts: list[str], prefix: str | None) -> list[Pr
 
     if prefix is None:
         return [causal_prompt(encode(text), special) for text in contexts]
-    prefix_ids = encode(prefix)
+    prefix_ids = tokenizer.encode(prefix)
     return [prefix_prompt(prefix_ids, encode(text), special) for text in contexts]
 
 

@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def masked_input(tokenizer, context: str, mask: str) -> list[int]:
-    """[SOT] + context + [SEG] with each mask string as `<|inputmask|>` (sentence punctuation as
-    `<|separator|>`, as in training inputs)."""
+    """[SOT] + context + [SEG] with each mask string as `<|inputmask|>`; the context is a prefix, whose
+    sentence punctuation training records keep as written (as the original tool and the HF port feed it)."""
     if not mask:
         raise UserError("--mask: must not be empty")
     special = tokenizer.special
@@ -48,7 +48,7 @@ def masked_input(tokenizer, context: str, mask: str) -> list[int]:
     for i, piece in enumerate(context.split(mask)):
         if i:
             ids.append(special.mask)
-        ids.extend(tokenizer.as_model_input(tokenizer.encode(piece)) if piece else [])
+        ids.extend(tokenizer.encode(piece) if piece else [])
     return ids + [special.segmenter]
 
 
