@@ -139,12 +139,14 @@ def plan(parameter_file: str, devices: int, mesh: str | None = None, batch: int 
          trainable: str = "all", accumulate_steps: int = 1, remat: str = "none", dtype: str = "float32",
          activations: bool = True) -> dict:
     from gptsan.model.config import ModelConfig, read_parameters_json
+    from gptsan.model.expert_parallel import check_expert_axis
 
     if devices < 1:
         raise UserError(f"--devices: expected a positive count, got {devices}")
     parameters = read_parameters_json(parameter_file)
     config = ModelConfig.from_model_params(parameters["model_params"], parameter_file, dtype=dtype, remat=remat)
     mesh_shape = parse_mesh(mesh, devices, config.num_pallarelizm)
+    check_expert_axis(config.num_experts, mesh_shape[1], f"--mesh {mesh}")
     batch = batch or int(parameters["train_params"].get("batch_size", 0)) or mesh_shape[0] * mesh_shape[1]
     frozen = frozen_names(trainable, config)
     report = {"parameter_file": parameter_file, "devices": devices,

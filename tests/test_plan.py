@@ -85,3 +85,6 @@ def test_bad_mesh_is_a_user_error(capsys):
     config = str(ROOT / "configs" / "gptsan-2.8b.json")
     assert main(["--parameter_file", config, "--devices", "8", "--mesh", "2,2,1", "--skip_activations"]) == 2
     assert capsys.readouterr().err.strip() == "error: --mesh: 2,2,1 is 4 devices, but --devices is 8"
+    assert main(["--parameter_file", config, "--devices", "32", "--mesh", "1,32,1", "--skip_activations"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --mesh 1,32,1: an expert axis of 32 devices must divide the "
+                                               "model's 16 experts")

@@ -54,6 +54,8 @@ def test_records_from_another_vocabulary(inputs, capsys):
     (["--accumulate_steps", "0"], "error: --accumulate_steps 0: must be a positive divisor of the batch size 8"),
     (["--expert_parallelism", "0"], "error: mesh: the expert (0) and model (1) axes need at least one device each"),
     (["--eval_batches", "-1"], "error: --eval_batches: expected a positive count, got -1"),
+    (["--expert_parallelism", "4"],
+     "error: --expert_parallelism 4: an expert axis of 4 devices must divide the model's 2 experts"),
 ])
 def test_bad_run_flags_stop_before_the_output_dir_is_made(inputs, capsys, flags, expected):
     parameters = write_mini_parameters(inputs / "model", inputs / "out")

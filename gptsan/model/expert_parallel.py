@@ -19,7 +19,15 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from gptsan.errors import UserError
+
 BATCH_AXES = ("data", "expert")
+
+
+def check_expert_axis(num_experts: int, size: int, flag: str) -> None:
+    """Each device of the expert axis holds the same number of whole experts."""
+    if num_experts % size:
+        raise UserError(f"{flag}: an expert axis of {size} devices must divide the model's {num_experts} experts")
 
 
 def expert_parallelism() -> int:

@@ -26,6 +26,7 @@ from gptsan.data.pipeline import make_dataset
 from gptsan.data.schema import FEATURES
 from gptsan.errors import UserError
 from gptsan.model.config import ModelConfig, read_parameters_json
+from gptsan.model.expert_parallel import check_expert_axis
 from gptsan.model.params import abstract_params, expected_shapes, flatten, init_params
 from gptsan.model.sharding import batch_sharding, make_mesh, param_shardings, replicated, under_mesh
 from gptsan.tokenizer import load_tokenizer
@@ -161,6 +162,7 @@ def run(cfg: RunConfig) -> TrainState:
     if cfg.eval_batches < 1:
         raise UserError(f"--eval_batches: expected a positive count, got {cfg.eval_batches}")
     mesh = make_mesh(config.num_pallarelizm, cfg.expert_parallelism)
+    check_expert_axis(config.num_experts, cfg.expert_parallelism, f"--expert_parallelism {cfg.expert_parallelism}")
     for pattern in filter(None, (cfg.input_files, cfg.eval_files)):
         next(make_dataset(pattern, config.num_contexts, local_batch, seed=cfg.seed, shuffle=False,
                           repeat=False, num_vocabulary=config.num_vocabulary))  # bad records stop the run here
