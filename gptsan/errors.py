@@ -12,7 +12,8 @@ class UserError(Exception):
 
 
 def cli_main(func: Callable[..., int | None]) -> Callable[..., int]:
-    """Wrap a console-script entry point: a UserError becomes `error: ...` on stderr and exit status 2."""
+    """Wrap a console-script entry point: a UserError (or a folder opened as a file) becomes `error: ...` on
+    stderr and exit status 2."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs) -> int:
@@ -20,6 +21,9 @@ def cli_main(func: Callable[..., int | None]) -> Callable[..., int]:
             return func(*args, **kwargs) or 0
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
+            return 2
+        except IsADirectoryError as err:  # a folder given where a file belongs: a user's path, in any tool
+            print(f"error: {err.filename}: is a folder; expected a file", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

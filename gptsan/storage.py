@@ -73,9 +73,9 @@ def write_text_atomic(path: str, text: str) -> None:
 
 
 def glob(pattern: str) -> list[str]:
-    """Sorted matches of a glob, with the protocol kept for remote paths."""
+    """Sorted files matching a glob (folders left out), with the protocol kept for remote paths."""
     fs, p = filesystem(pattern)
-    matches = sorted(fs.glob(p))
+    matches = sorted(path for path, info in fs.glob(p, detail=True).items() if info.get("type") != "directory")
     if is_remote(pattern):
         protocol = str(pattern).split("://", 1)[0]
         return [f"{protocol}://{m}" for m in matches]

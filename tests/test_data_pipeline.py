@@ -91,6 +91,14 @@ def test_tensorflow_reads_the_frames(corpus_dir):
     assert [bytes(r.numpy()) for r in tf.data.TFRecordDataset(path)] == ours
 
 
+def test_a_glob_matching_only_folders_matches_no_file(corpus_dir, tmp_path):
+    """A folder is no tfrecord file: it used to reach the reader and end in IsADirectoryError tracebacks."""
+    (tmp_path / "records.tfrecord").mkdir()
+    for pattern in (str(tmp_path), str(tmp_path / "*.tfrecord")):
+        with pytest.raises(UserError, match="no tfrecord file matches"):
+            make_dataset(pattern, T, 1, seed=0)
+
+
 def test_length_mismatch_names_the_file(corpus_dir):
     expected = r"part_0.tfrecord: record 0 has 32 tokens but the model's num_contexts is 64"
     with pytest.raises(UserError, match=expected):

@@ -53,7 +53,10 @@ def test_tf_export_is_an_original_style_checkpoint(extended_model, exports):
     variables = tf.train.load_checkpoint(str(out)).get_variable_to_shape_map()
     assert {name: tuple(shape) for name, shape in variables.items()} == {k: v.shape for k, v in flat.items()}
     parameters = json.loads((out / "parameters.json").read_text())
-    assert parameters == json.loads((extended_model / "parameters.json").read_text())
+    source = json.loads((extended_model / "parameters.json").read_text())
+    assert parameters["model_params"] == source["model_params"]
+    # train_params come along, with output_dir the export (training from it used to write into the source's)
+    assert parameters["train_params"] == {**source["train_params"], "output_dir": str(out)}
 
 
 def test_hf_export_config(exports):

@@ -103,6 +103,12 @@ def test_generate_cli_errors_are_one_line_and_write_nothing(swe_model, vocabular
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_a_folder_given_as_a_file_is_one_error_line(swe_model, vocabulary, tmp_path):
+    path, _, _ = swe_model
+    proc = run_cli("gptsan.generate.cli", "--model", path, "--vocabulary", vocabulary, "--input_file", tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {tmp_path}: is a folder; expected a file"
+
+
 def test_spout_flag_values():
     np.testing.assert_array_equal(parse_spout("2", 4, 2), [[0, 0, 1, 0]] * 2)
     np.testing.assert_array_equal(parse_spout("zeros", 3, 1), [[0, 0, 0]])

@@ -160,3 +160,22 @@ def test_eval_loss_at_each_save_and_at_the_end(tmp_path):
     assert [row["step"] for row in evals] == [2, 3]
     assert all(np.isfinite(row["loss"]) and row["loss"] > 0 for row in evals)
     assert evals[0]["loss"] != evals[1]["loss"]  # the model changed between the saves
+
+
+def test_another_model_in_the_output_dir_is_refused_before_anything_is_overwritten(tmp_path):
+    """A changed parameter shape on resume used to overwrite output_dir/parameters.json before the restore
+    failed (leaving the run unreadable by the other tools), then print Orbax tracebacks."""
+    files = corpus_files(tmp_path)
+    out = tmp_path / "out"
+    run(RunConfig(parameter_file=str(write_mini_parameters(tmp_path / "a", out, checkpoint_per_steps=100)),
+                  input_files=files, progress=False, max_training_step=2))
+    saved = (out / "parameters.json").read_text()
+    other = write_mini_parameters(tmp_path / "b", out, checkpoint_per_steps=100)
+    data = json.loads(other.read_text())
+    data["model_params"].update(num_hidden=16, num_pallarelizm=2)  # num_pallarelizm may change; num_hidden not
+    other.write_text(json.dumps(data))
+    with pytest.raises(UserError) as caught:
+        run(RunConfig(parameter_file=str(other), input_files=files, progress=False, max_training_step=4))
+    assert str(caught.value) == (f"train_params.output_dir {out}: holds a run of another model (num_hidden 32 -> 16); "
+                                 "give a new output_dir")
+    assert (out / "parameters.json").read_text() == saved

@@ -17,8 +17,8 @@ import sys
 from gptsan import storage
 from gptsan.checkpoint import hf, load_flat, native, tf_checkpoint
 from gptsan.checkpoint.staging import refuse_existing, staged_output
+from gptsan.convert.cli import source_train_params
 from gptsan.errors import UserError, cli_main
-from gptsan.model.config import read_parameters_json
 
 EXPORT_FORMATS = ("hf", "gptsan-tf")
 
@@ -42,10 +42,9 @@ def export(model: str, fmt: str, output: str, dtype: str = "float32") -> None:
             hf.write(tmp, config, flat, dtype)
             return
         tf_checkpoint.write(tmp, flat, dtype)
-        parameters_file = storage.join(model, native.PARAMETERS)
-        train_params = (read_parameters_json(parameters_file)["train_params"]
-                        if storage.exists(parameters_file) else {})
-        parameters = {"train_params": train_params, "model_params": config.to_model_params()}
+        # As gptsan-convert: the source's train_params with output_dir = the export (training from the export
+        # used to resume from, and write into, the source's output_dir).
+        parameters = {"train_params": source_train_params(model, output), "model_params": config.to_model_params()}
         text = json.dumps(parameters, indent=1) + "\n"
         storage.write_text_atomic(storage.join(tmp, native.PARAMETERS), text)
 

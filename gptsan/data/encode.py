@@ -78,7 +78,7 @@ class WorkerSummary:
 def list_inputs(spec: str) -> list[InputFile]:
     if _is_csv_list(spec):
         return _inputs_from_csv(spec)
-    paths = [p for p in storage.glob(spec) if not storage.isdir(p)]
+    paths = storage.glob(spec)
     if not paths:
         raise UserError(f"--input_files: no file matches {spec!r}")
     return [InputFile(path, class_id) for class_id, path in enumerate(paths)]

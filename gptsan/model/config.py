@@ -26,6 +26,7 @@ _REQUIRED_KEYS = (
     "num_experts",
     "num_vocabulary",
 )
+SHAPE_KEYS = (*_REQUIRED_KEYS, "num_spout")  # the model_params that set parameter names and shapes
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,7 @@ from gptsan import storage
 from gptsan.data.pipeline import make_dataset
 from gptsan.data.schema import FEATURES
 from gptsan.errors import UserError
-from gptsan.model.config import ModelConfig, read_parameters_json
+from gptsan.model.config import SHAPE_KEYS, ModelConfig, read_parameters_json
 from gptsan.model.expert_parallel import check_expert_axis
 from gptsan.model.params import abstract_params, expected_shapes, flatten, init_params
 from gptsan.model.sharding import batch_sharding, make_mesh, param_shardings, replicated, under_mesh
@@ -82,7 +82,10 @@ def model_config(cfg: RunConfig, model_params: dict) -> ModelConfig:
 
 
 def prepare_output_dir(output_dir: str, parameters: dict) -> None:
-    """Create output_dir and write the run's parameters.json there (as the original did), or fail clearly."""
+    """Create output_dir and write the run's parameters.json there (as the original did), or fail clearly.
+    An output_dir that already holds another model's parameters.json is refused before it is overwritten
+    (its checkpoints could not be resumed, and the other tools would read them as the new model)."""
+    check_same_model(output_dir, parameters["model_params"])
     try:
         if not storage.is_remote(output_dir):
             os.makedirs(output_dir, exist_ok=True)
@@ -90,6 +93,21 @@ def prepare_output_dir(output_dir: str, parameters: dict) -> None:
         storage.write_text_atomic(storage.join(output_dir, "parameters.json"), text)
     except OSError as err:
         raise UserError(f"train_params.output_dir {output_dir}: cannot write there ({err})") from None
+
+
+def check_same_model(output_dir: str, model_params: dict) -> None:
+    """Refuse when output_dir/parameters.json gives a parameter shape another value (num_pallarelizm or
+    train_mode may change between runs)."""
+    path = storage.join(output_dir, "parameters.json")
+    try:
+        existing = json.loads(storage.read_text(path)).get("model_params") or {}
+    except (OSError, ValueError, AttributeError):  # none yet, or not ours to compare: it is rewritten
+        return
+    changed = [f"{key} {existing[key]} -> {model_params[key]}" for key in SHAPE_KEYS
+               if key in existing and key in model_params and existing[key] != model_params[key]]
+    if changed:
+        raise UserError(f"train_params.output_dir {output_dir}: holds a run of another model "
+                        f"({', '.join(changed)}); give a new output_dir")
 
 
 def step_options(cfg: RunConfig, config: ModelConfig) -> StepOptions:
