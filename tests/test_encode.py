@@ -294,6 +294,16 @@ def test_csv_naming_a_missing_file(vocab, tmp_path, capsys):
     assert code == 2 and err == f"error: {csv_path}:2: missing.txt not found" and left == []
 
 
+@pytest.mark.parametrize("fileid", ["x5", "--5", "²", "99999999999999999999999"])
+def test_csv_fileid_that_is_no_int64(vocab, tmp_path, capsys, fileid):
+    """`--5` and `²` passed the old digit check and `int()` then raised; a huge id overflowed in the worker."""
+    write(tmp_path / "a.txt", "あ\n")
+    csv_path = write(tmp_path / "list.csv", f"filename,fileid\na.txt,{fileid}\n")
+    code, err, left = run_cli(vocab, tmp_path, capsys, "--input_files", str(csv_path))
+    assert code == 2 and err == f"error: {csv_path}:2: fileid must be an integer (int64), got {fileid!r}"
+    assert left == []
+
+
 def test_glob_matching_nothing(vocab, tmp_path, capsys):
     code, err, left = run_cli(vocab, tmp_path, capsys, "--input_files", str(tmp_path / "none" / "*.txt"))
     assert code == 2 and "no file matches" in err and left == []

@@ -22,6 +22,7 @@ import argparse
 import csv
 import os
 import queue
+import re
 import shutil
 import sys
 import tempfile
@@ -108,8 +109,8 @@ def _inputs_from_csv(csv_path: str) -> list[InputFile]:
         if len(row) <= max(name_col, id_col):
             raise UserError(f"{csv_path}:{line_number}: expected filename,fileid, got {','.join(row)!r}")
         name, class_id = row[name_col].strip(), row[id_col].strip()
-        if not class_id.lstrip("-").isdigit():
-            raise UserError(f"{csv_path}:{line_number}: fileid must be an integer, got {class_id!r}")
+        if not re.fullmatch(r"-?[0-9]+", class_id) or not -(2**63) <= int(class_id) < 2**63:
+            raise UserError(f"{csv_path}:{line_number}: fileid must be an integer (int64), got {class_id!r}")
         inputs.append(InputFile(_resolve_listed(csv_path, name, line_number), int(class_id)))
     if not inputs:
         raise UserError(f"{csv_path}: no files listed")
