@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     from gptsan.generate.cli import load
 
     config, params, tokenizer = load(args)
+    if config.train_mode == "lm":  # the original ran such a model causally and filled nothing
+        print(f"warning: {args.model}: train_mode is lm, so the model never saw a bidirectional prefix or masks; "
+              "its fills mean little", file=sys.stderr)
     ids = masked_input(tokenizer, args.context, args.mask)
     result = fill_masks(config, params, ids, tokenizer.special, args.pos_vector)
     record = {"input_text": args.context, "input_tokens": ids,
