@@ -1,4 +1,5 @@
-"""The one user-facing error type and the wrapper that turns it into a single line and an exit code."""
+"""The one user-facing error type, the wrapper that turns it into a single line and an exit code, and the
+one-line warning."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ from collections.abc import Callable
 
 class UserError(Exception):
     """A mistake in the user's input (a flag, a file, a checkpoint). Printed as one line, exit status 2."""
+
+
+def warn(message: str) -> None:
+    """One line `warning: MESSAGE` on stderr: something the user should know that does not stop the run."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def cli_main(func: Callable[..., int | None]) -> Callable[..., int]:

@@ -23,14 +23,13 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 
 import numpy as np
 
 from gptsan import storage
 from gptsan.data.schema import CorruptRecordError, read_frames
-from gptsan.errors import UserError
+from gptsan.errors import UserError, warn
 from gptsan.tf_runtime import tensorflow
 
 CORRUPT_POLICIES = ("stop", "skip")
@@ -124,7 +123,7 @@ class RecordSource:
 
     def _note_skip(self, message: str) -> None:
         self.skipped += 1
-        print(f"warning: skipped {message}", file=sys.stderr)
+        warn(f"skipped {message}")
 
 
 class BatchIterator:

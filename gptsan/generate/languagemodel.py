@@ -20,7 +20,7 @@ import sys
 import numpy as np
 
 from gptsan import storage
-from gptsan.errors import UserError, cli_main
+from gptsan.errors import UserError, cli_main, warn
 from gptsan.generate.cli import output_text
 from gptsan.model.config import COMPUTE_DTYPES
 
@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
     config, params, tokenizer = load(args)
     if config.train_mode == "lm":  # the original ran such a model causally and filled nothing
-        print(f"warning: {args.model}: train_mode is lm, so the model never saw a bidirectional prefix or masks; "
-              "its fills mean little", file=sys.stderr)
+        warn(f"{args.model}: train_mode is lm, so the model never saw a bidirectional prefix or masks; its fills "
+             "mean little")
     ids = masked_input(tokenizer, args.context, args.mask)
     result = fill_masks(config, params, ids, tokenizer.special, args.pos_vector)
     record = {"input_text": args.context, "input_tokens": ids,

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from gptsan.errors import UserError
+from gptsan.errors import UserError, warn
 
 DEFAULT_NUM_SPOUT = 128
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -204,8 +203,8 @@ class ModelConfig:
 
 @cache
 def warn_once(message: str) -> None:
-    """One line `warning: MESSAGE` on stderr, the first time this process meets MESSAGE."""
-    print(f"warning: {message}", file=sys.stderr)
+    """`warn(MESSAGE)`, the first time this process meets MESSAGE."""
+    warn(message)
 
 
 def read_parameters_json(path: str | Path) -> dict[str, Any]:

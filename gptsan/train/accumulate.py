@@ -30,6 +30,12 @@ from gptsan.train.state import TrainState
 from gptsan.train.step import Batch, StepOptions, apply_gradients, loss_and_grads, make_train_step
 
 
+def check_accumulate_steps(steps: int, batch_size: int) -> None:
+    """Before a run: `steps` micro-batches must split the batch evenly (`split_micro_batches` needs it)."""
+    if steps < 1 or batch_size % steps:
+        raise UserError(f"--accumulate_steps {steps}: must be a positive divisor of the batch size {batch_size}")
+
+
 def split_micro_batches(batch: Batch, k: int) -> Batch:
     """[B, ...] -> [k, B/k, ...] with micro-batch j = rows j, j+k, j+2k, ... (a reshape that keeps each
     device's contiguous block of rows in place)."""

@@ -13,7 +13,6 @@ import functools
 import json
 import os
 import signal
-import sys
 import threading
 import time
 
@@ -24,14 +23,14 @@ import optax
 from gptsan import storage
 from gptsan.data.pipeline import make_dataset
 from gptsan.data.schema import FEATURES
-from gptsan.errors import UserError
+from gptsan.errors import UserError, warn
 from gptsan.model.config import SHAPE_KEYS, ModelConfig, read_parameters_json
 from gptsan.model.expert_parallel import check_expert_axis
 from gptsan.model.params import abstract_params, expected_shapes, flatten, init_params
 from gptsan.model.sharding import batch_sharding, make_mesh, param_shardings, replicated, under_mesh
 from gptsan.tokenizer import load_tokenizer
 from gptsan.tokenizer.swe import read_vocabulary
-from gptsan.train.accumulate import make_accumulating_train_step
+from gptsan.train.accumulate import check_accumulate_steps, make_accumulating_train_step
 from gptsan.train.checkpoint import Checkpointer
 from gptsan.train.config import RunConfig, TrainParams
 from gptsan.train.metrics import MetricsWriter, summarise
@@ -58,7 +57,7 @@ def read_ignore_list(path: str | None, config: ModelConfig) -> frozenset[str]:
         raise UserError(f"{path}: expected a JSON list of parameter names")
     frozen = check_frozen_names(names, config, source=path)
     if frozen >= expected_shapes(config).keys():
-        print(f"warning: {path}: lists every parameter, so training will change nothing", file=sys.stderr)
+        warn(f"{path}: lists every parameter, so training will change nothing")
     return frozen
 
 
@@ -174,9 +173,7 @@ def run(cfg: RunConfig) -> TrainState:
     optimizer, schedule = make_optimizer(cfg.optimizer, train.base_lr, train.num_warmup_steps,
                                          clip_norm=cfg.clip_gradients, total_steps=cfg.max_training_step)
     local_batch = local_batch_size(train.batch_size)
-    if cfg.accumulate_steps < 1 or train.batch_size % cfg.accumulate_steps:
-        raise UserError(f"--accumulate_steps {cfg.accumulate_steps}: must be a positive divisor of the batch size "
-                        f"{train.batch_size}")
+    check_accumulate_steps(cfg.accumulate_steps, train.batch_size)
     if cfg.eval_batches < 1:
         raise UserError(f"--eval_batches: expected a positive count, got {cfg.eval_batches}")
     mesh = make_mesh(config.num_pallarelizm, cfg.expert_parallelism)
