@@ -155,6 +155,7 @@ def train_step_and_state(config: ModelConfig, trainable: str, seed: int = 0):
     params = init_params(config, seed)
     frozen = frozen_names(config, trainable)
     try:
+        from gptsan.train.compiler_options import step_compiler_options
         from gptsan.train.optim import make_optimizer
         from gptsan.train.precision import LossScale
         from gptsan.train.state import create_state
@@ -163,7 +164,8 @@ def train_step_and_state(config: ModelConfig, trainable: str, seed: int = 0):
         return (*stand_in_step(config, params, frozen), "stand-in")
     optimizer, schedule = make_optimizer("adam", 1e-4, 10)
     state = create_state(params, frozen, optimizer, seed, LossScale.for_dtype(config.dtype))
-    step = jax.jit(make_train_step(config, optimizer, schedule, StepOptions()), donate_argnums=0)
+    step = jax.jit(make_train_step(config, optimizer, schedule, StepOptions()), donate_argnums=0,
+                   compiler_options=step_compiler_options(jax.default_backend()))
     return step, state, "gptsan.train"
 
 

@@ -32,6 +32,7 @@ from gptsan.tokenizer import load_tokenizer
 from gptsan.tokenizer.swe import read_vocabulary
 from gptsan.train.accumulate import check_accumulate_steps, make_accumulating_train_step
 from gptsan.train.checkpoint import Checkpointer
+from gptsan.train.compiler_options import step_compiler_options
 from gptsan.train.config import RunConfig, TrainParams
 from gptsan.train.metrics import MetricsWriter, summarise
 from gptsan.train.optim import make_optimizer
@@ -208,12 +209,13 @@ def run(cfg: RunConfig) -> TrainState:
 
     # The step: pure, jitted, state donated.
     batch_shard = {name: batch_sharding(mesh) for name in FEATURES}
+    compiler_options = step_compiler_options(mesh.devices.flat[0].platform)
     train_step = jax.jit(under_mesh(make_accumulating_train_step(config, optimizer, schedule, options,
                                                                  cfg.accumulate_steps), mesh),
                          in_shardings=(shardings, batch_shard), out_shardings=(shardings, None),
-                         donate_argnums=0)
+                         donate_argnums=0, compiler_options=compiler_options)
     eval_step = jax.jit(under_mesh(make_eval_step(config.replace(routing=cfg.routing), options), mesh),
-                        in_shardings=(shardings, batch_shard))
+                        in_shardings=(shardings, batch_shard), compiler_options=compiler_options)
 
     def to_global(batch: dict) -> dict:
         return {name: jax.make_array_from_process_local_data(batch_shard[name], value)

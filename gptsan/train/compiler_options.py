@@ -1,0 +1,38 @@
+"""XLA options for compiling the train and eval steps: oneDNN for the matmuls on x86 CPUs.
+
+XLA's CPU backend runs a batched matmul on one thread: attention's products (B x H small matrices of
+T x dh) reached ~220 GFLOP/s on a 2-core host whose large matmuls reach 450-490, so a training step's
+attention used half the machine. oneDNN, given each matmul on its own (`INDIVIDUAL_DOT`), spreads them over
+the cores: 310-440 GFLOP/s, the large matmuls as before. (Its `DOT` fusion type, which also pulls
+element-wise producers into the matmul, aborted the process on exp -> matmul with jaxlib 0.10.2.)
+Generation does not use it: oneDNN's matrix-vector products ran batch-1 decoding at a third of the speed.
+
+XLA's persistent compilation cache cannot store a program with oneDNN matmuls (jaxlib 0.10.2: "ToProto is not
+implemented for thunk kind: onednn-fusion", a warning at every save), so where one is configured
+(JAX_COMPILATION_CACHE_DIR) the steps keep XLA's defaults and are cached. Set GPTSAN_ONEDNN_MATMULS=0 to
+compile with XLA's defaults always.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import jax
+import jax.numpy as jnp
+
+ONEDNN_MATMULS = {"xla_cpu_use_onednn": True,
+                  "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+def step_compiler_options(platform_name: str) -> dict | None:
+    """`jax.jit`'s compiler_options for a train or eval step on `platform_name` ("cpu", "gpu", "tpu"): oneDNN
+    matmuls on an x86 CPU whose jaxlib accepts the options, else None (XLA's defaults)."""
+    if (platform_name != "cpu" or os.environ.get("GPTSAN_ONEDNN_MATMULS", "1") == "0"
+            or platform.machine().lower() not in ("x86_64", "amd64") or jax.config.jax_compilation_cache_dir):
+        return None
+    try:  # a jaxlib without these options refuses them at compile time
+        jax.jit(lambda a: a @ a, compiler_options=ONEDNN_MATMULS).lower(jnp.ones((2, 2))).compile()
+    except Exception:  # noqa: BLE001 - any refusal means: keep XLA's defaults
+        return None
+    return dict(ONEDNN_MATMULS)

@@ -1,0 +1,72 @@
+"""The train and eval steps' XLA options: oneDNN matmuls on x86 CPUs (gptsan/train/compiler_options.py)."""
+
+import functools
+import platform
+
+import jax
+import numpy as np
+import pytest
+
+from gptsan.model.params import init_params
+from gptsan.model.transformer import GPTSAN
+from gptsan.train.compiler_options import ONEDNN_MATMULS, step_compiler_options
+from gptsan.train.optim import make_optimizer
+from gptsan.train.precision import LossScale
+from gptsan.train.state import create_state
+from gptsan.train.step import StepOptions, loss_and_grads, make_eval_step, make_train_step
+from tests.train_support import counting_corpus, memory_batches, mini_config
+
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def test_onednn_only_for_a_cpu_and_without_a_compilation_cache(monkeypatch):
+    assert step_compiler_options("gpu") is None
+    assert step_compiler_options("tpu") is None
+    assert step_compiler_options("cpu") == (ONEDNN_MATMULS if X86 else None)
+    monkeypatch.setenv("GPTSAN_ONEDNN_MATMULS", "0")
+    assert step_compiler_options("cpu") is None
+    monkeypatch.delenv("GPTSAN_ONEDNN_MATMULS")
+    before = jax.config.jax_compilation_cache_dir
+    try:  # the persistent cache cannot store oneDNN thunks: the cached steps keep XLA's defaults
+        jax.config.update("jax_compilation_cache_dir", "/nonexistent-cache")
+        assert step_compiler_options("cpu") is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+
+
+@pytest.mark.skipif(not X86, reason="oneDNN matmuls are used on x86 CPUs only")
+@pytest.mark.parametrize("mode,dtype", [("lm", "float32"), ("hybrid", "float32"), ("lm", "bfloat16")])
+def test_steps_compiled_for_onednn_match_xla_defaults(mode, dtype):
+    """The same state and batches through steps compiled both ways: the same gradients, three train steps'
+    losses and an eval loss up to rounding (the causal attention path in lm mode, the masked prefix-LM path
+    in hybrid). Weights after Adam are not compared: Adam moves a weight by ~lr whatever its gradient's size,
+    so rounding in a near-zero gradient shows there at full size."""
+    config = mini_config(dtype=dtype)
+    optimizer, schedule = make_optimizer("adam", 3e-3, 0)
+    corpus = counting_corpus(32, config.num_contexts, config.num_vocabulary)
+    corpus["num_input"] = np.arange(32) % config.num_contexts if mode == "hybrid" else corpus["num_input"]
+    batches = [next(memory_batches(corpus, 8, seed=s)) for s in range(3)]
+    options = StepOptions(mode=mode, spout="onehot")
+    model = GPTSAN(config)
+    results = []
+    for compiler_options in (None, ONEDNN_MATMULS):
+        step = jax.jit(make_train_step(config, optimizer, schedule, options), compiler_options=compiler_options)
+        evaluate = jax.jit(make_eval_step(config, options), compiler_options=compiler_options)
+        gradients = jax.jit(functools.partial(loss_and_grads, model, options), compiler_options=compiler_options)
+        state = create_state(init_params(config, 0), frozenset(), optimizer, 0, LossScale.for_dtype(dtype))
+        compiled = step.lower(state, batches[0]).compile().as_text()
+        assert ("%onednn_fusion" in compiled) == (compiler_options is not None)
+        grads = jax.tree_util.tree_leaves(gradients(state, batches[0])[0])
+        losses = []
+        for batch in batches:
+            state, metrics = step(state, batch)
+            losses.append(float(metrics["loss"]))
+        losses.append(float(evaluate(state, batches[0])["loss"]))
+        results.append((losses, grads))
+    (default_losses, default_grads), (onednn_losses, onednn_grads) = results
+    tolerance = 1e-4 if dtype == "float32" else 3e-2
+    np.testing.assert_allclose(onednn_losses, default_losses, rtol=tolerance / 10)
+    for ours, reference in zip(onednn_grads, default_grads, strict=True):
+        reference = np.asarray(reference, np.float32)
+        np.testing.assert_allclose(np.asarray(ours, np.float32), reference, rtol=tolerance,
+                                   atol=tolerance * np.abs(reference).max())
