@@ -169,7 +169,7 @@ def train_step_and_state(config: ModelConfig, trainable: str, seed: int = 0):
     optimizer, schedule = make_optimizer("adam", 1e-4, 10)
     state = create_state(params, frozen, optimizer, seed, LossScale.for_dtype(config.dtype))
     step = jax.jit(make_train_step(config, optimizer, schedule, StepOptions()), donate_argnums=0,
-                   compiler_options=step_compiler_options(jax.default_backend()))
+                   compiler_options=step_compiler_options(jax.default_backend(), jax.local_device_count()))
     return step, state, "gptsan.train"
 
 

@@ -19,17 +19,18 @@ from tests.train_support import counting_corpus, memory_batches, mini_config
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
-def test_onednn_only_for_a_cpu_and_without_a_compilation_cache(monkeypatch):
-    assert step_compiler_options("gpu") is None
-    assert step_compiler_options("tpu") is None
-    assert step_compiler_options("cpu") == (ONEDNN_MATMULS if X86 else None)
+def test_onednn_only_for_one_cpu_device_and_without_a_compilation_cache(monkeypatch):
+    assert step_compiler_options("gpu", 1) is None
+    assert step_compiler_options("tpu", 1) is None
+    assert step_compiler_options("cpu", 1) == (ONEDNN_MATMULS if X86 else None)
+    assert step_compiler_options("cpu", 8) is None  # simulated devices share the cores
     monkeypatch.setenv("GPTSAN_ONEDNN_MATMULS", "0")
-    assert step_compiler_options("cpu") is None
+    assert step_compiler_options("cpu", 1) is None
     monkeypatch.delenv("GPTSAN_ONEDNN_MATMULS")
     before = jax.config.jax_compilation_cache_dir
     try:  # the persistent cache cannot store oneDNN thunks: the cached steps keep XLA's defaults
         jax.config.update("jax_compilation_cache_dir", "/nonexistent-cache")
-        assert step_compiler_options("cpu") is None
+        assert step_compiler_options("cpu", 1) is None
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
 

@@ -7,6 +7,9 @@ the cores: 310-440 GFLOP/s, the large matmuls as before. (Its `DOT` fusion type,
 element-wise producers into the matmul, aborted the process on exp -> matmul with jaxlib 0.10.2.)
 Generation does not use it: oneDNN's matrix-vector products ran batch-1 decoding at a third of the speed.
 
+With more than one CPU device in the process (`--xla_force_host_platform_device_count`, as the tests and
+`gptsan-plan` simulate a mesh) the devices share the cores and oneDNN's threads oversubscribe them (the quick
+demo on 8 such devices: 99 s -> 125 s), so the steps keep XLA's defaults there.
 XLA's persistent compilation cache cannot store a program with oneDNN matmuls (jaxlib 0.10.2: "ToProto is not
 implemented for thunk kind: onednn-fusion", a warning at every save), so where one is configured
 (JAX_COMPILATION_CACHE_DIR) the steps keep XLA's defaults and are cached. Set GPTSAN_ONEDNN_MATMULS=0 to
@@ -25,10 +28,11 @@ ONEDNN_MATMULS = {"xla_cpu_use_onednn": True,
                   "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
-def step_compiler_options(platform_name: str) -> dict | None:
-    """`jax.jit`'s compiler_options for a train or eval step on `platform_name` ("cpu", "gpu", "tpu"): oneDNN
-    matmuls on an x86 CPU whose jaxlib accepts the options, else None (XLA's defaults)."""
-    if (platform_name != "cpu" or os.environ.get("GPTSAN_ONEDNN_MATMULS", "1") == "0"
+def step_compiler_options(platform_name: str, local_devices: int) -> dict | None:
+    """`jax.jit`'s compiler_options for a train or eval step on `platform_name` ("cpu", "gpu", "tpu") with
+    `local_devices` devices in this process: oneDNN matmuls on one x86 CPU device whose jaxlib accepts the
+    options, else None (XLA's defaults)."""
+    if (platform_name != "cpu" or local_devices != 1 or os.environ.get("GPTSAN_ONEDNN_MATMULS", "1") == "0"
             or platform.machine().lower() not in ("x86_64", "amd64") or jax.config.jax_compilation_cache_dir):
         return None
     try:  # a jaxlib without these options refuses them at compile time

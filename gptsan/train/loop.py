@@ -209,7 +209,7 @@ def run(cfg: RunConfig) -> TrainState:
 
     # The step: pure, jitted, state donated.
     batch_shard = {name: batch_sharding(mesh) for name in FEATURES}
-    compiler_options = step_compiler_options(mesh.devices.flat[0].platform)
+    compiler_options = step_compiler_options(mesh.devices.flat[0].platform, jax.local_device_count())
     train_step = jax.jit(under_mesh(make_accumulating_train_step(config, optimizer, schedule, options,
                                                                  cfg.accumulate_steps), mesh),
                          in_shardings=(shardings, batch_shard), out_shardings=(shardings, None),
