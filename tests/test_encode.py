@@ -267,7 +267,20 @@ def test_inspect_tool_prints_decoded_records(vocab, tmp_path):
     assert done.returncode == 0, done.stderr
     first = "[0] i=0 num_input=1 tokens=10/16 loss_targets=8 (in prefix: 0, masks in x: 0)"
     assert done.stdout.splitlines()[0] == first
-    assert "body:   '猫が好きです\\n'" in done.stdout  # the separator decodes to nothing
+    assert "body:   '猫が好きです<|separator|>\\n'" in done.stdout  # the input shows the separator for 。
+
+
+
+def test_inspect_tool_names_the_separator_and_mask_roles(vocab):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("inspect_tfrecord", REPO / "tools" / "inspect_tfrecord.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tokenizer = SWETokenizer(vocab)
+    ids = tokenizer.encode("猫") + [tokenizer.mask_id] + tokenizer.encode("です") + [tokenizer.separator_id]
+    assert tool.readable(tokenizer, ids) == "猫<|mask|>です<|separator|>"
+    assert tokenizer.decode(ids) == "猫です"  # what the tool showed before: both roles decode to nothing
 
 
 # ---- bad inputs -----------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """Print a few records of a GPTSAN tfrecord file, decoded: class id, prefix, body, loss targets.
+The separator and mask roles in the inputs show as `<|separator|>` and `<|mask|>`.
 
     python tools/inspect_tfrecord.py lm_0000.tfrecord --vocabulary ja-swe36k.txt --num 3
 """
@@ -18,6 +19,21 @@ from gptsan.data.schema import CorruptRecordError, parse_example, read_frames, r
 from gptsan.errors import UserError, cli_main
 from gptsan.tokenizer import KINDS, load_tokenizer
 
+SHOWN_ROLES = ("separator", "mask")  # roles that decode to nothing but tell what the model was fed
+
+
+def readable(tokenizer, ids) -> str:
+    """`ids` decoded, with the separator (sentence punctuation in `x`) and mask roles shown by name."""
+    names = {getattr(tokenizer.special, role): f"<|{role}|>" for role in SHOWN_ROLES}
+    parts, run = [], []
+    for token in ids:
+        if token in names:
+            parts += [tokenizer.decode(run), names[token]]
+            run = []
+        else:
+            run.append(token)
+    return "".join(parts) + tokenizer.decode(run)
+
 
 def describe(record, tokenizer) -> str:
     x, y, start = record.x, record.y, record.num_input
@@ -27,8 +43,8 @@ def describe(record, tokenizer) -> str:
     return "\n".join([
         f"i={record.i} num_input={start} tokens={int(used.sum())}/{len(x)} loss_targets={int(targets.sum())}"
         f" (in prefix: {prefix_targets}, masks in x: {int((x == tokenizer.mask_id).sum())})",
-        f"  prefix: {tokenizer.decode(x[1:start].tolist())!r}",
-        f"  body:   {tokenizer.decode(x[start + 1:][used[start + 1:]].tolist())!r}",
+        f"  prefix: {readable(tokenizer, x[1:start].tolist())!r}",
+        f"  body:   {readable(tokenizer, x[start + 1:][used[start + 1:]].tolist())!r}",
         f"  ids:    {x[: min(24, len(x))].tolist()}{' ...' if len(x) > 24 else ''}",
     ])
 
