@@ -141,3 +141,19 @@ def test_onehot_spout_carries_the_class_id():
     corpus = class_corpus(64, config.num_contexts, num_classes=4)
     _, losses, _ = train(config, params, frozen, corpus, steps=600, lr=3e-3, spout="onehot")
     assert np.mean(losses[-100:]) < math.log(4) - 0.5, losses[::50]
+
+
+def test_metrics_file_is_strict_json_when_a_loss_is_not_finite(tmp_path):
+    from gptsan.train.metrics import MetricsWriter
+
+    writer = MetricsWriter(str(tmp_path), enabled=True, total_steps=2, first_step=0, progress=False)
+    writer.write(1, {"loss": float("nan"), "grad_norm": float("inf"), "accuracy": 0.5,
+                     "expert_load": [[0.25, float("nan")]], "skipped": True})
+    writer.close()
+
+    def reject(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    row = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=reject)
+    assert row == {"step": 1, "split": "train", "loss": None, "grad_norm": None, "accuracy": 0.5,
+                   "expert_load": [[0.25, None]], "skipped": True}

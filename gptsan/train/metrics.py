@@ -4,6 +4,7 @@ Only process 0 writes. For a gs:// output_dir the event files are written locall
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -23,6 +24,16 @@ def summarise(metrics: dict, tokens_per_second: float) -> dict:
     row["skipped"] = not bool(np.asarray(metrics["update_applied"]))
     row["expert_load"] = np.asarray(metrics["expert_load"]).round(4).tolist()
     return row
+
+
+def json_value(value):
+    """`value` as strict JSON allows: a non-finite float (the loss of a float16 step that overflowed) is null,
+    since NaN and Infinity are not JSON and strict readers (jq, JavaScript, pandas' ujson) reject them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [json_value(item) for item in value]
+    return value
 
 
 class MetricsWriter:
@@ -57,7 +68,8 @@ class MetricsWriter:
         for layer, load in enumerate(row.get("expert_load", [])):
             for expert, value in enumerate(load):
                 self.tb.add_scalar(f"{prefix}/expert_load/layer{layer}/expert{expert}", value, step)
-        line = json.dumps({"step": step, "split": prefix, **row}) + "\n"
+        line = json.dumps({"step": step, "split": prefix, **{name: json_value(v) for name, v in row.items()}},
+                          allow_nan=False) + "\n"
         if self.remote:
             self.lines.append(line)
         else:
