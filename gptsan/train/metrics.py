@@ -28,7 +28,7 @@ def summarise(metrics: dict, tokens_per_second: float) -> dict:
 
 def json_value(value):
     """`value` as strict JSON allows: a non-finite float (the loss of a float16 step that overflowed) is null,
-    since NaN and Infinity are not JSON and strict readers (jq, JavaScript, pandas' ujson) reject them."""
+    since NaN and Infinity are not JSON and strict parsers (JavaScript's JSON.parse, for one) reject them."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, list):
