@@ -270,7 +270,6 @@ def test_inspect_tool_prints_decoded_records(vocab, tmp_path):
     assert "body:   '猫が好きです<|separator|>\\n'" in done.stdout  # the input shows the separator for 。
 
 
-
 def test_inspect_tool_names_the_separator_and_mask_roles(vocab):
     import importlib.util
 
