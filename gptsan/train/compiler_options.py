@@ -17,7 +17,7 @@ compile with XLA's defaults always.
 
 The price is memory. oneDNN allocates its own buffers inside some matmuls, every step: a re-laid-out copy of an
 operand it reads transposed or as the right-hand side (bench-small: 299 MB for the vocabulary projection's
-weight gradient, 74 MB for the tied table, 20 MB for each expert weight). They are allocated while the step's
+weight gradient, 74 MB for the tied table, and 20-23 MB ones). They are allocated while the step's
 2.1 GB scratch buffer is live and leave the heap fragmented, so now and then the scratch buffer no longer fits
 where it was and the heap grows by its size: a bench-small step then takes 518,000 page faults (+0.5-5 s) and the
 resident memory grows by 2 GB, twice in 40 steps (5.0 GB resident with XLA's defaults; 8.1 GB, then 10.1 GB,
