@@ -6,19 +6,40 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+import re
 import uuid
 from contextlib import contextmanager
 
 import fsspec
+
+from gptsan.errors import UserError
+
+GCS_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*[a-z0-9]")
 
 
 def is_remote(path: str) -> bool:
     return "://" in str(path)
 
 
+def checked(path: str) -> str:
+    """`path` as a string; a gs:// path whose bucket name GCS would refuse is a UserError here, before any
+    library reaches the network with it (GCS names: 3-63 characters of lowercase letters, digits, '-', '_'
+    and '.', starting and ending with a letter or digit; up to 222 with dots, 63 between them)."""
+    path = str(path)
+    if path.startswith("gs://"):
+        bucket = path[len("gs://"):].split("/", 1)[0]
+        parts = bucket.split(".")
+        longest = 222 if len(parts) > 1 else 63
+        if not (GCS_BUCKET_NAME.fullmatch(bucket) and 3 <= len(bucket) <= longest
+                and all(len(part) <= 63 for part in parts)):
+            raise UserError(f"{path}: {bucket!r} is not a GCS bucket name (3-63 characters: lowercase letters, "
+                            "digits, '-', '_' and '.', starting and ending with a letter or digit)")
+    return path
+
+
 def filesystem(path: str):
     """The fsspec filesystem for `path` and the path as that filesystem names it (no glob expansion)."""
-    return fsspec.core.url_to_fs(str(path))
+    return fsspec.core.url_to_fs(checked(path))
 
 
 def join(base: str, *parts: str) -> str:
@@ -27,7 +48,7 @@ def join(base: str, *parts: str) -> str:
 
 def absolute(path: str) -> str:
     """`path` with a local one made absolute (Orbax reads and writes only absolute paths)."""
-    return str(path) if is_remote(path) else os.path.abspath(path)
+    return checked(path) if is_remote(path) else os.path.abspath(path)
 
 
 def parent(path: str) -> str:
@@ -46,12 +67,12 @@ def isdir(path: str) -> bool:
 
 
 def read_text(path: str) -> str:
-    with fsspec.open(str(path), "r", encoding="utf-8") as f:
+    with fsspec.open(checked(path), "r", encoding="utf-8") as f:
         return f.read()
 
 
 def read_bytes(path: str) -> bytes:
-    with fsspec.open(str(path), "rb") as f:
+    with fsspec.open(checked(path), "rb") as f:
         return f.read()
 
 
@@ -90,5 +111,5 @@ def open_file(path: str, mode: str = "rb"):
     """A file object; remote binary reads go through an 8 MiB buffer, so record-by-record readers make one
     object-store call per buffer rather than one per small read (each of which costs a round of gcsfs's
     event-loop machinery)."""
-    with fsspec.open(str(path), mode) as f:
+    with fsspec.open(checked(path), mode) as f:
         yield io.BufferedReader(f, READ_BUFFER_BYTES) if mode == "rb" and is_remote(path) else f
