@@ -36,7 +36,8 @@ def test_onednn_only_for_one_cpu_device_and_without_a_compilation_cache(monkeypa
 
 
 @pytest.mark.skipif(not X86, reason="oneDNN matmuls are used on x86 CPUs only")
-@pytest.mark.parametrize("mode,dtype", [("lm", "float32"), ("hybrid", "float32"), ("lm", "bfloat16")])
+@pytest.mark.parametrize("mode,dtype", [("lm", "float32"), ("hybrid", "float32"),
+                                        pytest.param("lm", "bfloat16", marks=pytest.mark.slow)])  # 50 s on 2 cores
 def test_steps_compiled_for_onednn_match_xla_defaults(mode, dtype):
     """The same state and batches through steps compiled both ways: the same gradients, three train steps'
     losses and an eval loss up to rounding (the causal attention path in lm mode, the masked prefix-LM path
