@@ -17,6 +17,9 @@ from gptsan.train.step import StepOptions, loss_and_grads, make_eval_step, make_
 from tests.train_support import counting_corpus, memory_batches, mini_config
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
+# What a user's one-CPU-device train step compiles with: oneDNN matmuls at XLA's default optimization level
+# (3), which the suite's quick compile (level 0, tests/conftest.py) lowers everywhere else.
+AS_USERS_GET_IT = {**ONEDNN_MATMULS, "xla_backend_optimization_level": 3}
 
 
 def test_onednn_only_for_one_cpu_device_and_without_a_compilation_cache(monkeypatch):
@@ -38,11 +41,12 @@ def test_onednn_only_for_one_cpu_device_and_without_a_compilation_cache(monkeypa
 @pytest.mark.skipif(not X86, reason="oneDNN matmuls are used on x86 CPUs only")
 @pytest.mark.parametrize("mode,dtype", [("lm", "float32"), ("hybrid", "float32"),
                                         pytest.param("lm", "bfloat16", marks=pytest.mark.slow)])  # 50 s on 2 cores
-def test_steps_compiled_for_onednn_match_xla_defaults(mode, dtype):
-    """The same state and batches through steps compiled both ways: the same gradients, three train steps'
-    losses and an eval loss up to rounding (the causal attention path in lm mode, the masked prefix-LM path
-    in hybrid). Weights after Adam are not compared: Adam moves a weight by ~lr whatever its gradient's size,
-    so rounding in a near-zero gradient shows there at full size."""
+def test_steps_compiled_as_users_get_them_match_the_suites_compile(mode, dtype):
+    """The same state and batches through steps compiled as a user's (oneDNN matmuls, optimization level 3)
+    and as the rest of the suite's (XLA's matmuls, level 0): the same gradients, three train steps' losses and
+    an eval loss up to rounding (the causal attention path in lm mode, the masked prefix-LM path in hybrid).
+    Weights after Adam are not compared: Adam moves a weight by ~lr whatever its gradient's size, so rounding
+    in a near-zero gradient shows there at full size."""
     config = mini_config(dtype=dtype)
     optimizer, schedule = make_optimizer("adam", 3e-3, 0)
     corpus = counting_corpus(32, config.num_contexts, config.num_vocabulary)
@@ -51,7 +55,7 @@ def test_steps_compiled_for_onednn_match_xla_defaults(mode, dtype):
     options = StepOptions(mode=mode, spout="onehot")
     model = GPTSAN(config)
     results = []
-    for compiler_options in (None, ONEDNN_MATMULS):
+    for compiler_options in (None, AS_USERS_GET_IT):
         step = jax.jit(make_train_step(config, optimizer, schedule, options), compiler_options=compiler_options)
         evaluate = jax.jit(make_eval_step(config, options), compiler_options=compiler_options)
         gradients = jax.jit(functools.partial(loss_and_grads, model, options), compiler_options=compiler_options)
@@ -65,10 +69,10 @@ def test_steps_compiled_for_onednn_match_xla_defaults(mode, dtype):
             losses.append(float(metrics["loss"]))
         losses.append(float(evaluate(state, batches[0])["loss"]))
         results.append((losses, grads))
-    (default_losses, default_grads), (onednn_losses, onednn_grads) = results
+    (suite_losses, suite_grads), (users_losses, users_grads) = results
     tolerance = 1e-4 if dtype == "float32" else 3e-2
-    np.testing.assert_allclose(onednn_losses, default_losses, rtol=tolerance / 10)
-    for ours, reference in zip(onednn_grads, default_grads, strict=True):
+    np.testing.assert_allclose(users_losses, suite_losses, rtol=tolerance / 10)
+    for ours, reference in zip(users_grads, suite_grads, strict=True):
         reference = np.asarray(reference, np.float32)
         np.testing.assert_allclose(np.asarray(ours, np.float32), reference, rtol=tolerance,
                                    atol=tolerance * np.abs(reference).max())

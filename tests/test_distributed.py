@@ -30,7 +30,7 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
         pytest.fail("needs 8 devices: conftest sets XLA_FLAGS=--xla_force_host_platform_device_count=8")
     coordinator = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+           "XLA_FLAGS": os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4")}
     checkpoints = tmp_path / "ckpt"
     workers = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "distributed_worker.py"), coordinator, "2",
                                  str(index), str(checkpoints)], env=env, stdout=subprocess.PIPE,
