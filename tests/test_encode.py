@@ -329,9 +329,12 @@ def test_non_utf8_file_is_named_and_nothing_is_left(vocab, tmp_path, capsys):
     code, err, left = run_cli(vocab, tmp_path, capsys, *args, "--num_process", "2")
     assert code == 2 and err.startswith(f"error: {bad}: not UTF-8") and left == []
     code = main(["--vocabulary", vocab, "--output_dir", str(tmp_path / "out"), "--quiet", *args,
-                 "--skip_bad_files"])
+                 "--num_process", "2", "--skip_bad_files"])
     assert code == 0
-    assert f"skipped 1 file(s) that are not UTF-8: {bad}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"skipped 1 file(s) that are not UTF-8: {bad}" in err and " in 1 file(s) " in err
+    # the worker whose one file was skipped wrote no record: no empty file, no gap in the numbering
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["lm_0000.tfrecord"]
     assert len(read_records(tmp_path / "out")) > 0
 
 

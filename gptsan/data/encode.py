@@ -8,12 +8,13 @@ instead; one number per file keeps a document's records together, e.g. for `stat
 How a document becomes records: `gptsan.data.layout`.
 
 Parallel and deterministic: the file list is shuffled with `--seed` and split over `--num_process` worker
-processes (at most one per file); worker `p` draws from `seed + p` and writes `{mode}_{p:04d}.tfrecord`.
-The same inputs, seed and process count give byte-identical files. Each worker writes to a temporary
-name; only when every worker succeeded are the files renamed (or, for a gs:// `--output_dir`, uploaded
-with fsspec), so a failed run leaves no tfrecord behind. Files are read whole, as UTF-8 (a leading BOM is
-dropped); a file that is not UTF-8 stops the run with its name, or is skipped and counted with
-`--skip_bad_files`.
+processes (at most one per file); worker `p` draws from `seed + p` and writes `{mode}_{p:04d}.tfrecord`
+(a worker that wrote no record, its files all skipped or blank, leaves no file, and the files after it are
+numbered on without a gap). The same inputs, seed and process count give byte-identical files. Each worker
+writes to a temporary name; only when every worker succeeded are the files renamed (or, for a gs://
+`--output_dir`, uploaded with fsspec), so a failed run leaves no tfrecord behind. Files are read whole, as
+UTF-8 (a leading BOM is dropped); a file that is not UTF-8 stops the run with its name, or is skipped and
+counted with `--skip_bad_files`.
 """
 
 from __future__ import annotations
@@ -250,11 +251,11 @@ def run(config: EncodeConfig) -> list[WorkerSummary]:
     staging = tempfile.mkdtemp(prefix="gptsan-encode-") if remote else config.output_dir
     os.makedirs(staging, exist_ok=True)
     run_tag = uuid.uuid4().hex[:8]
-    finals = [f"{config.layout.mode}_{proc:04d}.tfrecord" for proc in range(len(shards))]
     jobs = [
         WorkerJob(
             proc, tuple(inputs[k] for k in shard), config.tokenizer, config.layout, config.seed,
-            os.path.join(staging, f".{finals[proc]}.partial-{run_tag}"), config.skip_bad_files,
+            os.path.join(staging, f".{config.layout.mode}_{proc:04d}.tfrecord.partial-{run_tag}"),
+            config.skip_bad_files,
         )
         for proc, shard in enumerate(shards)
     ]
@@ -263,7 +264,9 @@ def run(config: EncodeConfig) -> list[WorkerSummary]:
         summaries = _run_jobs(jobs, total_bytes, config.progress, tokenizer)
         if sum(s.records for s in summaries) == 0:
             raise UserError(f"--input_files: no text in the {len(inputs)} file(s) of {config.input_files!r}")
-        _publish(jobs, finals, config.output_dir, remote)
+        written = [job for job, summary in zip(jobs, summaries, strict=True) if summary.records]
+        finals = [f"{config.layout.mode}_{n:04d}.tfrecord" for n in range(len(written))]
+        _publish(written, finals, config.output_dir, remote)
     finally:
         for job in jobs:
             _remove_quietly(job.out_path)
@@ -367,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     summaries = run(config)
     records, tokens = sum(s.records for s in summaries), sum(s.tokens for s in summaries)
     skipped = [path for s in summaries for path in s.skipped]
-    print(f"wrote {records} records ({tokens} tokens) in {len(summaries)} file(s) to {config.output_dir}",
+    files = sum(1 for s in summaries if s.records)
+    print(f"wrote {records} records ({tokens} tokens) in {files} file(s) to {config.output_dir}",
           file=sys.stderr)
     if skipped:
         print(f"skipped {len(skipped)} file(s) that are not UTF-8: {', '.join(skipped)}", file=sys.stderr)
