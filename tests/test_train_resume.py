@@ -46,7 +46,7 @@ def host_params(state) -> dict:
     return {name: np.asarray(jax.device_get(value)) for name, value in flatten(state.all_params).items()}
 
 
-def test_resume_continues_exactly(tmp_path):
+def test_resume_continues_exactly(tmp_path, capsys):
     files = corpus_files(tmp_path)
     k = 6
     straight_file = write_mini_parameters(tmp_path / "a", tmp_path / "a-out", checkpoint_per_steps=100)
@@ -56,7 +56,9 @@ def test_resume_continues_exactly(tmp_path):
     straight = run(RunConfig(parameter_file=str(straight_file), max_training_step=2 * k, **common))
     first = run(RunConfig(parameter_file=str(resumed_file), max_training_step=k, **common))
     assert int(first.step) == k
+    capsys.readouterr()
     resumed = run(RunConfig(parameter_file=str(resumed_file), max_training_step=2 * k, **common))
+    assert "warning:" not in capsys.readouterr().err  # the same settings: nothing to say
 
     assert int(resumed.step) == int(straight.step) == 2 * k
     assert int(resumed.data_position) == 2 * k
@@ -70,6 +72,25 @@ def test_resume_continues_exactly(tmp_path):
     metrics = (tmp_path / "b-out" / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(line)["step"] for line in metrics]
     assert steps == list(range(1, 2 * k + 1))  # the restart went on from step k + 1
+
+
+def test_resuming_on_other_data_says_so_in_one_line(tmp_path, capsys):
+    files = corpus_files(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    write_records(other / "more-0.tfrecord", counting_corpus(40, 16, 128, seed=2, period=8))
+    parameter_file = write_mini_parameters(tmp_path / "m", tmp_path / "m-out", checkpoint_per_steps=100)
+    common = dict(parameter_file=str(parameter_file), progress=False, log_every=1)
+    run(RunConfig(input_files=files, spout_vector="uniform", max_training_step=2, **common))
+    capsys.readouterr()
+    state = run(RunConfig(input_files=str(other / "*.tfrecord"), spout_vector="onehot", max_training_step=3,
+                          **common))
+    assert int(state.step) == 3
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: {tmp_path / 'm-out'}: resuming step 2 with other settings than the run that saved it "
+        f"(input_files {files!r} -> {str(other / '*.tfrecord')!r}; spout_vector 'uniform' -> 'onehot'); "
+        "reading goes on from batch 2 of the data given now"]
 
 
 def test_sigkill_loses_at_most_the_steps_since_the_last_save(tmp_path, compilation_cache):

@@ -110,6 +110,20 @@ def check_same_model(output_dir: str, model_params: dict) -> None:
                         f"({', '.join(changed)}); give a new output_dir")
 
 
+RESUMED_SETTINGS = ("input_files", "spout_vector", "mode", "seed")
+
+
+def warn_of_changed_settings(output_dir: str, state: TrainState, saved_run: dict, run_record: dict) -> None:
+    """One warning line when a resumed run reads other data or trains otherwise than the run that saved the
+    checkpoint. Allowed (going on with a new corpus, say) but not silent: the data position then counts
+    batches of the data given now. Checkpoints saved before `input_files` was recorded are not compared on it."""
+    changed = [f"{key} {saved_run[key]!r} -> {run_record[key]!r}" for key in RESUMED_SETTINGS
+               if key in saved_run and saved_run[key] != run_record[key]]
+    if changed:
+        warn(f"{output_dir}: resuming step {int(state.step)} with other settings than the run that saved it "
+             f"({'; '.join(changed)}); reading goes on from batch {int(state.data_position)} of the data given now")
+
+
 def step_options(cfg: RunConfig, config: ModelConfig) -> StepOptions:
     mode = cfg.mode or ("lm" if config.train_mode == "lm" else "hybrid")
     if mode not in ("lm", "hybrid"):
@@ -197,10 +211,15 @@ def run(cfg: RunConfig) -> TrainState:
         train.output_dir, max_to_keep=train.max_to_keep_save, every_steps=train.checkpoint_per_steps,
         every_hours=train.checkpoint_per_hours, async_save=cfg.async_checkpoints)
     model_dir = os.path.dirname(cfg.parameter_file) or "."
+    run_record = {"parameters": parameters, "ignore_parameters": sorted(frozen_names),
+                  "spout_vector": cfg.spout_vector, "mode": options.mode, "seed": cfg.seed,
+                  "input_files": cfg.input_files}
     if checkpointer.latest_step() is not None:
         target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                         abstract, shardings)
-        state, _ = checkpointer.restore(target)
+        state, saved_run = checkpointer.restore(target)
+        if jax.process_index() == 0:
+            warn_of_changed_settings(train.output_dir, state, saved_run, run_record)
     elif (params := load_initial_params(model_dir, config)) is not None:
         params = jax.device_put(params, param_shardings(config, mesh))
         state = jax.jit(init, out_shardings=shardings)(params)
@@ -228,8 +247,6 @@ def run(cfg: RunConfig) -> TrainState:
                           start_step=int(state.data_position), num_vocabulary=config.num_vocabulary)
     writer = MetricsWriter(train.output_dir, enabled=jax.process_index() == 0, total_steps=last_step,
                            first_step=step, progress=cfg.progress)
-    run_record = {"parameters": parameters, "ignore_parameters": sorted(frozen_names),
-                  "spout_vector": cfg.spout_vector, "mode": options.mode, "seed": cfg.seed}
 
     def evaluate() -> None:
         if not cfg.eval_files:
