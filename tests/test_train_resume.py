@@ -17,7 +17,8 @@ import pytest
 from gptsan.errors import UserError
 from gptsan.model.params import flatten
 from gptsan.train.config import RunConfig
-from gptsan.train.loop import run
+from gptsan.train.loop import run, warn_of_ignored_prefixes
+from gptsan.train.step import StepOptions
 from tests.train_support import (
     counting_corpus,
     persistent_compilation_cache,
@@ -91,6 +92,24 @@ def test_resuming_on_other_data_says_so_in_one_line(tmp_path, capsys):
         f"warning: {tmp_path / 'm-out'}: resuming step 2 with other settings than the run that saved it "
         f"(input_files {files!r} -> {str(other / '*.tfrecord')!r}; spout_vector 'uniform' -> 'onehot'); "
         "reading goes on from batch 2 of the data given now"]
+
+
+def test_lm_training_on_records_with_prefixes_says_so_in_one_line(tmp_path, capsys):
+    corpus = counting_corpus(16, 16, 128, period=8)
+    corpus["num_input"] = np.arange(16) % 5  # as --mode hybrid encodes: some records with a prefix
+    write_records(tmp_path / "hybrid.tfrecord", corpus)
+    parameter_file = write_mini_parameters(tmp_path / "m", tmp_path / "m-out", checkpoint_per_steps=100)
+    run(RunConfig(parameter_file=str(parameter_file), input_files=str(tmp_path / "hybrid.tfrecord"), mode="lm",
+                  max_training_step=1, progress=False))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: --input_files {tmp_path / 'hybrid.tfrecord'}: the records have prefixes (num_input > 0: encoded "
+        "with --mode hybrid or mlm) but training runs in lm mode, which ignores them; give --mode hybrid to train "
+        "them as prefixes"]
+    # nothing to say in hybrid mode, or in lm mode on records without prefixes
+    warn_of_ignored_prefixes("x", StepOptions(mode="hybrid"), {"num_input": np.array([0, 3])})
+    warn_of_ignored_prefixes("x", StepOptions(mode="lm"), {"num_input": np.array([0, 0])})
+    assert capsys.readouterr().err == ""
 
 
 def test_sigkill_loses_at_most_the_steps_since_the_last_save(tmp_path, compilation_cache):

@@ -124,6 +124,15 @@ def warn_of_changed_settings(output_dir: str, state: TrainState, saved_run: dict
              f"({'; '.join(changed)}); reading goes on from batch {int(state.data_position)} of the data given now")
 
 
+def warn_of_ignored_prefixes(input_files: str, options: StepOptions, batch: dict) -> None:
+    """One warning line when lm-mode training meets records with a bidirectional prefix (num_input > 0, as
+    `gptsan-encode --mode hybrid` or `mlm` writes them): lm mode trains every position causally and ignores it."""
+    if options.mode == "lm" and np.any(batch["num_input"] > 0):
+        warn(f"--input_files {input_files}: the records have prefixes (num_input > 0: encoded with --mode hybrid "
+             "or mlm) but training runs in lm mode, which ignores them; give --mode hybrid to train them as "
+             "prefixes")
+
+
 def step_options(cfg: RunConfig, config: ModelConfig) -> StepOptions:
     mode = cfg.mode or ("lm" if config.train_mode == "lm" else "hybrid")
     if mode not in ("lm", "hybrid"):
@@ -262,8 +271,12 @@ def run(cfg: RunConfig) -> TrainState:
 
     with StopFlag() as stop:
         interval_start, interval_steps = time.perf_counter(), 0
+        first_step = step
         while last_step is None or step < last_step:
-            state, metrics = train_step(state, to_global(next(stream)))
+            batch = next(stream)
+            if step == first_step and jax.process_index() == 0:
+                warn_of_ignored_prefixes(cfg.input_files, options, batch)
+            state, metrics = train_step(state, to_global(batch))
             step += 1
             interval_steps += 1
             writer.advance()
