@@ -60,9 +60,9 @@ def test_gradients_equal_autodiff_of_the_definition(term, ignored):
 def test_bfloat16_hidden_gives_float32_logit_terms_and_matching_gradients():
     hidden, embedding, bias, targets = inputs(3, 0.2)
     hidden = hidden.astype(jnp.bfloat16)
-    want = jax.grad(lambda h, e: reference(h, e, bias, targets).loss, argnums=(0, 1))(hidden, embedding)
-    got = jax.grad(lambda h, e: tied_head_loss(h, e, bias, targets).loss, argnums=(0, 1))(hidden, embedding)
-    assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.float32
+    want = jax.grad(lambda h, e, b: reference(h, e, b, targets).loss, argnums=(0, 1, 2))(hidden, embedding, bias)
+    got = jax.grad(lambda h, e, b: tied_head_loss(h, e, b, targets).loss, argnums=(0, 1, 2))(hidden, embedding, bias)
+    assert got[0].dtype == jnp.bfloat16 and got[1].dtype == got[2].dtype == jnp.float32
     np.testing.assert_allclose(tied_head_loss(hidden, embedding, bias, targets).loss,
                                reference(hidden, embedding, bias, targets).loss, rtol=1e-5)
     for w, g in zip(want, got, strict=True):
