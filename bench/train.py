@@ -4,7 +4,8 @@ measured in the same process, for all parameters trainable and for a frozen back
     python bench/train.py --config bench-small --batch 4 --dtype float32 [--steps 5] [--modes all,extended]
 
 Prints one JSON line per mode (keys: bench, config, batch, dtype, tokens_per_s, trainable, flops_per_token,
-flop_per_s, matmul_peak_flop_per_s, peak_fraction, plus median figures, XLA's own FLOP count and the load).
+flop_per_s, matmul_peak_flop_per_s, peak_fraction, plus median figures, XLA's own FLOP count, the warm-up
+steps and the load). Timed steps start once a step no longer grows the heap (`warm_up`).
 
 Modes (`trainable`):
   all       every parameter is trained.
@@ -215,6 +216,35 @@ def compile_step(step, state, batch):
     return compiled, (float(cost["flops"]) if cost and "flops" in cost else None)
 
 
+def minor_page_faults() -> int | None:
+    """This process's minor page faults so far (None where the platform does not count them)."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+STEADY_STEP_PAGE_FAULTS = 10_000  # a step that grows the heap takes ~500,000 (bench-small)
+MAX_WARMUP_STEPS = 5
+
+
+def warm_up(one_step) -> int:
+    """Runs one_step until a step no longer grows the heap, at most MAX_WARMUP_STEPS times; returns how many
+    ran. The first steps allocate the heap the step reuses from then on, and with oneDNN's buffers fragmenting
+    it (gptsan/train/compiler_options.py) the second or third step can still grow it by 2 GB: such a step takes
+    ~500,000 page faults and 0.5-3 s longer (bench-small). Timed steps should be the steady state a training
+    run spends its time in, so warming up stops at the first step with fewer than STEADY_STEP_PAGE_FAULTS."""
+    for count in range(1, MAX_WARMUP_STEPS + 1):
+        before = minor_page_faults()
+        one_step()
+        if before is None:
+            return count
+        if minor_page_faults() - before < STEADY_STEP_PAGE_FAULTS:
+            return count
+    return MAX_WARMUP_STEPS
+
+
 def prepare_train(config: ModelConfig, batch: int, trainable: str):
     """A warmed-up callable running one train step, and what a record needs to know about it."""
     step, state, step_name = train_step_and_state(config, trainable)
@@ -228,7 +258,7 @@ def prepare_train(config: ModelConfig, batch: int, trainable: str):
         holder[0], metrics = compiled(holder[0], data)
         info["loss"] = float(metrics["loss"])
 
-    one_step()
+    info["warmup_steps"] = warm_up(one_step)
     return one_step, info
 
 
@@ -251,6 +281,7 @@ def train_record(name: str, config: ModelConfig, batch: int, trainable: str, inf
         "median_tokens_per_s": round(info["tokens"] / float(np.median(seconds)), 1),
         "xla_flops_per_token": info["xla_flops_per_token"],
         "train_step": info["train_step"],
+        "warmup_steps": info["warmup_steps"],
         "loss": round(info["loss"], 4),
         "steps": len(seconds),
         "load": machine_load(),
@@ -283,7 +314,7 @@ def parse_args(argv=None):
     parser.add_argument("--config", default="bench-small", help="preset under configs/ or a parameters.json")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps, after the warm-up (see warm_up)")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: all, extended")
     args = parser.parse_args(argv)
     args.modes = comma_list(args.modes, MODES, "--modes")

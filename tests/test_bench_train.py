@@ -82,3 +82,19 @@ def test_bad_mode_is_one_line_error():
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: --modes: expected a comma-separated subset of all, extended"]
+
+
+@pytest.mark.parametrize(("faults_per_step", "want"), [
+    ([700_000, 505_000, 35, 518_000], 3),  # bench-small's first steps: two grow the heap, the third does not
+    ([20], 1),
+    ([600_000] * 9, bench_train.MAX_WARMUP_STEPS),
+])
+def test_warm_up_stops_at_the_first_step_that_does_not_grow_the_heap(monkeypatch, faults_per_step, want):
+    counter = {"faults": 0, "steps": 0}
+
+    def one_step():
+        counter["faults"] += faults_per_step[counter["steps"]]
+        counter["steps"] += 1
+
+    monkeypatch.setattr(bench_train, "minor_page_faults", lambda: counter["faults"])
+    assert bench_train.warm_up(one_step) == want == counter["steps"]
