@@ -65,7 +65,8 @@ def hf_trainable(name: str, config: ModelConfig) -> bool:
 
 
 def prepare_hf_train(config: ModelConfig, batch: int, trainable: str):
-    """A warmed-up callable running one HF train step (forward with labels, backward, Adam)."""
+    """A warmed-up callable running one HF train step (forward with labels, backward, Adam), warmed up by the
+    rule our step is (`train.warm_up`)."""
     import torch
 
     model = hf_model(config).train()
@@ -83,7 +84,7 @@ def prepare_hf_train(config: ModelConfig, batch: int, trainable: str):
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    one_step()
+    ours.warm_up(one_step)
     return one_step
 
 
