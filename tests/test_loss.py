@@ -68,3 +68,36 @@ def test_bfloat16_hidden_gives_float32_logit_terms_and_matching_gradients():
     for w, g in zip(want, got, strict=True):
         scale = float(jnp.abs(w.astype(jnp.float32)).max())
         np.testing.assert_allclose(g.astype(jnp.float32), w.astype(jnp.float32), atol=0.02 * scale)
+
+
+def dot_output_shapes(jaxpr) -> set[tuple[int, ...]]:
+    """The output shapes of every dot_general in a jaxpr, nested ones (custom_vjp, pjit) included."""
+    shapes = set()
+    for equation in jaxpr.eqns:
+        if equation.primitive.name == "dot_general":
+            shapes.add(tuple(equation.outvars[0].aval.shape))
+        for value in equation.params.values():
+            for inner in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(inner, jax.extend.core.ClosedJaxpr):
+                    shapes |= dot_output_shapes(inner.jaxpr)
+                elif isinstance(inner, jax.extend.core.Jaxpr):
+                    shapes |= dot_output_shapes(inner)
+    return shapes
+
+
+@pytest.mark.parametrize("embedding_trained", [True, False])
+def test_bias_gradient_with_and_without_the_tables_gradient(embedding_trained):
+    """In float32 the bias gradient comes out of the table's gradient product (a column of ones beside the
+    head's input): [V, d + 8]. With the table frozen that product is not made for the bias alone."""
+    hidden, embedding, bias, targets = inputs(4, 0.3)
+
+    def objective(loss_fn, **kwargs):
+        return lambda h, b: loss_fn(h, embedding, b, targets, **kwargs).loss
+
+    want = jax.grad(objective(reference), argnums=(0, 1))(hidden, bias)
+    trained = objective(tied_head_loss, embedding_trained=embedding_trained)
+    got = jax.jit(jax.grad(trained, argnums=(0, 1)))(hidden, bias)
+    for name, w, g in zip(("hidden", "bias"), want, got, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6 * float(jnp.abs(w).max()), err_msg=name)
+    shapes = dot_output_shapes(jax.make_jaxpr(jax.grad(trained, argnums=(0, 1)))(hidden, bias).jaxpr)
+    assert ((VOCAB, HIDDEN + 8) in shapes) == embedding_trained

@@ -46,15 +46,18 @@ def lm_loss(logits: jax.Array, targets: jax.Array, z_loss_coef: float = Z_LOSS_C
 
 
 def tied_head_loss(hidden: jax.Array, embedding: jax.Array, bias: jax.Array, targets: jax.Array,
-                   z_loss_coef: float = Z_LOSS_COEF) -> LossTerms:
+                   z_loss_coef: float = Z_LOSS_COEF, embedding_trained: bool = True) -> LossTerms:
     """`lm_loss(hidden @ embedding.T + bias, targets)` with a hand-written gradient (see the module doc).
 
     hidden [B, T, d] (the compute dtype), embedding [V, d] (`model/wte`), bias [V] (`model/wob`), targets
     [B, T]. The logits are float32 whatever the compute dtype. Accuracy counts a target as right when its
-    logit equals the row's maximum (argmax up to ties).
+    logit equals the row's maximum (argmax up to ties). `embedding_trained`: whether the caller takes the
+    table's gradient; if not (a frozen `model/wte`), the bias gradient is not taken out of the table's gradient
+    product, which would then be computed for it alone.
     """
     d = hidden.shape[-1]
-    return _tied_head_loss(hidden.reshape(-1, d), embedding, bias, targets.reshape(-1), z_loss_coef)
+    return _tied_head_loss(hidden.reshape(-1, d), embedding, bias, targets.reshape(-1), z_loss_coef,
+                           embedding_trained)
 
 
 def _head_forward(hidden, embedding, bias, targets, z_loss_coef):
@@ -77,12 +80,12 @@ def _head_forward(hidden, embedding, bias, targets, z_loss_coef):
     return terms, (hidden, embedding, safe, weight / denominator, shifted_exp, exp_sum, log_z)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _tied_head_loss(hidden, embedding, bias, targets, z_loss_coef):
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _tied_head_loss(hidden, embedding, bias, targets, z_loss_coef, embedding_trained):
     return _head_forward(hidden, embedding, bias, targets, z_loss_coef)[0]
 
 
-def _tied_head_loss_bwd(z_loss_coef, residuals, cotangent: LossTerms):
+def _tied_head_loss_bwd(z_loss_coef, embedding_trained, residuals, cotangent: LossTerms):
     hidden, embedding, safe, token_weight, shifted_exp, exp_sum, log_z = residuals
     # d logits[n, v] = w_n * (g_ce * (softmax - onehot(target)) + g_z * 2 * coef * log_z_n * softmax)
     g_ce = cotangent.loss + cotangent.cross_entropy
@@ -91,9 +94,9 @@ def _tied_head_loss_bwd(z_loss_coef, residuals, cotangent: LossTerms):
     target_scale = token_weight * g_ce  # [N]
     is_target = jnp.arange(shifted_exp.shape[1])[None, :] == safe[:, None]  # compared in the same pass, no scatter
     d_logits = shifted_exp * softmax_scale[:, None] - jnp.where(is_target, target_scale[:, None], 0.0)
-    if hidden.dtype == jnp.float32:
+    if hidden.dtype == jnp.float32 and embedding_trained:
         d_embedding, d_bias = _embedding_and_bias_gradients(d_logits, hidden)
-    else:  # the bias gradient from the float32 logit gradient, before it is rounded to the compute dtype
+    else:  # the bias gradient from the float32 logit gradient (before it is rounded to the compute dtype)
         d_bias = jnp.ones_like(softmax_scale) @ d_logits
         d_logits = d_logits.astype(hidden.dtype)
         d_embedding = jnp.einsum("nv,nd->vd", d_logits, hidden, preferred_element_type=jnp.float32)
@@ -117,4 +120,4 @@ def _embedding_and_bias_gradients(d_logits: jax.Array, hidden: jax.Array) -> tup
     return both[:, :d], both[:, d]
 
 
-_tied_head_loss.defvjp(lambda *args: _head_forward(*args), _tied_head_loss_bwd)
+_tied_head_loss.defvjp(lambda *args: _head_forward(*args[:5]), _tied_head_loss_bwd)

@@ -30,15 +30,17 @@ class StepOptions:
 
 
 def _forward(model: GPTSAN, params: dict, batch: Batch, options: StepOptions, rng: jax.Array,
-             train: bool) -> tuple[Output, LossTerms]:
-    """The model's outputs (without logits) and the loss terms of the batch."""
+             train: bool, embedding_trained: bool = True) -> tuple[Output, LossTerms]:
+    """The model's outputs (without logits) and the loss terms of the batch (`embedding_trained`: whether
+    `model/wte` gets a gradient; see `tied_head_loss`)."""
     spout_rng, jitter_rng = jax.random.split(rng)
     spout = spout_vectors(options.spout, batch["i"], model.config.num_spout, spout_rng)
     num_precontext = batch["num_input"] if options.mode == "hybrid" else None
     rngs = {"jitter": jitter_rng} if train else None
     out = model.apply({"params": params}, batch["x"], num_precontext=num_precontext, spout=spout, train=train,
                       rngs=rngs, return_logits=False)
-    terms = tied_head_loss(out.head_input, params["model"]["wte"], params["model"]["wob"], batch["y"])
+    terms = tied_head_loss(out.head_input, params["model"]["wte"], params["model"]["wob"], batch["y"],
+                           embedding_trained=embedding_trained)
     return out, terms
 
 
@@ -51,7 +53,8 @@ def loss_and_grads(model: GPTSAN, options: StepOptions, state: TrainState, batch
 
     def objective(trainable, frozen):
         rng = jax.random.fold_in(state.rng, state.step)
-        out, terms = _forward(model, merge_params(trainable, frozen), batch, options, rng, train=True)
+        out, terms = _forward(model, merge_params(trainable, frozen), batch, options, rng, train=True,
+                              embedding_trained="wte" in trainable.get("model", {}))
         total = loss_weight * terms.loss + aux_weight * out.aux_loss
         return total * state.loss_scale.scale, (terms, out)
 
