@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import peer_hf  # noqa: E402
+import run_all  # noqa: E402
 import train as bench_train  # noqa: E402
 
 REQUIRED = {"bench", "config", "batch", "dtype", "tokens_per_s", "trainable", "flops_per_token", "flop_per_s",
@@ -98,3 +99,17 @@ def test_warm_up_stops_at_the_first_step_that_does_not_grow_the_heap(monkeypatch
 
     monkeypatch.setattr(bench_train, "minor_page_faults", lambda: counter["faults"])
     assert bench_train.warm_up(one_step) == want == counter["steps"]
+
+
+def test_run_all_reports_each_target_of_the_run():
+    records = [
+        {"bench": "peer_hf_train", "trainable": "all", "peak_fraction": 0.6104, "ratio": 2.44},
+        {"bench": "peer_hf_train", "trainable": "extended", "peak_fraction": 0.74, "ratio": 1.19},
+        {"bench": "train", "trainable": "all", "dtype": "bfloat16", "peak_fraction": 0.2},
+    ]
+    assert run_all.target_lines(records) == [
+        "target: all-trainable training, fraction of the matmul peak >= 0.6: 0.610 (met)",
+        "target: all-trainable training, times the HF port >= 1.2: 2.440 (met)",
+        "target: extended-only training, times the HF port >= 1.2: 1.190 (not met)",
+        "target: batch-1 decode, fraction of the memory bandwidth >= 0.8: not measured",
+    ]
