@@ -238,9 +238,7 @@ def warm_up(one_step) -> int:
     for count in range(1, MAX_WARMUP_STEPS + 1):
         before = minor_page_faults()
         one_step()
-        if before is None:
-            return count
-        if minor_page_faults() - before < STEADY_STEP_PAGE_FAULTS:
+        if before is None or minor_page_faults() - before < STEADY_STEP_PAGE_FAULTS:
             return count
     return MAX_WARMUP_STEPS
 

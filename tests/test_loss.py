@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptsan.train.loss import lm_loss, tied_head_loss
+from gptsan.train.loss import BIAS_COLUMNS, lm_loss, tied_head_loss
 
 BATCH, LENGTH, HIDDEN, VOCAB = 2, 7, 16, 50
 
@@ -88,7 +88,7 @@ def dot_output_shapes(jaxpr) -> set[tuple[int, ...]]:
 @pytest.mark.parametrize("embedding_trained", [True, False])
 def test_bias_gradient_with_and_without_the_tables_gradient(embedding_trained):
     """In float32 the bias gradient comes out of the table's gradient product (a column of ones beside the
-    head's input): [V, d + 8]. With the table frozen that product is not made for the bias alone."""
+    head's input): [V, d + BIAS_COLUMNS]. With the table frozen that product is not made for the bias alone."""
     hidden, embedding, bias, targets = inputs(4, 0.3)
 
     def objective(loss_fn, **kwargs):
@@ -100,4 +100,4 @@ def test_bias_gradient_with_and_without_the_tables_gradient(embedding_trained):
     for name, w, g in zip(("hidden", "bias"), want, got, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6 * float(jnp.abs(w).max()), err_msg=name)
     shapes = dot_output_shapes(jax.make_jaxpr(jax.grad(trained, argnums=(0, 1)))(hidden, bias).jaxpr)
-    assert ((VOCAB, HIDDEN + 8) in shapes) == embedding_trained
+    assert ((VOCAB, HIDDEN + BIAS_COLUMNS) in shapes) == embedding_trained
