@@ -32,9 +32,11 @@ def test_sharded_training_matches_one_device():
     single, _ = losses_on(make_mesh(devices=jax.devices()[:1]))
     print("max relative loss difference", np.max(np.abs(np.subtract(sharded, single)) / np.abs(single)))
     np.testing.assert_allclose(sharded, single, rtol=TOLERANCE)
-    # The parameters really are split: experts over `expert`, FFN width and heads over `model`.
+    # The parameters really are split: experts over `expert`, FFN width, heads and vocabulary over `model`.
     params = flatten(state.params)
     assert params["model/moe0/wi/kernel"].sharding.spec == PartitionSpec("expert", None, "model")
     assert params["model/att0/qkv/kernel"].sharding.spec == PartitionSpec(None, None, "model", None)
     assert params["model/mlp1/p1/kernel"].sharding.spec == PartitionSpec(None, "model")
+    assert params["model/wte"].sharding.spec == PartitionSpec("model", None)
+    assert params["model/wob"].sharding.spec == PartitionSpec("model")
     assert len(params["model/moe0/wi/kernel"].addressable_shards) == 8

@@ -17,13 +17,16 @@ from gptsan.model.params import abstract_params, logical_axes
 MESH_AXES = ("data", "expert", "model")
 
 # Logical axis -> mesh axis (None: replicated). Batch rows are split over data and expert (expert
-# parallelism also splits the batch, as GShard does); heads and FFN widths over `model` (num_pallarelizm).
+# parallelism also splits the batch, as GShard does); heads, FFN widths and the vocabulary over `model`
+# (num_pallarelizm). Splitting the vocabulary splits the tied embedding table, its bias and the logits, so each
+# model-axis device computes its share of the head (the masked lookup and the logsumexp's max and sum then
+# cross the model axis as all-reduces) instead of all of it.
 RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "expert"),
     "expert": "expert",
     "heads": "model",
     "mlp": "model",
-    "vocab": None,
+    "vocab": "model",
     "embed": None,
     "embed_out": None,
     "ctx": None,
