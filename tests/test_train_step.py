@@ -157,3 +157,26 @@ def test_metrics_file_is_strict_json_when_a_loss_is_not_finite(tmp_path):
     row = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=reject)
     assert row == {"step": 1, "split": "train", "loss": None, "grad_norm": None, "accuracy": 0.5,
                    "expert_load": [[0.25, None]], "skipped": True}
+
+
+def test_tensorboard_events_hold_each_steps_scalars_and_expert_loads(tmp_path):
+    from gptsan.tf_runtime import tensorflow
+    from gptsan.train.metrics import MetricsWriter
+
+    writer = MetricsWriter(str(tmp_path), enabled=True, total_steps=2, first_step=0, progress=False)
+    writer.write(1, {"loss": 2.5, "accuracy": 0.25, "expert_load": [[0.75, 0.25]], "skipped": False})
+    writer.write(2, {"loss": 2.0, "accuracy": 0.5, "expert_load": [[0.5, 0.5]], "skipped": False})
+    writer.write(2, {"loss": 2.25}, prefix="eval")
+    writer.close()
+
+    tf = tensorflow()
+    (events,) = (tmp_path / "tb").glob("events.out.tfevents.*")
+    seen = {}
+    for event in tf.compat.v1.train.summary_iterator(str(events)):
+        for value in event.summary.value:
+            seen[(value.tag, event.step)] = float(tf.make_ndarray(value.tensor))
+    assert seen == {("train/loss", 1): 2.5, ("train/accuracy", 1): 0.25,
+                    ("train/expert_load/layer0/expert0", 1): 0.75, ("train/expert_load/layer0/expert1", 1): 0.25,
+                    ("train/loss", 2): 2.0, ("train/accuracy", 2): 0.5,
+                    ("train/expert_load/layer0/expert0", 2): 0.5, ("train/expert_load/layer0/expert1", 2): 0.5,
+                    ("eval/loss", 2): 2.25}

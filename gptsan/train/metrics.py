@@ -1,5 +1,10 @@
-"""Training metrics: TensorBoard (tensorboardX) and a JSONL file in output_dir, and a tqdm progress bar.
-Only process 0 writes. For a gs:// output_dir the event files are written locally and copied up at flush."""
+"""Training metrics: TensorBoard event files and a JSONL file in output_dir, and a tqdm progress bar.
+Only process 0 writes. For a gs:// output_dir the event files are written locally and copied up at flush
+(TensorFlow's own gs:// client ignores STORAGE_EMULATOR_HOST; gptsan's storage goes through fsspec).
+
+The events are written by TensorFlow's `tf.summary.write`, which training has loaded already for tf.data,
+as TensorBoard's scalars plugin reads them (a float32 scalar tensor tagged with the `scalars` plugin). The
+`tensorboard` package itself is not needed to write them."""
 
 from __future__ import annotations
 
@@ -12,9 +17,11 @@ import tempfile
 import numpy as np
 
 from gptsan import storage
+from gptsan.tf_runtime import tensorflow
 
 SCALARS = ("loss", "cross_entropy", "z_loss", "aux_loss", "accuracy", "learning_rate", "grad_norm",
            "loss_scale", "dropped_fraction", "tokens_per_second")
+SCALARS_PLUGIN = "scalars"  # TensorBoard's plugin name for scalar summaries
 
 
 def summarise(metrics: dict, tokens_per_second: float) -> dict:
@@ -48,10 +55,12 @@ class MetricsWriter:
         self.tb = None
         if not enabled:
             return
-        from tensorboardX import SummaryWriter
+        self.tf = tensorflow()
+        from tensorflow.core.framework.summary_pb2 import SummaryMetadata
 
+        self.scalar_metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=SCALARS_PLUGIN))
         self.tb_dir = tempfile.mkdtemp(prefix="gptsan-tb-") if self.remote else storage.join(output_dir, "tb")
-        self.tb = SummaryWriter(self.tb_dir)
+        self.tb = self.tf.summary.create_file_writer(self.tb_dir)
         if self.remote and storage.exists(self.jsonl):
             self.lines = storage.read_text(self.jsonl).splitlines(keepends=True)
         if progress:
@@ -62,12 +71,13 @@ class MetricsWriter:
     def write(self, step: int, row: dict, prefix: str = "train") -> None:
         if not self.enabled:
             return
-        for name, value in row.items():
-            if isinstance(value, float):
-                self.tb.add_scalar(f"{prefix}/{name}", value, step)
+        scalars = {f"{prefix}/{name}": value for name, value in row.items() if isinstance(value, float)}
         for layer, load in enumerate(row.get("expert_load", [])):
             for expert, value in enumerate(load):
-                self.tb.add_scalar(f"{prefix}/expert_load/layer{layer}/expert{expert}", value, step)
+                scalars[f"{prefix}/expert_load/layer{layer}/expert{expert}"] = value
+        with self.tb.as_default(step=step):
+            for tag, value in scalars.items():
+                self.tf.summary.write(tag, self.tf.constant(value, self.tf.float32), metadata=self.scalar_metadata)
         line = json.dumps({"step": step, "split": prefix, **{name: json_value(v) for name, v in row.items()}},
                           allow_nan=False) + "\n"
         if self.remote:
