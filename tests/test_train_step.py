@@ -1,8 +1,10 @@
 """The train step: frozen parameters stay bit-identical without optimizer slots, the loss falls (float32,
 bfloat16), float16 overflow skips the step, and the spout path carries the record's class id."""
 
+import importlib.abc
 import json
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -159,15 +161,32 @@ def test_metrics_file_is_strict_json_when_a_loss_is_not_finite(tmp_path):
                    "expert_load": [[0.25, None]], "skipped": True}
 
 
-def test_tensorboard_events_hold_each_steps_scalars_and_expert_loads(tmp_path):
+class ImportRecorder(importlib.abc.MetaPathFinder):
+    """Records the top-level modules an import statement looks for (and finds none itself)."""
+
+    def __init__(self):
+        self.looked_for = set()
+
+    def find_spec(self, fullname, path=None, target=None):
+        self.looked_for.add(fullname.split(".")[0])
+        return None
+
+
+def test_tensorboard_events_hold_each_steps_scalars_and_expert_loads(tmp_path, monkeypatch):
+    """The events hold what was written, and writing them does not import torch (tensorboardX did when torch
+    was installed: 1.5 s more start-up)."""
     from gptsan.tf_runtime import tensorflow
     from gptsan.train.metrics import MetricsWriter
 
+    recorder = ImportRecorder()
+    monkeypatch.setattr(sys, "meta_path", [recorder, *sys.meta_path])
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
     writer = MetricsWriter(str(tmp_path), enabled=True, total_steps=2, first_step=0, progress=False)
     writer.write(1, {"loss": 2.5, "accuracy": 0.25, "expert_load": [[0.75, 0.25]], "skipped": False})
     writer.write(2, {"loss": 2.0, "accuracy": 0.5, "expert_load": [[0.5, 0.5]], "skipped": False})
     writer.write(2, {"loss": 2.25}, prefix="eval")
     writer.close()
+    assert "torch" not in recorder.looked_for
 
     tf = tensorflow()
     (events,) = (tmp_path / "tb").glob("events.out.tfevents.*")
