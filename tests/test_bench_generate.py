@@ -38,8 +38,8 @@ def test_record_of_a_short_run(tiny):
     record = bench_generate.run("tiny", 1, "float32", new_tokens=8, repeats=1)
     assert record["bytes_per_token"] == record["weight_bytes_per_step"] + record["cache_bytes_per_step"]
     assert record["step_ms"] == pytest.approx(1000 / record["tokens_per_s"], rel=1e-3, abs=5e-4)  # 3 decimals
-    low, high = record["bandwidth_readings_gbs"]
-    assert 0 < low <= record["bandwidth_gbs"] <= high
+    low, high = record["bandwidth_readings_gbs"]  # rounded to 0.1 GB/s, bandwidth_gbs to 0.01
+    assert 0 < low - 0.05 <= record["bandwidth_gbs"] <= high + 0.05
     assert record["bandwidth_fraction"] == pytest.approx(
-        record["bytes_per_token"] * record["tokens_per_s"] / 1e9 / record["bandwidth_gbs"], rel=0.02)
+        record["bytes_per_token"] * record["tokens_per_s"] / 1e9 / record["bandwidth_gbs"], rel=0.02, abs=1e-3)
     assert record["matvec_chain_ms"] > 0 and record["fraction_of_matvec_chain"] > 0
