@@ -103,9 +103,10 @@ def persistent_compilation_cache(directory: Path):
         cc.reset_cache()
 
 
-def sharded_training(config, mesh, spout: str = "none"):
+def sharded_training(config, mesh, spout: str = "none", frozen: frozenset[str] = frozenset()):
     """(step-0 state, jitted train step, batch shardings) of `config` laid out on `mesh` as the training loop
-    lays them out (Adam at lr 3e-3, state donated, mesh axes in context for expert parallelism)."""
+    lays them out (Adam at lr 3e-3, state donated, mesh axes in context for expert parallelism), with the
+    `frozen` parameters left out of training."""
     import functools
 
     import jax
@@ -120,10 +121,9 @@ def sharded_training(config, mesh, spout: str = "none"):
     from gptsan.train.step import StepOptions, make_train_step
 
     optimizer, schedule = make_optimizer("adam", 3e-3, 0)
-    init = functools.partial(create_state, frozen_names=frozenset(), optimizer=optimizer, seed=0,
+    init = functools.partial(create_state, frozen_names=frozen, optimizer=optimizer, seed=0,
                              loss_scale=LossScale.for_dtype("float32"))
-    shardings = state_shardings(jax.eval_shape(init, abstract_params(config)), config, mesh, optimizer,
-                                frozenset())
+    shardings = state_shardings(jax.eval_shape(init, abstract_params(config)), config, mesh, optimizer, frozen)
     state = jax.jit(lambda: init(init_params(config, 0)), out_shardings=shardings)()
     batch_shard = {name: batch_sharding(mesh) for name in FEATURES}
     step = jax.jit(under_mesh(make_train_step(config, optimizer, schedule, StepOptions(spout=spout)), mesh),
