@@ -164,8 +164,8 @@ def run(config_name: str, batch: int, dtype: str, new_tokens: int, repeats: int)
     weights_bytes, cache = bytes_per_step(config, params, batch, PROMPT_TOKENS + new_tokens)
     traffic_gb = (weights_bytes + cache) / 1e9
     # each repeat against the better reading of its own moment (module doc); the lower median is reported
-    paired = sorted((traffic_gb * (new_tokens - 1) / decode_s / max(before, after), max(before, after))
-                    for (_, decode_s), before, after in zip(runs, readings[:-1], readings[1:], strict=True))
+    paired = [(traffic_gb * (new_tokens - 1) / decode_s / max(before, after), max(before, after))
+              for (_, decode_s), before, after in zip(runs, readings[:-1], readings[1:], strict=True)]
     fraction, bandwidth = lower_median(paired)
     prefill_s, decode_s = min(runs)
     steps_per_s = (new_tokens - 1) / decode_s
