@@ -21,7 +21,8 @@ weight gradient, 74 MB for the tied table, and 20-23 MB ones). They are allocate
 2.1 GB scratch buffer is live and leave the heap fragmented, so now and then the scratch buffer no longer fits
 where it was and the heap grows by its size: a bench-small step then takes 518,000 page faults (+0.5-5 s) and the
 resident memory grows by 2 GB, twice in 40 steps (5.0 GB resident with XLA's defaults; 8.1 GB, then 10.1 GB,
-with oneDNN; jaxlib 0.10.2). GPTSAN_ONEDNN_MATMULS=0 trades the speed back for the memory.
+with oneDNN; jaxlib 0.10.2; another run: 7.9, 10.0, then 12.0 GB within 15 steps after warming up).
+GPTSAN_ONEDNN_MATMULS=0 trades the speed back for the memory.
 """
 
 from __future__ import annotations
