@@ -43,7 +43,8 @@ def allowed_set(logits, top_k, top_p, temperature=1.0):
 
 
 @pytest.mark.parametrize("top_k, top_p, temperature",
-                         [(5, 1.0, 1.0), (0, 0.5, 1.0), (10, 0.7, 0.6), (1, 1.0, 1.0), (0, 0.95, 2.0)])
+                         [(5, 1.0, 1.0), (0, 0.5, 1.0), (10, 0.7, 0.6), (1, 1.0, 1.0), (0, 0.95, 2.0),
+                          (0, 1.0, 1.0), (VOCAB + 5, 1.0, 0.8)])  # the last two: no cut, nothing sorted
 def test_sampled_tokens_stay_in_the_allowed_set(logits, top_k, top_p, temperature):
     sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, banned_ids=BANNED)
     allowed = allowed_set(logits, top_k, top_p, temperature)

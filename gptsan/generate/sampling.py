@@ -56,13 +56,16 @@ def nucleus_keep(sorted_logits: jax.Array, top_p: float) -> jax.Array:
 
 
 def candidates(logits: jax.Array, sampler: Sampler) -> tuple[jax.Array, jax.Array]:
-    """The tokens sampling may pick and their scaled logits (-inf = excluded), best first.
+    """The tokens sampling may pick and their scaled logits (-inf = excluded): best first, or in id order when
+    neither cut applies (no top-k cut below V, top_p 1), as then nothing needs sorting.
 
     logits [B, V] -> (scaled logits [B, K], token ids [B, K]) with K = top_k (or V without a top-k cut).
     """
     logits = ban(logits.astype(jnp.float32), sampler.banned_ids)
     vocab = logits.shape[-1]
     k = min(sampler.top_k, vocab) if sampler.top_k else vocab
+    if k == vocab and sampler.top_p == 1.0:  # a full sort of the vocabulary every step doubled a decode step
+        return logits / sampler.temperature, jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), logits.shape)
     values, ids = jax.lax.top_k(logits / sampler.temperature, k)  # [B, K] descending
     if sampler.top_p < 1.0:
         values = jnp.where(nucleus_keep(values, sampler.top_p), values, NEG_INF)
