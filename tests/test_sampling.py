@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gptsan.errors import UserError
-from gptsan.generate.sampling import Sampler, next_token, row_keys
+from gptsan.generate.sampling import Sampler, ban, next_token, nucleus_in_place, row_keys
 
 TRIALS = 4000  # rows, each with its own logits and key: one call samples them all
 VOCAB = 50
@@ -54,6 +54,16 @@ def test_sampled_tokens_stay_in_the_allowed_set(logits, top_k, top_p, temperatur
         assert not np.isin(tokens, BANNED).any()
     if top_k != 1 and top_p > 0.6:
         assert len(np.unique(tokens)) > 1  # it does sample
+
+
+@pytest.mark.parametrize("top_p, temperature", [(0.3, 1.0), (0.9, 1.0), (0.99, 0.5)])
+def test_the_unsorted_nucleus_is_the_sorted_prefix(logits, top_p, temperature):
+    """Without a top-k cut the nucleus is found without sorting (a probability threshold by bisection); it
+    keeps exactly the ids of the sorted rule, row by row."""
+    scaled = ban(jnp.asarray(logits), BANNED) / temperature
+    kept = np.asarray(jax.jit(nucleus_in_place, static_argnums=1)(scaled, top_p))
+    np.testing.assert_array_equal(kept & ~np.isin(np.arange(VOCAB), BANNED), allowed_set(logits, 0, top_p,
+                                                                                       temperature))
 
 
 def test_greedy_is_the_argmax_without_banned_ids(logits):

@@ -55,17 +55,44 @@ def nucleus_keep(sorted_logits: jax.Array, top_p: float) -> jax.Array:
     return mass_before < top_p
 
 
+def nucleus_in_place(logits: jax.Array, top_p: float) -> jax.Array:
+    """`nucleus_keep` for unsorted logits [B, V] -> bool [B, V], without sorting them: the nucleus is every token
+    whose probability is at least the smallest kept one, t = the largest probability with mass(p >= t) >= top_p
+    (the same tokens as the sorted prefix, except that a tie at t keeps every tied token). t is found per row
+    by bisection over the probabilities' bit patterns, which non-negative floats order as their values:
+    31 masked sums over V, against a sort of V (8 ms a step for V 36000 on the 2-vCPU bench machine)."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
+
+    def mass_from(threshold: jax.Array) -> jax.Array:
+        return jnp.sum(jnp.where(bits >= threshold, probs, 0), axis=-1, keepdims=True)
+
+    def halve(_, bounds):  # mass_from(low) >= top_p > mass_from(high) throughout
+        low, high = bounds
+        middle = low + (high - low) // 2
+        reaches = mass_from(middle) >= top_p
+        return jnp.where(reaches, middle, low), jnp.where(reaches, high, middle)
+
+    low = jnp.zeros(bits.shape[:-1] + (1,), jnp.int32)
+    high = jnp.max(bits, axis=-1, keepdims=True) + 1
+    low, _ = jax.lax.fori_loop(0, 31, halve, (low, high))  # 31 halvings close any gap of int32 bit patterns
+    return bits >= low
+
+
 def candidates(logits: jax.Array, sampler: Sampler) -> tuple[jax.Array, jax.Array]:
-    """The tokens sampling may pick and their scaled logits (-inf = excluded): best first, or in id order when
-    neither cut applies (no top-k cut below V, top_p 1), as then nothing needs sorting.
+    """The tokens sampling may pick and their scaled logits (-inf = excluded): best first after a top-k cut,
+    else all V in id order (the vocabulary is never sorted: a sort of it doubled a bench-small decode step).
 
     logits [B, V] -> (scaled logits [B, K], token ids [B, K]) with K = top_k (or V without a top-k cut).
     """
     logits = ban(logits.astype(jnp.float32), sampler.banned_ids)
     vocab = logits.shape[-1]
     k = min(sampler.top_k, vocab) if sampler.top_k else vocab
-    if k == vocab and sampler.top_p == 1.0:  # a full sort of the vocabulary every step doubled a decode step
-        return logits / sampler.temperature, jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), logits.shape)
+    if k == vocab:
+        values, ids = logits / sampler.temperature, jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), logits.shape)
+        if sampler.top_p < 1.0:
+            values = jnp.where(nucleus_in_place(values, sampler.top_p), values, NEG_INF)
+        return values, ids
     values, ids = jax.lax.top_k(logits / sampler.temperature, k)  # [B, K] descending
     if sampler.top_p < 1.0:
         values = jnp.where(nucleus_keep(values, sampler.top_p), values, NEG_INF)
