@@ -1,12 +1,14 @@
 """Decode speed against the memory-bandwidth bound.
 
     python bench/generate.py --config bench-small --batch 1 [--dtype float32|bfloat16] [--new_tokens 128]
+                             [--top_k 120] [--top_p 1.0]
 
 Random weights of configs/NAME.json (`init_params`), a 16-token prompt per row, 128 new tokens by top-k
-sampling (k 120; no end token, so every row runs all steps). Prints one JSON object per measurement:
-tokens/s of the decode loop (prefill excluded, timed separately), the bytes one decode step reads (weights it
-touches + the KV cache it attends over), and that traffic as a fraction of the memory bandwidth measured in
-the same process. Batch-1 decode is memory bound, so the fraction is how close it is to the hardware's limit.
+sampling (k 120, gptsan-generate's default; no end token, so every row runs all steps). Prints one JSON object
+per measurement: tokens/s of the decode loop (prefill excluded, timed separately), the bytes one decode step
+reads (weights it touches + the KV cache it attends over), and that traffic as a fraction of the memory
+bandwidth measured in the same process. Batch-1 decode is memory bound, so the fraction is how close it is to
+the hardware's limit.
 
 The bandwidth is read (large float32 sums) before and after every decode repeat, and each repeat's fraction is
 taken against the better of its two readings; `bandwidth_fraction` is the (lower) median repeat's. The host's read
@@ -134,7 +136,8 @@ def lower_median(values: list):
     return sorted(values)[(len(values) - 1) // 2]
 
 
-def run(config_name: str, batch: int, dtype: str, new_tokens: int, repeats: int) -> dict:
+def run(config_name: str, batch: int, dtype: str, new_tokens: int, repeats: int, top_k: int = 120,
+        top_p: float = 1.0) -> dict:
     config = load_config(CONFIGS / f"{config_name}.json", dtype=dtype)
     params = cast_for_compute(init_params(config), dtype)
     weights = to_inference_layout(params, batch)  # as gptsan-generate reads them
@@ -142,7 +145,7 @@ def run(config_name: str, batch: int, dtype: str, new_tokens: int, repeats: int)
     prompts = [Prompt(tuple(int(t) for t in rng.integers(0, config.num_vocabulary - 7, PROMPT_TOKENS)))
                for _ in range(batch)]
     prompt_batch = left_pad(prompts, 0)
-    decoder = Decoder(config, Sampler(top_k=120), end_id=-1)  # no end token: every row decodes all steps
+    decoder = Decoder(config, Sampler(top_k=top_k, top_p=top_p), end_id=-1)  # no end token: every row decodes all steps
 
     def timed_run(seed: int) -> tuple[float, float]:
         start = time.perf_counter()
@@ -171,7 +174,7 @@ def run(config_name: str, batch: int, dtype: str, new_tokens: int, repeats: int)
     steps_per_s = (new_tokens - 1) / decode_s
     return {
         "bench": "generate", "config": config_name, "batch": batch, "dtype": dtype,
-        "prompt_tokens": PROMPT_TOKENS, "new_tokens": new_tokens,
+        "prompt_tokens": PROMPT_TOKENS, "new_tokens": new_tokens, "top_k": top_k, "top_p": top_p,
         "tokens_per_s": round(steps_per_s * batch, 2), "step_ms": round(1000 / steps_per_s, 3),
         "prefill_s": round(prefill_s, 4),
         "weight_bytes_per_step": int(weights_bytes), "cache_bytes_per_step": int(cache),
@@ -195,10 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--top_k", type=int, default=120, help="sample among the k likeliest (0 = all)")
+    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     args = parser.parse_args(argv)
     keep_freed_memory()  # as gptsan-generate does
     for batch in args.batch:
-        print(json.dumps(run(args.config, batch, args.dtype, args.new_tokens, args.repeats)), flush=True)
+        print(json.dumps(run(args.config, batch, args.dtype, args.new_tokens, args.repeats, args.top_k, args.top_p)),
+              flush=True)
     return 0
 
 
