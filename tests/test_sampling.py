@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gptsan.errors import UserError
-from gptsan.generate.sampling import Sampler, ban, next_token, nucleus_in_place, row_keys
+from gptsan.generate.sampling import Sampler, ban, categorical, next_token, nucleus_in_place, row_keys
 
 TRIALS = 4000  # rows, each with its own logits and key: one call samples them all
 VOCAB = 50
@@ -80,6 +80,19 @@ def test_sampling_follows_the_softmax():
     probs = np.exp(row / 0.7) / np.exp(row / 0.7).sum()
     freq = np.bincount(tokens, minlength=len(row)) / TRIALS
     assert np.all(np.abs(freq - probs) < 4 * np.sqrt(probs * (1 - probs) / TRIALS))
+
+
+def test_the_two_stage_draw_follows_the_softmax():
+    """Over more candidates than a block, a block is drawn by its mass, then a candidate in it: the frequencies
+    still match softmax(logits) within 4 standard errors, and a block without mass (all -inf) is never drawn.
+    11 candidates in blocks of 4: the last block is padded."""
+    row = np.array([2.0, 1.0, -np.inf, 0.5, -np.inf, -np.inf, -np.inf, -np.inf, 0.0, -1.0, 1.5], np.float32)
+    keys = jax.random.split(jax.random.key(3), TRIALS)
+    draws = np.asarray(jax.jit(jax.vmap(lambda k: categorical(k, jnp.asarray(row), block=4)))(keys))
+    probs = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
+    freq = np.bincount(draws, minlength=len(row)) / TRIALS
+    assert np.all(np.abs(freq - probs) < 4 * np.sqrt(probs * (1 - probs) / TRIALS) + 1e-12)
+    assert freq[np.isinf(row)].sum() == 0
 
 
 def test_seeded_and_reproducible(logits):

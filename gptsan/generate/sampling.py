@@ -99,13 +99,31 @@ def candidates(logits: jax.Array, sampler: Sampler) -> tuple[jax.Array, jax.Arra
     return values, ids
 
 
+BLOCK = 256
+
+
+def categorical(key: jax.Array, logits: jax.Array, block: int = BLOCK) -> jax.Array:
+    """One draw from softmax(logits), logits [K] -> int32 index. Over more than `block` candidates it draws in
+    two stages with the same distribution: a block of `block` consecutive candidates by the block's mass, then
+    a candidate inside it. That takes ~2 sqrt(K) random numbers instead of K: a draw over V 36000 took 0.7 ms
+    (an eighth of a bench-small decode step) with `jax.random.categorical`'s K Gumbel numbers."""
+    size = logits.shape[-1]
+    if size <= block:
+        return jax.random.categorical(key, logits)
+    blocks = -(-size // block)
+    padded = jnp.pad(logits, (0, blocks * block - size), constant_values=NEG_INF).reshape(blocks, block)
+    block_key, inside_key = jax.random.split(key)
+    chosen = jax.random.categorical(block_key, jax.nn.logsumexp(padded, axis=-1))  # a block with no mass: never
+    return chosen * block + jax.random.categorical(inside_key, padded[chosen])
+
+
 def next_token(key: jax.Array, logits: jax.Array, sampler: Sampler) -> jax.Array:
     """One token per row. key: one PRNG key per row [B] (rows sample independently of batching);
     logits [B, V] -> [B] int32."""
     if sampler.greedy:
         return jnp.argmax(ban(logits.astype(jnp.float32), sampler.banned_ids), axis=-1).astype(jnp.int32)
     values, ids = candidates(logits, sampler)
-    choice = jax.vmap(jax.random.categorical)(key, values)  # [B]
+    choice = jax.vmap(categorical)(key, values)  # [B]
     return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
