@@ -107,7 +107,8 @@ def matvec_chain(config, weights, steps: int):
             x = product(x, f"model/att{layer}/qkv")[:, :d]
             x = product(x, f"model/att{layer}/o")
             if layer < config.num_switch_layers:
-                x = x + product(x, f"model/moe{layer}/softmlp") + product(x, f"model/moe{layer}/switch_gating").sum()
+                route = product(x, f"model/moe{layer}/switch_gating").sum()  # float32: the router weights stay so
+                x = x + product(x, f"model/moe{layer}/softmlp") + route.astype(x.dtype)
                 branches = [expert_branch(layer, e) for e in range(config.num_experts)]
                 x = jax.lax.switch((step + layer) % config.num_experts, branches, x)
             else:

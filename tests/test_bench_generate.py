@@ -34,9 +34,10 @@ def test_bytes_per_step_by_hand(tiny, batch, experts_used):
     assert bench_generate.bytes_per_step(config, params, batch, cache_length) == pytest.approx((weights, cache))
 
 
-def test_record_of_a_short_run(tiny):
-    record = bench_generate.run("tiny", 1, "float32", new_tokens=8, repeats=1, top_k=0, top_p=0.9)
-    assert (record["top_k"], record["top_p"]) == (0, 0.9)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_record_of_a_short_run(tiny, dtype):
+    record = bench_generate.run("tiny", 1, dtype, new_tokens=8, repeats=1, top_k=0, top_p=0.9)
+    assert (record["dtype"], record["top_k"], record["top_p"]) == (dtype, 0, 0.9)
     assert record["bytes_per_token"] == record["weight_bytes_per_step"] + record["cache_bytes_per_step"]
     assert record["step_ms"] == pytest.approx(1000 / record["tokens_per_s"], rel=1e-3, abs=5e-4)  # 3 decimals
     low, high = record["bandwidth_readings_gbs"]  # rounded to 0.1 GB/s, bandwidth_gbs to 0.01
