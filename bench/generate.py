@@ -35,6 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gptsan.errors import cli_main  # noqa: E402
 from gptsan.generate.decode import Decoder  # noqa: E402
 from gptsan.generate.prompt import Prompt, left_pad  # noqa: E402
 from gptsan.generate.sampling import Sampler  # noqa: E402
@@ -139,6 +140,7 @@ def lower_median(values: list):
 
 def run(config_name: str, batch: int, dtype: str, new_tokens: int, repeats: int, top_k: int = 120,
         top_p: float = 1.0) -> dict:
+    sampler = Sampler(top_k=top_k, top_p=top_p)  # bad settings fail here, before any work
     config = load_config(CONFIGS / f"{config_name}.json", dtype=dtype)
     params = cast_for_compute(init_params(config), dtype)
     weights = to_inference_layout(params, batch)  # as gptsan-generate reads them
@@ -146,7 +148,7 @@ def run(config_name: str, batch: int, dtype: str, new_tokens: int, repeats: int,
     prompts = [Prompt(tuple(int(t) for t in rng.integers(0, config.num_vocabulary - 7, PROMPT_TOKENS)))
                for _ in range(batch)]
     prompt_batch = left_pad(prompts, 0)
-    decoder = Decoder(config, Sampler(top_k=top_k, top_p=top_p), end_id=-1)  # no end token: every row decodes all steps
+    decoder = Decoder(config, sampler, end_id=-1)  # no end token: every row decodes all steps
 
     def timed_run(seed: int) -> tuple[float, float]:
         start = time.perf_counter()
@@ -192,6 +194,7 @@ def run(config_name: str, batch: int, dtype: str, new_tokens: int, repeats: int,
     }
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="bench-small", help="configs/NAME.json")

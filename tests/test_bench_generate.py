@@ -45,3 +45,9 @@ def test_record_of_a_short_run(tiny, dtype):
     assert record["bandwidth_fraction"] == pytest.approx(
         record["bytes_per_token"] * record["tokens_per_s"] / 1e9 / record["bandwidth_gbs"], rel=0.02, abs=1e-3)
     assert record["matvec_chain_ms"] > 0 and record["fraction_of_matvec_chain"] > 0
+
+
+def test_bad_sampler_flags_are_one_error_line(capsys):
+    assert bench_generate.main(["--config", "tiny", "--top_p", "0"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip().splitlines() == ["error: --top_p: expected a number in (0, 1], got 0.0"]
