@@ -64,9 +64,11 @@ def hf_trainable(name: str, config: ModelConfig) -> bool:
     return False
 
 
-def prepare_hf_train(config: ModelConfig, batch: int, trainable: str):
-    """A warmed-up callable running one HF train step (forward with labels, backward, Adam), warmed up by the
-    rule our step is (`train.warm_up`)."""
+def prepare_hf_train(config: ModelConfig, batch: int, trainable: str, keep_memory: bool):
+    """A warmed-up callable running one HF train step (forward with labels, backward, Adam), and how many warm-up
+    steps ran. With `keep_memory` it is warmed up by the rule our step is (`train.warm_up`); with glibc's default
+    malloc, which gives buffers over 32 MB back to the kernel at every free, no step is ever free of page faults
+    (the rule would always run its most, 5 steps), so two: the first allocates, the second is the steady state."""
     import torch
 
     model = hf_model(config).train()
@@ -84,8 +86,7 @@ def prepare_hf_train(config: ModelConfig, batch: int, trainable: str):
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    ours.warm_up(one_step)
-    return one_step
+    return one_step, ours.warm_up(one_step, max_steps=ours.MAX_WARMUP_STEPS if keep_memory else 2)
 
 
 def measure_hf_decode(config: ModelConfig, repeats: int) -> dict:
@@ -136,12 +137,14 @@ class HFTrainWorker:
         command = [sys.executable, __file__, "--config", name, "--batch", str(batch), "--parts", trainable,
                    "--worker", "keep_memory" if keep_memory else "default_malloc"]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self._expect("ready")
+        self.warmup_steps = int(self._expect("ready"))
 
-    def _expect(self, word: str) -> None:
+    def _expect(self, word: str) -> str:
+        """Reads the worker's next line, `word` and what follows it; returns what follows."""
         line = self.process.stdout.readline().strip()
-        if line != word:
+        if line.split(" ")[0] != word:
             raise RuntimeError(f"HF worker: expected {word!r}, got {line!r} (exit {self.process.poll()})")
+        return line[len(word):].strip()
 
     def step(self) -> None:
         self.process.stdin.write("step\n")
@@ -157,8 +160,9 @@ def serve_hf_steps(name: str, batch: int, trainable: str, keep_memory: bool) -> 
     """The worker's side: prepare the port's step, then run one per `step` line on stdin."""
     if keep_memory:
         keep_freed_memory()
-    step = prepare_hf_train(load_config(ours.config_path(name), dtype="float32"), batch, trainable)
-    print("ready", flush=True)
+    step, warmup_steps = prepare_hf_train(load_config(ours.config_path(name), dtype="float32"), batch, trainable,
+                                          keep_memory)
+    print(f"ready {warmup_steps}", flush=True)
     for line in sys.stdin:
         if line.strip() == "step":
             step()
@@ -168,16 +172,22 @@ def serve_hf_steps(name: str, batch: int, trainable: str, keep_memory: bool) -> 
 def train_part(name: str, config: ModelConfig, batch: int, trainable: str, steps: int) -> dict:
     """Ours, the HF port (as shipped and with kept memory) and the matmul peak, one step each in turn for
     `steps` rounds."""
+    started = time.perf_counter()
     workers = {"hf": HFTrainWorker(name, batch, trainable, keep_memory=False),
                "hf_keep_memory": HFTrainWorker(name, batch, trainable, keep_memory=True)}
+    workers_ready = time.perf_counter()
     run_matmul, matmul_flops = ours.prepare_matmul("float32")
     our_step, info = ours.prepare_train(config, batch, trainable)
+    ours_ready = time.perf_counter()
     try:
         times = ours.interleaved({"matmul": run_matmul, "ours": our_step,
                                   **{key: worker.step for key, worker in workers.items()}}, steps)
     finally:
         for worker in workers.values():
             worker.close()
+    print(f"# peer_hf.py {trainable}: HF workers warmed up in {workers_ready - started:.0f} s, ours in "
+          f"{ours_ready - workers_ready:.0f} s, {steps} timed rounds in {time.perf_counter() - ours_ready:.0f} s",
+          file=sys.stderr)
     peak = matmul_flops / min(times["matmul"])
     record = ours.train_record(name, config, batch, trainable, info, times["ours"], peak)
     record["bench"] = "peer_hf_train"
@@ -187,6 +197,7 @@ def train_part(name: str, config: ModelConfig, batch: int, trainable: str, steps
             f"{key}_tokens_per_s": round(hf_tokens_per_s, 1),
             f"{key}_peak_fraction": round(record["flops_per_token"] * hf_tokens_per_s / peak, 4),
             f"{key}_median_tokens_per_s": round(info["tokens"] / float(np.median(times[key])), 1),
+            f"{key}_warmup_steps": workers[key].warmup_steps,
         })
     record.update(ratio=round(record["tokens_per_s"] / record["hf_tokens_per_s"], 3),
                   ratio_hf_keep_memory=round(record["tokens_per_s"] / record["hf_keep_memory_tokens_per_s"], 3),
@@ -195,8 +206,12 @@ def train_part(name: str, config: ModelConfig, batch: int, trainable: str, steps
 
 
 def decode_part(name: str, config: ModelConfig, repeats: int) -> dict:
+    started = time.perf_counter()
     mine = ours_decode(name, repeats)  # first: torch's idle OpenMP threads keep spinning after the port's runs
+    ours_done = time.perf_counter()
     theirs = measure_hf_decode(config, repeats)
+    print(f"# peer_hf.py decode: ours in {ours_done - started:.0f} s, HF in {time.perf_counter() - ours_done:.0f} s",
+          file=sys.stderr)
     record = {"bench": "peer_hf_decode", "config": name, "batch": 1, "dtype": "float32",
               "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
               "hf_tokens_per_s": round(theirs["tokens_per_s"], 2),

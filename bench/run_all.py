@@ -3,10 +3,12 @@ subprocesses and print their JSON lines as one table, then one line per CPU targ
 figure. Takes under 10 minutes on the 2-core sandbox.
 
     python bench/run_all.py [--vocabulary ../shared/vocab/ja-swe36k.txt] [--json all.jsonl]
+                            [--bfloat16 auto|always|never]
 
 peer_hf.py measures training (ours and the HF port, all-trainable and extended-only) and batch-1 decoding
-(ours through bench/generate.py's `run`, and the port); train.py adds bfloat16 training; encode.py the
-tokenizer and tfrecord encoding on a 2 MB corpus. A bench that fails is reported and the rest still run.
+(ours through bench/generate.py's `run`, and the port); train.py adds bfloat16 training where the CPU has
+bfloat16 instructions (`--bfloat16`); encode.py the tokenizer and tfrecord encoding on a 2 MB corpus. A bench
+that fails is reported and the rest still run.
 """
 
 from __future__ import annotations
@@ -23,14 +25,28 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_VOCABULARY = ROOT.parent / "shared" / "vocab" / "ja-swe36k.txt"
 
 
-def benches(vocabulary: Path) -> list[tuple[str, list[str]]]:
-    """(script, arguments) of each bench run."""
+def cpu_has_bfloat16() -> bool:
+    """Whether the CPU does bfloat16 arithmetic itself (avx512_bf16 or amx_bf16 among /proc/cpuinfo's flags);
+    True where that cannot be read."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return True
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def benches(vocabulary: Path, bfloat16: bool) -> list[tuple[str, list[str]]]:
+    """(script, arguments) of each bench run; `bfloat16`: with the bfloat16 training row."""
     return [
         ("peer_hf.py", ["--config", "bench-small", "--batch", "4", "--steps", "3"]),
-        ("train.py", ["--config", "bench-small", "--batch", "4", "--steps", "2", "--dtype", "bfloat16",
-                      "--modes", "all"]),
+        *([("train.py", ["--config", "bench-small", "--batch", "4", "--steps", "2", "--dtype", "bfloat16",
+                         "--modes", "all"])] if bfloat16 else []),
         ("encode.py", ["--vocabulary", str(vocabulary), "--size_mb", "2", "--naive_mb", "0.2"]),
     ]
+
+
+BF16_SKIPPED = ("this CPU has no bfloat16 instructions, so XLA converts to float32 and back: 84 against 173 "
+                "tokens/s for float32 on a Zen 1 host; --bfloat16 always runs it")
 
 
 def run_bench(script: str, arguments: list[str]) -> list[dict]:
@@ -38,7 +54,9 @@ def run_bench(script: str, arguments: list[str]) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
     result = subprocess.run([sys.executable, str(path), *arguments], capture_output=True, text=True, env=env)
-    print(f"# {script}: {time.perf_counter() - start:.0f} s, exit {result.returncode}", file=sys.stderr)
+    notes = [line for line in result.stderr.splitlines() if line.startswith("# ")]  # the bench's own notes
+    print("\n".join([*notes, f"# {script}: {time.perf_counter() - start:.0f} s, exit {result.returncode}"]),
+          file=sys.stderr)
     if result.returncode:
         print(result.stderr[-2000:], file=sys.stderr)
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -96,9 +114,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vocabulary", type=Path, default=DEFAULT_VOCABULARY)
     parser.add_argument("--json", type=Path, help="also write every record to this JSON-lines file")
+    parser.add_argument("--bfloat16", choices=["auto", "always", "never"], default="auto",
+                        help="the bfloat16 training row: auto = where the CPU has bfloat16 instructions")
     args = parser.parse_args(argv)
+    bfloat16 = args.bfloat16 == "always" or (args.bfloat16 == "auto" and cpu_has_bfloat16())
+    if not bfloat16:
+        print(f"# train.py bfloat16: skipped ({'--bfloat16 never' if args.bfloat16 == 'never' else BF16_SKIPPED})",
+              file=sys.stderr)
     records = []
-    for script, arguments in benches(args.vocabulary):
+    for script, arguments in benches(args.vocabulary, bfloat16):
         if script == "encode.py" and not args.vocabulary.exists():
             print(f"# encode.py: vocabulary {args.vocabulary} not found, skipped", file=sys.stderr)
             continue

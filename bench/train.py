@@ -229,18 +229,18 @@ STEADY_STEP_PAGE_FAULTS = 10_000  # a step that grows the heap takes ~500,000 (b
 MAX_WARMUP_STEPS = 5
 
 
-def warm_up(one_step) -> int:
-    """Runs one_step until a step no longer grows the heap, at most MAX_WARMUP_STEPS times; returns how many
+def warm_up(one_step, max_steps: int = MAX_WARMUP_STEPS) -> int:
+    """Runs one_step until a step no longer grows the heap, at most `max_steps` times; returns how many
     ran. The first steps allocate the heap the step reuses from then on, and with oneDNN's buffers fragmenting
     it (gptsan/train/compiler_options.py) the second or third step can still grow it by 2 GB: such a step takes
     ~500,000 page faults and 0.5-3 s longer (bench-small). Timed steps should be the steady state a training
     run spends its time in, so warming up stops at the first step with fewer than STEADY_STEP_PAGE_FAULTS."""
-    for count in range(1, MAX_WARMUP_STEPS + 1):
+    for count in range(1, max_steps + 1):
         before = minor_page_faults()
         one_step()
         if before is None or minor_page_faults() - before < STEADY_STEP_PAGE_FAULTS:
             return count
-    return MAX_WARMUP_STEPS
+    return max_steps
 
 
 def prepare_train(config: ModelConfig, batch: int, trainable: str):

@@ -51,3 +51,13 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path):
             records = [json.loads(line) for line in
                        (workdir / f"samples_{stage}_{name}.jsonl").read_text(encoding="utf-8").splitlines()]
             assert len(records) == 4 and all(isinstance(r["text"], str) and r["tokens"] for r in records)
+
+
+def test_demo_commands_compile_at_level_1_unless_xla_flags_set_a_level():
+    from gptsan.demo.run import command_environment
+
+    assert command_environment({"HOME": "/h"}) == {"HOME": "/h", "XLA_FLAGS": "--xla_backend_optimization_level=1"}
+    devices = "--xla_force_host_platform_device_count=8"
+    assert command_environment({"XLA_FLAGS": devices})["XLA_FLAGS"] == f"{devices} --xla_backend_optimization_level=1"
+    own = f"{devices} --xla_backend_optimization_level=0"
+    assert command_environment({"XLA_FLAGS": own}) == {"XLA_FLAGS": own}

@@ -103,12 +103,14 @@ def test_lm_training_on_records_with_prefixes_says_so_in_one_line(tmp_path, caps
                   max_training_step=1, progress=False))
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert warnings == [
-        f"warning: --input_files {tmp_path / 'hybrid.tfrecord'}: the records have prefixes (num_input > 0: encoded "
+        f"warning: --input_files {tmp_path / 'hybrid.tfrecord'}: the records have prefixes (num_input > 1: encoded "
         "with --mode hybrid or mlm) but training runs in lm mode, which ignores them; give --mode hybrid to train "
         "them as prefixes"]
-    # nothing to say in hybrid mode, or in lm mode on records without prefixes
-    warn_of_ignored_prefixes("x", StepOptions(mode="hybrid"), {"num_input": np.array([0, 3])})
-    warn_of_ignored_prefixes("x", StepOptions(mode="lm"), {"num_input": np.array([0, 0])})
+    # nothing to say in hybrid mode, or in lm mode on records without prefixes: num_input counts the start
+    # token, so gptsan-encode --mode lm writes 1
+    warn_of_ignored_prefixes("x", StepOptions(mode="hybrid"), {"num_input": np.array([1, 3])})
+    warn_of_ignored_prefixes("x", StepOptions(mode="lm"), {"num_input": np.array([1, 1])})
+    warn_of_ignored_prefixes("x", StepOptions(mode="lm"), {"num_input": np.array([0, 1])})
     assert capsys.readouterr().err == ""
 
 

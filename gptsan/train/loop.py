@@ -125,10 +125,11 @@ def warn_of_changed_settings(output_dir: str, state: TrainState, saved_run: dict
 
 
 def warn_of_ignored_prefixes(input_files: str, options: StepOptions, batch: dict) -> None:
-    """One warning line when lm-mode training meets records with a bidirectional prefix (num_input > 0, as
-    `gptsan-encode --mode hybrid` or `mlm` writes them): lm mode trains every position causally and ignores it."""
-    if options.mode == "lm" and np.any(batch["num_input"] > 0):
-        warn(f"--input_files {input_files}: the records have prefixes (num_input > 0: encoded with --mode hybrid "
+    """One warning line when lm-mode training meets records with a bidirectional prefix (num_input > 1, as
+    `gptsan-encode --mode hybrid` or `mlm` writes them): lm mode trains every position causally and ignores it.
+    num_input counts the start token, so records without a prefix (`--mode lm`) have 1."""
+    if options.mode == "lm" and np.any(batch["num_input"] > 1):
+        warn(f"--input_files {input_files}: the records have prefixes (num_input > 1: encoded with --mode hybrid "
              "or mlm) but training runs in lm mode, which ignores them; give --mode hybrid to train them as "
              "prefixes")
 
