@@ -8,19 +8,12 @@ frozen) -> run_generate --spout k for each class -> class accuracy of the genera
 The contrast figure ("without spout training") generates with the same spout vectors from the base model, whose
 spout network was never trained: the class vector then carries no meaning and accuracy sits near chance (1/3).
 Each step runs the same command a user would type (printed before it runs).
-
-The commands run at XLA's backend optimization level 1 (`DEMO_XLA_FLAGS`, unless XLA_FLAGS already sets a level):
-the demo's models are so small that compiling is a large part of each command. On a 2-vCPU AMD EPYC (Zen 1)
-host, 200 steps of the base model took 56 s in all at level 1 against 73-88 s at XLA's default 3, and ran as
-many tokens/s; bench-small's frozen-backbone step, by contrast, ran 212 against 289 tokens/s at level 1, so
-gptsan-train keeps the default.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -36,7 +29,6 @@ NUM_CONTEXT = 96
 CONSOLE_SCRIPTS = {"gptsan.data.encode": "gptsan-encode", "gptsan.train.cli": "gptsan-train",
                    "gptsan.convert.cli": "gptsan-convert", "gptsan.generate.cli": "gptsan-generate"}
 NUM_SPOUT = 16
-DEMO_XLA_FLAGS = "--xla_backend_optimization_level=1"
 
 
 @dataclass(frozen=True)
@@ -64,21 +56,12 @@ def base_parameters(output_dir: Path, vocab_size: int, steps: int) -> dict:
     }
 
 
-def command_environment(environ) -> dict:
-    """The demo commands' environment: `environ` with DEMO_XLA_FLAGS added to XLA_FLAGS unless it sets a level."""
-    flags = environ.get("XLA_FLAGS", "")
-    if "xla_backend_optimization_level" in flags:
-        return dict(environ)
-    return {**environ, "XLA_FLAGS": f"{flags} {DEMO_XLA_FLAGS}".strip()}
-
-
 class Pipeline:
     def __init__(self, workdir: Path, size: DemoSize, seed: int):
         self.workdir = workdir
         self.size = size
         self.seed = seed
         self.started = time.monotonic()
-        self.environment = command_environment(os.environ)
 
     def say(self, message: str) -> None:
         print(f"[{time.monotonic() - self.started:6.1f}s] {message}", flush=True)
@@ -86,8 +69,7 @@ class Pipeline:
     def command(self, module: str, *args: str) -> str:
         """Run `python -m module args` (what the console script runs) and show the command a user types."""
         self.say("$ " + " ".join([CONSOLE_SCRIPTS[module], *map(shlex.quote, args)]))
-        done = subprocess.run([sys.executable, "-m", module, *args], text=True, capture_output=True,
-                              env=self.environment)
+        done = subprocess.run([sys.executable, "-m", module, *args], text=True, capture_output=True)
         if done.returncode != 0:
             sys.stderr.write(done.stderr[-4000:])
             raise UserError(f"demo step failed: {module} exited with {done.returncode}")
@@ -95,8 +77,6 @@ class Pipeline:
 
     def run(self) -> tuple[float, float]:
         w, size = self.workdir, self.size
-        self.say(f"the commands below run with XLA_FLAGS={shlex.quote(self.environment['XLA_FLAGS'])} "
-                 "(small models: compiling is much of their time)")
         self.say(f"writing the sample corpus ({size.docs_per_class} documents per class) to {w / 'corpus'}")
         csv_path = write_corpus(w / "corpus", size.docs_per_class, self.seed)
 
