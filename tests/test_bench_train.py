@@ -85,12 +85,13 @@ def test_bad_mode_is_one_line_error():
     assert result.stderr.strip().splitlines() == ["error: --modes: expected a comma-separated subset of all, extended"]
 
 
-@pytest.mark.parametrize(("faults_per_step", "want"), [
-    ([700_000, 505_000, 35, 518_000], 3),  # bench-small's first steps: two grow the heap, the third does not
-    ([20], 1),
-    ([600_000] * 9, bench_train.MAX_WARMUP_STEPS),
+@pytest.mark.parametrize(("faults_per_step", "max_steps", "want"), [
+    ([700_000, 505_000, 35, 518_000], bench_train.MAX_WARMUP_STEPS, 3),  # bench-small: two steps grow the heap
+    ([20], bench_train.MAX_WARMUP_STEPS, 1),
+    ([600_000] * 9, bench_train.MAX_WARMUP_STEPS, bench_train.MAX_WARMUP_STEPS),
+    ([600_000] * 9, 2, 2),  # the HF port with glibc's default malloc: faults every step, capped at 2
 ])
-def test_warm_up_stops_at_the_first_step_that_does_not_grow_the_heap(monkeypatch, faults_per_step, want):
+def test_warm_up_stops_at_the_first_step_that_does_not_grow_the_heap(monkeypatch, faults_per_step, max_steps, want):
     counter = {"faults": 0, "steps": 0}
 
     def one_step():
@@ -98,7 +99,14 @@ def test_warm_up_stops_at_the_first_step_that_does_not_grow_the_heap(monkeypatch
         counter["steps"] += 1
 
     monkeypatch.setattr(bench_train, "minor_page_faults", lambda: counter["faults"])
-    assert bench_train.warm_up(one_step) == want == counter["steps"]
+    assert bench_train.warm_up(one_step, max_steps=max_steps) == want == counter["steps"]
+
+
+def test_run_all_runs_the_bfloat16_row_only_when_asked_to():
+    with_row = [script for script, _ in run_all.benches(Path("v.txt"), bfloat16=True)]
+    without = [script for script, _ in run_all.benches(Path("v.txt"), bfloat16=False)]
+    assert with_row == ["peer_hf.py", "train.py", "encode.py"] and without == ["peer_hf.py", "encode.py"]
+    assert "bfloat16" in run_all.benches(Path("v.txt"), bfloat16=True)[1][1]
 
 
 def test_run_all_reports_each_target_of_the_run():
