@@ -4,7 +4,7 @@ figure. Took 6-7.5 minutes on a 2-vCPU AMD EPYC with AVX-512 (Zen 5) and 15 min 
 the bfloat16 row, which the Zen 1 now skips (`--bfloat16`), and 5 HF warm-up steps instead of 2 (bench/RESULTS.md).
 
     python bench/run_all.py [--vocabulary ../shared/vocab/ja-swe36k.txt] [--json all.jsonl]
-                            [--bfloat16 auto|always|never]
+                            [--bfloat16 auto|always|never] [--hf_kept_memory]
 
 peer_hf.py measures training (ours and the HF port, all-trainable and extended-only) and batch-1 decoding
 (ours through bench/generate.py's `run`, and the port); train.py adds bfloat16 training where the CPU has
@@ -36,10 +36,12 @@ def cpu_has_bfloat16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def benches(vocabulary: Path, bfloat16: bool) -> list[tuple[str, list[str]]]:
-    """(script, arguments) of each bench run; `bfloat16`: with the bfloat16 training row."""
+def benches(vocabulary: Path, bfloat16: bool, hf_kept_memory: bool = False) -> list[tuple[str, list[str]]]:
+    """(script, arguments) of each bench run; `bfloat16`: with the bfloat16 training row; `hf_kept_memory`:
+    with the HF port's training also timed with gptsan's malloc setting."""
     return [
-        ("peer_hf.py", ["--config", "bench-small", "--batch", "4", "--steps", "3"]),
+        ("peer_hf.py", ["--config", "bench-small", "--batch", "4", "--steps", "3",
+                        *(["--hf_kept_memory"] if hf_kept_memory else [])]),
         *([("train.py", ["--config", "bench-small", "--batch", "4", "--steps", "2", "--dtype", "bfloat16",
                          "--modes", "all"])] if bfloat16 else []),
         ("encode.py", ["--vocabulary", str(vocabulary), "--size_mb", "2", "--naive_mb", "0.2"]),
@@ -117,13 +119,15 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="also write every record to this JSON-lines file")
     parser.add_argument("--bfloat16", choices=["auto", "always", "never"], default="auto",
                         help="the bfloat16 training row: auto = where the CPU has bfloat16 instructions")
+    parser.add_argument("--hf_kept_memory", action="store_true",
+                        help="also time the HF port's training with gptsan's malloc setting (peer_hf.py)")
     args = parser.parse_args(argv)
     bfloat16 = args.bfloat16 == "always" or (args.bfloat16 == "auto" and cpu_has_bfloat16())
     if not bfloat16:
         print(f"# train.py bfloat16: skipped ({'--bfloat16 never' if args.bfloat16 == 'never' else BF16_SKIPPED})",
               file=sys.stderr)
     records = []
-    for script, arguments in benches(args.vocabulary, bfloat16):
+    for script, arguments in benches(args.vocabulary, bfloat16, args.hf_kept_memory):
         if script == "encode.py" and not args.vocabulary.exists():
             print(f"# encode.py: vocabulary {args.vocabulary} not found, skipped", file=sys.stderr)
             continue

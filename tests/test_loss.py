@@ -88,7 +88,8 @@ def dot_output_shapes(jaxpr) -> set[tuple[int, ...]]:
 @pytest.mark.parametrize("embedding_trained", [True, False])
 def test_bias_gradient_with_and_without_the_tables_gradient(embedding_trained):
     """In float32 the bias gradient comes out of the table's gradient product (a column of ones beside the
-    head's input): [V, d + BIAS_COLUMNS]. With the table frozen that product is not made for the bias alone."""
+    head's input), made as [d + BIAS_COLUMNS, V] (`_table_gradient`). With the table frozen that product is not
+    made for the bias alone."""
     hidden, embedding, bias, targets = inputs(4, 0.3)
 
     def objective(loss_fn, **kwargs):
@@ -100,4 +101,4 @@ def test_bias_gradient_with_and_without_the_tables_gradient(embedding_trained):
     for name, w, g in zip(("hidden", "bias"), want, got, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6 * float(jnp.abs(w).max()), err_msg=name)
     shapes = dot_output_shapes(jax.make_jaxpr(jax.grad(trained, argnums=(0, 1)))(hidden, bias).jaxpr)
-    assert ((VOCAB, HIDDEN + BIAS_COLUMNS) in shapes) == embedding_trained
+    assert ((HIDDEN + BIAS_COLUMNS, VOCAB) in shapes) == embedding_trained

@@ -99,7 +99,7 @@ def _tied_head_loss_bwd(z_loss_coef, embedding_trained, residuals, cotangent: Lo
     else:  # the bias gradient from the float32 logit gradient (before it is rounded to the compute dtype)
         d_bias = jnp.ones_like(softmax_scale) @ d_logits
         d_logits = d_logits.astype(hidden.dtype)
-        d_embedding = jnp.einsum("nv,nd->vd", d_logits, hidden, preferred_element_type=jnp.float32)
+        d_embedding = _table_gradient(d_logits, hidden)
     d_hidden = jnp.dot(d_logits, embedding.astype(hidden.dtype), preferred_element_type=jnp.float32)
     return (d_hidden.astype(hidden.dtype), d_embedding.astype(embedding.dtype), d_bias, None)
 
@@ -115,9 +115,18 @@ def _embedding_and_bias_gradients(d_logits: jax.Array, hidden: jax.Array) -> tup
     about 4 ms more)."""
     n, d = hidden.shape
     ones = jnp.zeros((n, BIAS_COLUMNS), hidden.dtype).at[:, 0].set(1)
-    both = jnp.einsum("nv,nd->vd", d_logits, jnp.concatenate([hidden, ones], axis=1),
-                      preferred_element_type=jnp.float32)
+    both = _table_gradient(d_logits, jnp.concatenate([hidden, ones], axis=1))
     return both[:, :d], both[:, d]
+
+
+def _table_gradient(d_logits: jax.Array, inputs: jax.Array) -> jax.Array:
+    """d_logits.T @ inputs [V, k] (float32), made as its transpose [k, V] and then transposed. Asked for [V, k]
+    directly, oneDNN (through XLA's CPU backend) runs this product at half the matmul peak on an AVX2 CPU, where
+    the [k, V] orientation runs at the peak: bench-small's table gradient (2048 tokens, V 36,000, k 520) took
+    2.25 s against 1.15 s + 0.04 s for the transpose on a 2-vCPU Zen 1 (1.64 s inside the step, which became
+    5% faster). The optimization barrier keeps XLA from folding the transpose back into the product."""
+    transposed = jnp.einsum("nk,nv->kv", inputs, d_logits, preferred_element_type=jnp.float32)
+    return jax.lax.optimization_barrier(transposed).T
 
 
 _tied_head_loss.defvjp(lambda *args: _head_forward(*args[:5]), _tied_head_loss_bwd)
