@@ -109,6 +109,15 @@ def test_run_all_runs_the_bfloat16_row_only_when_asked_to():
     assert "bfloat16" in run_all.benches(Path("v.txt"), bfloat16=True)[1][1]
 
 
+def test_run_all_times_the_kept_memory_port_only_when_asked_to():
+    def peer_arguments(**kwargs):
+        return dict(run_all.benches(Path("v.txt"), bfloat16=False, **kwargs))["peer_hf.py"]
+
+    assert "--hf_kept_memory" not in peer_arguments()
+    assert "--hf_kept_memory" in peer_arguments(hf_kept_memory=True)
+    assert peer_hf.parse_args(["--hf_kept_memory"]).hf_kept_memory and not peer_hf.parse_args([]).hf_kept_memory
+
+
 def test_run_all_reports_each_target_of_the_run():
     records = [
         {"bench": "peer_hf_train", "trainable": "all", "peak_fraction": 0.6104, "ratio": 2.44},
