@@ -40,7 +40,7 @@ def benches(vocabulary: Path, bfloat16: bool, hf_kept_memory: bool = False) -> l
     """(script, arguments) of each bench run; `bfloat16`: with the bfloat16 training row; `hf_kept_memory`:
     with the HF port's training also timed with gptsan's malloc setting."""
     return [
-        ("peer_hf.py", ["--config", "bench-small", "--batch", "4", "--steps", "3",
+        ("peer_hf.py", ["--config", "bench-small", "--batch", "4", "--steps", "4",
                         *(["--hf_kept_memory"] if hf_kept_memory else [])]),
         *([("train.py", ["--config", "bench-small", "--batch", "4", "--steps", "2", "--dtype", "bfloat16",
                          "--modes", "all"])] if bfloat16 else []),
