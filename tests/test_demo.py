@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from gptsan.demo.corpus import CLASS_NAMES, classify, write_corpus
+from tests.train_support import one_device_xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,10 +30,9 @@ def test_corpus_is_seeded_and_the_classifier_knows_every_class(tmp_path):
 
 def test_quick_demo_runs_the_whole_pipeline(tmp_path):
     workdir = tmp_path / "demo"
-    # one CPU device, as the demo runs for a user (the suite simulates 8 for its mesh tests; with 8, this test took
-    # 166 s alone against 139 s on a 2-vCPU Zen 1)
-    xla_flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=xla_flags.strip())
+    # one CPU device, as the demo runs for a user (with the suite's 8, this test took 166 s alone against 139 s on a
+    # 2-vCPU Zen 1)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=one_device_xla_flags())
     done = subprocess.run([sys.executable, "-m", "gptsan.demo", "--quick", "--workdir", str(workdir)],
                           capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

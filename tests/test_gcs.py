@@ -13,7 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.train_support import MINI_MODEL_PARAMS, MINI_TRAIN_PARAMS, counting_corpus, write_records
+from tests.train_support import (
+    MINI_MODEL_PARAMS,
+    MINI_TRAIN_PARAMS,
+    counting_corpus,
+    one_device_xla_flags,
+    write_records,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "gptsan-test"
@@ -70,7 +76,7 @@ def test_training_on_gs_paths(emulator, tmp_path, tmp_path_factory):
 
     env = {key: value for key, value in os.environ.items() if key != "EPATH_USE_TF"}  # the package sets it
     env.update(PYTHONPATH=str(ROOT), STORAGE_EMULATOR_HOST=emulator, TENSORSTORE_GCS_HTTP_URL=emulator,
-               NO_GCE_CHECK="true", GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
+               XLA_FLAGS=one_device_xla_flags(), NO_GCE_CHECK="true", GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
                JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.getbasetemp() / "jax-compilation-cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
 

@@ -5,11 +5,19 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import os
+import re
 from pathlib import Path
 
 import numpy as np
 
 FIXTURE_PARAMETERS = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "gptsan_tiny"
+
+
+def one_device_xla_flags() -> str:
+    """The suite's XLA_FLAGS (tests/conftest.py) without its 8 simulated devices: for the commands a test runs as
+    a user's CPU run does, on one device (oneDNN matmuls included), where the mesh is not what it tests."""
+    return re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")).strip()
 
 
 def counting_corpus(count: int, length: int, vocab: int, seed: int = 0, period: int = 32) -> dict:
