@@ -16,7 +16,8 @@ FIXTURE_PARAMETERS = Path(__file__).resolve().parents[1] / ".." / "shared" / "fi
 
 def one_device_xla_flags() -> str:
     """The suite's XLA_FLAGS (tests/conftest.py) without its 8 simulated devices: for the commands a test runs as
-    a user's CPU run does, on one device (oneDNN matmuls included), where the mesh is not what it tests."""
+    a user's CPU run does, on one device, where the mesh is not what it tests. (One device also means oneDNN
+    matmuls, unless the test sets a compilation cache: gptsan/train/compiler_options.py.)"""
     return re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")).strip()
 
 
