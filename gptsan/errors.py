@@ -18,8 +18,8 @@ def warn(message: str) -> None:
 
 
 def cli_main(func: Callable[..., int | None]) -> Callable[..., int]:
-    """Wrap a console-script entry point: a UserError (or a folder opened as a file) becomes `error: ...` on
-    stderr and exit status 2."""
+    """Wrap a console-script entry point: a UserError, or an OSError about a named path (a folder opened as a
+    file, a missing folder, no permission, a full disk), becomes `error: ...` on stderr and exit status 2."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs) -> int:
@@ -30,6 +30,11 @@ def cli_main(func: Callable[..., int | None]) -> Callable[..., int]:
             return 2
         except IsADirectoryError as err:  # a folder given where a file belongs: a user's path, in any tool
             print(f"error: {err.filename}: is a folder; expected a file", file=sys.stderr)
+            return 2
+        except OSError as err:  # a path the system refused (no such folder, permission, read-only, disk full)
+            if err.filename is None:
+                raise
+            print(f"error: {err.filename}: {err.strerror or err}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

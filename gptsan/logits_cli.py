@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import functools
 import io
-import os
 import sys
 
 import jax
@@ -85,31 +84,22 @@ def compute_logits(config: ModelConfig, params, ids, num_precontext=None, spout=
     return np.asarray(_forward(config, params, jnp.asarray(ids, jnp.int32), *optional), np.float32)
 
 
-def write_npy_atomic(path: str, array: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    fs, target = storage.filesystem(path)
-    tmp = f"{target}.tmp-{os.getpid()}"
-    with fs.open(tmp, "wb") as f:
-        f.write(buffer.getvalue())
-    fs.mv(tmp, target)
-
-
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     ids = read_npy(args.ids, "--ids")
     num_precontext = read_npy(args.num_precontext, "--num_precontext") if args.num_precontext else None
     spout = read_npy(args.spout, "--spout") if args.spout else None
-    if storage.exists(args.output) and storage.isdir(args.output):
-        raise UserError(f"--output {args.output}: is a directory; give a file name")
+    storage.check_output_file(args.output, "--output")
 
     from gptsan.checkpoint import load_model
 
     config, params = load_model(args.model, dtype=args.dtype, routing=args.routing)
     check_inputs(config, ids, num_precontext, spout)
     logits = compute_logits(config, params, ids, num_precontext, spout)
-    write_npy_atomic(args.output, logits)
+    buffer = io.BytesIO()
+    np.save(buffer, logits)
+    storage.write_bytes_atomic(args.output, buffer.getvalue())
     print(f"wrote logits {list(logits.shape)} to {args.output}")
     return 0
 

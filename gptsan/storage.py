@@ -77,20 +77,42 @@ def read_bytes(path: str) -> bytes:
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    """Write a text file so that readers never see a partial one.
+    """Write a text file so that readers never see a partial one (`write_bytes_atomic`)."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Write a file so that readers never see a partial one.
 
     Remote (gs://): one object upload, which GCS makes visible only once complete, so no temp name is
-    needed (and object stores have no rename: a "move" is a copy plus a delete). Local: a temp name in
-    the same directory, then an atomic rename.
+    needed (and object stores have no rename: a "move" is a copy plus a delete). Local: the missing folders
+    made, a temp name in the same folder, then an atomic rename.
     """
     fs, p = filesystem(path)
     if is_remote(path):
-        fs.pipe_file(p, text.encode("utf-8"))
+        fs.pipe_file(p, data)
         return
+    os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
     tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
     fs.mv(tmp, p)
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """Fail before any work if `flag`'s `path` cannot be written as a file: a folder is there, or (local) the
+    nearest existing folder above it is a file or not writable. Missing folders are made when it is written."""
+    if isdir(path):
+        raise UserError(f"{flag} {path}: is a folder; give a file name")
+    if is_remote(path):
+        return
+    folder = parent(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: no permission to write in {folder}")
 
 
 def glob(pattern: str) -> list[str]:

@@ -109,6 +109,30 @@ def test_a_folder_given_as_a_file_is_one_error_line(swe_model, vocabulary, tmp_p
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: {tmp_path}: is a folder; expected a file"
 
 
+
+def test_an_output_that_cannot_be_written_is_one_error_line_before_generating(swe_model, vocabulary, tmp_path):
+    path, _, _ = swe_model
+    (tmp_path / "a_file").write_text("x")
+    out = tmp_path / "a_file" / "out.jsonl"
+    for module in ("gptsan.generate.cli", "gptsan.generate.languagemodel"):
+        proc = run_cli(module, "--model", path, "--vocabulary", vocabulary, "--context", "x", "--output", out)
+        assert proc.returncode == 2
+        assert proc.stderr.strip() == f"error: --output {out}: {tmp_path / 'a_file'} is a file, not a folder"
+        proc = run_cli(module, "--model", path, "--vocabulary", vocabulary, "--context", "x", "--output", tmp_path)
+        assert proc.returncode == 2
+        assert proc.stderr.strip() == f"error: --output {tmp_path}: is a folder; give a file name"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_an_output_in_new_folders_is_written_there(swe_model, vocabulary, tmp_path):
+    path, _, _ = swe_model
+    out = tmp_path / "new" / "folder" / "out.jsonl"
+    proc = run_cli("gptsan.generate.cli", "--model", path, "--vocabulary", vocabulary, "--context", "x",
+                   "--max_generate", "4", "--output", out)
+    assert proc.returncode == 0, proc.stderr
+    assert [p.name for p in out.parent.iterdir()] == ["out.jsonl"]
+    assert json.loads(out.read_text(encoding="utf-8").splitlines()[0])["context"] == "x"
+
 def test_spout_flag_values():
     np.testing.assert_array_equal(parse_spout("2", 4, 2), [[0, 0, 1, 0]] * 2)
     np.testing.assert_array_equal(parse_spout("zeros", 3, 1), [[0, 0, 0]])

@@ -118,6 +118,11 @@ def test_cli_missing_input_file_and_model(tmp_path, tiny_hf_dir, capsys):
                  str(tmp_path / "o.npy")]) == 2
     assert "model directory not found" in capsys.readouterr().err
 
+    (tmp_path / "a_file").write_text("x")
+    under_a_file = tmp_path / "a_file" / "o.npy"
+    assert main(["--model", str(tmp_path / "nomodel"), "--ids", str(tmp_path / "ids.npy"), "--output",
+                 str(under_a_file)]) == 2  # the output is checked before the model is read
+    assert capsys.readouterr().err == f"error: --output {under_a_file}: {tmp_path / 'a_file'} is a file, not a folder\n"
 
 def test_greedy_continuation_from_loaded_checkpoint(tiny_tf_dir, tiny_cases):
     """12 greedy tokens by full forwards of the loaded model reproduce the fixture's greedy_out. The causal

@@ -1,4 +1,5 @@
-"""storage.checked: gs:// bucket names GCS would refuse are a user error before any request is made."""
+"""storage: gs:// bucket names GCS would refuse are a user error before any request is made; output files are
+checked before any work and written whole."""
 
 import pytest
 
@@ -19,3 +20,24 @@ def test_invalid_bucket_names_are_one_user_error(bucket):
         storage.checked(f"gs://{bucket}/run")
     with pytest.raises(UserError):
         storage.exists(f"gs://{bucket}/run")  # every storage call goes through the check
+
+
+def test_an_output_file_is_checked_before_any_work(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UserError, match=f"^--output {tmp_path}: is a folder; give a file name$"):
+        storage.check_output_file(str(tmp_path), "--output")
+    under_a_file = tmp_path / "a_file" / "deeper" / "out.jsonl"
+    with pytest.raises(UserError, match=f"^--output {under_a_file}: {tmp_path / 'a_file'} is a file, not a folder$"):
+        storage.check_output_file(str(under_a_file), "--output")
+    storage.check_output_file(str(tmp_path / "new" / "folders" / "out.jsonl"), "--output")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # the check makes nothing
+
+
+def test_an_atomic_write_makes_missing_folders_and_leaves_no_temp_file(tmp_path):
+    target = tmp_path / "new" / "folders" / "out.npy"
+    storage.write_bytes_atomic(str(target), b"\x00\x01")
+    assert target.read_bytes() == b"\x00\x01"
+    assert [p.name for p in target.parent.iterdir()] == ["out.npy"]
+    storage.write_text_atomic(str(target), "日本語\n")
+    assert target.read_text(encoding="utf-8") == "日本語\n"
+    assert [p.name for p in target.parent.iterdir()] == ["out.npy"]

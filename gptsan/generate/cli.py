@@ -95,8 +95,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--num_generate: at most --beam_width ({args.beam_width}) hypotheses per context")
     if args.stream and (args.beam_width > 1 or args.input_file or args.num_generate > 1):
         raise UserError("--stream: streams one sampled text (one --context, --num_generate 1, --beam_width 1)")
-    if args.output and storage.isdir(args.output):
-        raise UserError(f"--output {args.output}: is a directory; give a file name")
+    if args.output:
+        storage.check_output_file(args.output, "--output")
 
 
 def load(args: argparse.Namespace):

@@ -81,8 +81,8 @@ def fill_masks(config, params, ids: list[int], special, pos_vector: int) -> dict
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.output and storage.isdir(args.output):
-        raise UserError(f"--output {args.output}: is a directory; give a file name")
+    if args.output:
+        storage.check_output_file(args.output, "--output")
     from gptsan.generate.cli import load
 
     config, params, tokenizer = load(args)
