@@ -133,6 +133,24 @@ def test_an_output_in_new_folders_is_written_there(swe_model, vocabulary, tmp_pa
     assert [p.name for p in out.parent.iterdir()] == ["out.jsonl"]
     assert json.loads(out.read_text(encoding="utf-8").splitlines()[0])["context"] == "x"
 
+
+def test_a_max_generate_past_the_context_is_one_warning_and_texts_stop_at_the_context(swe_model, vocabulary):
+    from gptsan.generate.cli import build_prompts
+    from gptsan.tokenizer import load_tokenizer
+
+    path, config, _ = swe_model  # num_contexts 64
+    (prompt,) = build_prompts(load_tokenizer("swe", vocabulary), ["今日は"], None)
+    room = config.num_contexts - 1 - len(prompt.ids)  # the spout takes one slot
+    assert len(prompt.ids) == 4  # start, segmenter, 今日, は
+    proc = run_cli("gptsan.generate.cli", "--model", path, "--vocabulary", vocabulary, "--context", "今日は",
+                   "--spout", "1", "--max_generate", "200", "--top_k", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == (f"warning: --max_generate 200: the model's 64-token context leaves room for {room} new "
+                           "tokens after the longest prompt and the spout slot; texts stop there\n")
+    proc = run_cli("gptsan.generate.cli", "--model", path, "--vocabulary", vocabulary, "--context", "今日は",
+                   "--spout", "1", "--max_generate", str(room), "--top_k", "1")
+    assert proc.returncode == 0 and proc.stderr == ""
+
 def test_spout_flag_values():
     np.testing.assert_array_equal(parse_spout("2", 4, 2), [[0, 0, 1, 0]] * 2)
     np.testing.assert_array_equal(parse_spout("zeros", 3, 1), [[0, 0, 0]])

@@ -19,7 +19,7 @@ import json
 import sys
 
 from gptsan import storage
-from gptsan.errors import UserError, cli_main
+from gptsan.errors import UserError, cli_main, warn
 from gptsan.generate.prompt import Prompt, causal_prompt, left_pad, never_sampled, prefix_prompt
 from gptsan.generate.sampling import Sampler
 from gptsan.generate.spout import parse_spout
@@ -125,6 +125,7 @@ def generate_texts(args, config, params, tokenizer, contexts) -> list[dict]:
     records = []
     if args.beam_width > 1:
         spout = parse_spout(args.spout, config.num_spout, len(prompts), args.seed)
+        warn_if_cut_by_the_context(config, prompts, args.max_generate, spout is not None)
         decoder = BeamDecoder(config, args.beam_width, special.end, args.length_penalty, never_sampled(special),
                               tokenizer.model_input_map())
         result = decoder.generate(params, left_pad(prompts, special.nottoken), args.max_generate, spout)
@@ -137,6 +138,7 @@ def generate_texts(args, config, params, tokenizer, contexts) -> list[dict]:
     rows = [(context, i) for context in contexts for i in range(args.num_generate)]
     batch = left_pad([p for p in prompts for _ in range(args.num_generate)], special.nottoken)
     spout = parse_spout(args.spout, config.num_spout, len(rows), args.seed)
+    warn_if_cut_by_the_context(config, prompts, args.max_generate, spout is not None)
     sampler = Sampler(args.temperature, args.top_k, args.top_p, never_sampled(special))
     decoder = Decoder(config, sampler, special.end, tokenizer.model_input_map())
     if args.stream:
@@ -148,6 +150,18 @@ def generate_texts(args, config, params, tokenizer, contexts) -> list[dict]:
         records.append({"context": context, "index": i, "text": output_text(tokenizer, ids),
                         "tokens": ids.tolist()})
     return records
+
+
+def warn_if_cut_by_the_context(config, prompts: list[Prompt], max_generate: int, has_spout: bool) -> None:
+    """One warning line when the model's context leaves some prompt less room than --max_generate: its texts
+    stop there (the original cut them silently)."""
+    from gptsan.generate.decode import room_left
+
+    room = int(room_left(config, [len(p.ids) for p in prompts], has_spout).min())
+    if max_generate > room:
+        warn(f"--max_generate {max_generate}: the model's {config.num_contexts}-token context leaves room "
+             f"for {room} new tokens after the longest prompt{' and the spout slot' if has_spout else ''}; "
+             "texts stop there")
 
 
 def stream_one(decoder, params, batch, args, spout, tokenizer) -> list[int]:
