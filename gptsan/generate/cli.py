@@ -154,7 +154,7 @@ def generate_texts(args, config, params, tokenizer, contexts) -> list[dict]:
 
 def warn_if_cut_by_the_context(config, prompts: list[Prompt], max_generate: int, has_spout: bool) -> None:
     """One warning line when the model's context leaves some prompt less room than --max_generate: its texts
-    stop there (the original cut them silently)."""
+    stop there, shorter than asked."""
     from gptsan.generate.decode import room_left
 
     room = int(room_left(config, [len(p.ids) for p in prompts], has_spout).min())
