@@ -109,7 +109,6 @@ def test_a_folder_given_as_a_file_is_one_error_line(swe_model, vocabulary, tmp_p
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: {tmp_path}: is a folder; expected a file"
 
 
-
 def test_an_output_that_cannot_be_written_is_one_error_line_before_generating(swe_model, vocabulary, tmp_path):
     path, _, _ = swe_model
     (tmp_path / "a_file").write_text("x")
@@ -134,7 +133,8 @@ def test_an_output_in_new_folders_is_written_there(swe_model, vocabulary, tmp_pa
     assert json.loads(out.read_text(encoding="utf-8").splitlines()[0])["context"] == "x"
 
 
-def test_a_max_generate_past_the_context_is_one_warning_and_texts_stop_at_the_context(swe_model, vocabulary):
+def test_a_max_generate_past_the_context_is_one_warning_and_texts_stop_at_the_context(swe_model, vocabulary,
+                                                                                        tmp_path):
     from gptsan.generate.cli import build_prompts
     from gptsan.tokenizer import load_tokenizer
 
@@ -142,14 +142,18 @@ def test_a_max_generate_past_the_context_is_one_warning_and_texts_stop_at_the_co
     (prompt,) = build_prompts(load_tokenizer("swe", vocabulary), ["今日は"], None)
     room = config.num_contexts - 1 - len(prompt.ids)  # the spout takes one slot
     assert len(prompt.ids) == 4  # start, segmenter, 今日, は
+    out = tmp_path / "out.jsonl"
     proc = run_cli("gptsan.generate.cli", "--model", path, "--vocabulary", vocabulary, "--context", "今日は",
-                   "--spout", "1", "--max_generate", "200", "--top_k", "1")
+                   "--spout", "1", "--max_generate", "200", "--num_generate", "4", "--output", out)
     assert proc.returncode == 0, proc.stderr
+    lengths = [len(json.loads(line)["tokens"]) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(lengths) == 4 and max(lengths) == room  # a random model rarely ends a text
     assert proc.stderr == (f"warning: --max_generate 200: the model's 64-token context leaves room for {room} new "
                            "tokens after the longest prompt and the spout slot; texts stop there\n")
     proc = run_cli("gptsan.generate.cli", "--model", path, "--vocabulary", vocabulary, "--context", "今日は",
                    "--spout", "1", "--max_generate", str(room), "--top_k", "1")
     assert proc.returncode == 0 and proc.stderr == ""
+
 
 def test_spout_flag_values():
     np.testing.assert_array_equal(parse_spout("2", 4, 2), [[0, 0, 1, 0]] * 2)

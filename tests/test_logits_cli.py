@@ -124,6 +124,7 @@ def test_cli_missing_input_file_and_model(tmp_path, tiny_hf_dir, capsys):
                  str(under_a_file)]) == 2  # the output is checked before the model is read
     assert capsys.readouterr().err == f"error: --output {under_a_file}: {tmp_path / 'a_file'} is a file, not a folder\n"
 
+
 def test_greedy_continuation_from_loaded_checkpoint(tiny_tf_dir, tiny_cases):
     """12 greedy tokens by full forwards of the loaded model reproduce the fixture's greedy_out. The causal
     mask lets every step run on the final length (later slots hold zeros) and compile once."""
