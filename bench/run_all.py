@@ -24,6 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_VOCABULARY = ROOT.parent / "shared" / "vocab" / "ja-swe36k.txt"
+HALTPOLL_NS = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
 
 
 def cpu_has_bfloat16() -> bool:
@@ -34,6 +35,17 @@ def cpu_has_bfloat16() -> bool:
     except OSError:
         return True
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def idle_polling() -> str:
+    """How long an idle vCPU of this KVM guest polls before it halts (the haltpoll driver's setting), as a note
+    for the table's header, or "" where there is no such driver. XLA's matrix-vector products hand work between
+    threads dozens of times a decode step, and a halted vCPU waits for the hypervisor to wake it: at 200000 ns
+    instead of 0 the matvec chain ran 4-8% faster on the bench host (bench/RESULTS.md, eighteenth session)."""
+    try:
+        return f", haltpoll guest_halt_poll_ns {HALTPOLL_NS.read_text().strip()}"
+    except OSError:
+        return ""
 
 
 def benches(vocabulary: Path, bfloat16: bool, hf_kept_memory: bool = False) -> list[tuple[str, list[str]]]:
@@ -132,7 +144,7 @@ def main(argv=None) -> int:
             print(f"# encode.py: vocabulary {args.vocabulary} not found, skipped", file=sys.stderr)
             continue
         records += run_bench(script, arguments)
-    print(f"machine load {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs")
+    print(f"machine load {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs{idle_polling()}")
     print(table(records))
     print("\n".join(target_lines(records)))
     if args.json:

@@ -130,3 +130,12 @@ def test_run_all_reports_each_target_of_the_run():
         "target: extended-only training, times the HF port >= 1.2: 1.190 (not met)",
         "target: batch-1 decode, fraction of the memory bandwidth >= 0.8: not measured",
     ]
+
+
+def test_run_all_notes_how_idle_vcpus_wait(monkeypatch, tmp_path):
+    setting = tmp_path / "guest_halt_poll_ns"
+    setting.write_text("200000\n")
+    monkeypatch.setattr(run_all, "HALTPOLL_NS", setting)
+    assert run_all.idle_polling() == ", haltpoll guest_halt_poll_ns 200000"
+    monkeypatch.setattr(run_all, "HALTPOLL_NS", tmp_path / "absent")
+    assert run_all.idle_polling() == ""
