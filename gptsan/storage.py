@@ -92,7 +92,7 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
     if is_remote(path):
         fs.pipe_file(p, data)
         return
-    os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
+    os.makedirs(parent(path), exist_ok=True)
     tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
     with fs.open(tmp, "wb") as f:
         f.write(data)
