@@ -71,7 +71,8 @@ def test_bench_train_prints_one_json_line_per_mode():
                                                                                          "float32")
         assert record["flops_per_token"] == bench_train.flops_per_token(load_config(ROOT / "configs/tiny.json"),
                                                                         64, record["trainable"])
-        assert record["flop_per_s"] == pytest.approx(record["flops_per_token"] * record["tokens_per_s"], rel=1e-3)
+        assert record["flop_per_s"] == pytest.approx(record["flops_per_token"] * record["tokens_per_s"],
+                                                     abs=record["flops_per_token"] * 0.05 + 1)  # tokens/s to 0.1
         assert record["peak_fraction"] == pytest.approx(record["flop_per_s"] / record["matmul_peak_flop_per_s"],
                                                         abs=1e-4)
         assert record["tokens_per_s"] > 0 and record["loss"] == pytest.approx(6.24, abs=0.3)  # ~ln(512) at init
