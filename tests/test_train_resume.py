@@ -137,7 +137,9 @@ def test_sigkill_loses_at_most_the_steps_since_the_last_save(tmp_path, compilati
     killed_at = max(logged)
     last_save = ocp.CheckpointManager(out).latest_step()
     assert last_save >= 15 and last_save % 5 == 0
-    assert killed_at - last_save < 5 + 5  # at most the steps since the last save (plus one async save)
+    # at most the steps since the last save, plus one save period when that save was still being written: step
+    # N + 5 is logged, then its save waits for save N, so the last complete one can be N - 5
+    assert killed_at - last_save <= 5 + 5
 
     state = run(RunConfig(parameter_file=str(parameter_file), input_files=files, progress=False,
                           log_every=1, max_training_step=last_save + 2))
