@@ -149,3 +149,45 @@ def test_gptsan_column_matches_the_spec(tool):
         assert (mark != "new") == (flag in spec_flags), (
             f"{tool}: {flag} is marked {mark!r} in docs/flags.md, but the spec's original command line "
             f"{'has' if flag in spec_flags else 'lacks'} it")
+
+
+# The pages whose examples run the tools (docs/flags.md is checked section by section above).
+EXAMPLE_PAGES = [ROOT / "README.md", *sorted(p for p in (ROOT / "docs").glob("*.md") if p.name != "flags.md")]
+CODE = re.compile(r"```[^\n]*\n(.*?)```|`([^`\n]+)`", re.S)
+
+
+def command_lines(text: str) -> list[str]:
+    """Each command written in a code block or an inline code span, continuation lines joined."""
+    lines = []
+    for block, span in CODE.findall(text):
+        code = re.sub(r"\\\n\s*", " ", block or span)
+        lines += [part.strip() for line in code.splitlines() for part in re.split(r"&&|;| \| ", line)]
+    return lines
+
+
+def invoked_tool(command: str) -> tuple[str, list[str]] | None:
+    """The tool a command runs (a console script or one of the scripts) and the words after its name."""
+    by_script = {script: tool for tool, script in ORIGINAL_SCRIPTS.items()}
+    words = command.split()
+    for i, word in enumerate(words):
+        tool = word if word in TOOLS else by_script.get(word)
+        if tool is not None:
+            return tool, words[i + 1:]
+    return None
+
+
+@pytest.mark.parametrize("page", EXAMPLE_PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_example_commands_use_real_flags(page):
+    """Every `--flag` of a tool's command line in the README and docs/ is an option of that tool."""
+    checked, unknown = 0, []
+    for command in command_lines(page.read_text(encoding="utf-8")):
+        found = invoked_tool(command)
+        if found is None:
+            continue
+        tool, words = found
+        checked += 1
+        known = set(options(build_parser(tool))) | HELP
+        unknown += [f"{tool} {flag}" for flag in FLAG.findall(" ".join(words)) if flag not in known]
+    assert not unknown, f"{page.name}: example commands use flags their tools do not define: {unknown}"
+    if page.name == "README.md":
+        assert checked >= 10, f"README.md: only {checked} tool command lines found; is the parser still right?"
