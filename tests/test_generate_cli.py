@@ -103,6 +103,18 @@ def test_generate_cli_errors_are_one_line_and_write_nothing(swe_model, vocabular
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("flag, value, line", [
+    ("--top_k", "-5", "error: --top_k: expected an integer >= 0 (0 = no cut), got -5"),
+    ("--top_p", "0", "error: --top_p: expected a number in (0, 1], got 0.0"),
+    ("--temperature", "nan", "error: --temperature: expected a number >= 0, got nan"),
+])
+def test_a_bad_sampling_flag_is_the_only_line_before_anything_loads(vocabulary, tmp_path, flag, value, line):
+    """Checked before the model: no warning about the model's context first, and a missing model is not reached."""
+    proc = run_cli("gptsan.generate.cli", "--model", tmp_path / "no-model", "--vocabulary", vocabulary,
+                   "--context", "x", flag, value)
+    assert proc.returncode == 2 and proc.stderr.strip() == line
+
+
 def test_a_folder_given_as_a_file_is_one_error_line(swe_model, vocabulary, tmp_path):
     path, _, _ = swe_model
     proc = run_cli("gptsan.generate.cli", "--model", path, "--vocabulary", vocabulary, "--input_file", tmp_path)

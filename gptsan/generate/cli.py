@@ -95,6 +95,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--num_generate: at most --beam_width ({args.beam_width}) hypotheses per context")
     if args.stream and (args.beam_width > 1 or args.input_file or args.num_generate > 1):
         raise UserError("--stream: streams one sampled text (one --context, --num_generate 1, --beam_width 1)")
+    Sampler(args.temperature, args.top_k, args.top_p)  # checks the sampling flags before the model loads
     if args.output:
         storage.check_output_file(args.output, "--output")
 
