@@ -39,9 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
 def read_npy(path: str, flag: str) -> np.ndarray:
     try:
         with storage.open_file(path, "rb") as f:
-            return np.load(io.BytesIO(f.read()), allow_pickle=False)
+            data = f.read()
     except FileNotFoundError:
         raise UserError(f"{flag} {path}: file not found") from None
+    if not data.startswith(np.lib.format.MAGIC_PREFIX):
+        raise UserError(f"{flag} {path}: not a .npy file (expected an array written by numpy.save)")
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError) as err:
         raise UserError(f"{flag} {path}: not a readable .npy array ({err})") from None
 

@@ -118,6 +118,14 @@ def test_cli_missing_input_file_and_model(tmp_path, tiny_hf_dir, capsys):
                  str(tmp_path / "o.npy")]) == 2
     assert "model directory not found" in capsys.readouterr().err
 
+    (tmp_path / "ids.txt").write_text("1 2 3\n")
+    np.save(tmp_path / "objects.npy", np.array([[1], "a"], dtype=object))
+    for name, reason in [("ids.txt", "not a .npy file (expected an array written by numpy.save)"),
+                         ("objects.npy", "not a readable .npy array (Object arrays cannot be loaded")]:
+        assert main(["--model", str(tiny_hf_dir), "--ids", str(tmp_path / name), "--output",
+                     str(tmp_path / "o.npy")]) == 2
+        assert capsys.readouterr().err.startswith(f"error: --ids {tmp_path / name}: {reason}")
+
     (tmp_path / "a_file").write_text("x")
     under_a_file = tmp_path / "a_file" / "o.npy"
     assert main(["--model", str(tmp_path / "nomodel"), "--ids", str(tmp_path / "ids.npy"), "--output",
