@@ -1,6 +1,7 @@
 """Resuming: k steps + restart + k steps equals 2k steps straight (float32, CPU), and a run killed with
 SIGKILL restarts from its last completed checkpoint."""
 
+import functools
 import json
 import os
 import signal
@@ -15,12 +16,16 @@ import orbax.checkpoint as ocp
 import pytest
 
 from gptsan.errors import UserError
-from gptsan.model.params import flatten
+from gptsan.model.params import expected_shapes, flatten
 from gptsan.train.config import RunConfig
 from gptsan.train.loop import run, warn_of_ignored_prefixes
+from gptsan.train.optim import make_optimizer
+from gptsan.train.state import change_trainable_set
 from gptsan.train.step import StepOptions
 from tests.train_support import (
+    MINI_TRAIN_PARAMS,
     counting_corpus,
+    mini_config,
     persistent_compilation_cache,
     write_mini_parameters,
     write_records,
@@ -223,3 +228,63 @@ def test_another_model_in_the_output_dir_is_refused_before_anything_is_overwritt
     assert str(caught.value) == (f"train_params.output_dir {out}: holds a run of another model (num_hidden 32 -> 16); "
                                  "give a new output_dir")
     assert (out / "parameters.json").read_text() == saved
+
+
+def test_resuming_with_another_ignore_list_keeps_what_fits_and_says_so(tmp_path, capsys):
+    """Extended-only training, then the whole model from the same output_dir (the checkpoint's optimizer state
+    covers only the parameters trainable then). It used to fail as 'truncated, corrupt or from another model'."""
+    names = list(expected_shapes(mini_config()))
+    backbone = sorted(name for name in names if name.startswith("model/") and "1/" not in name)
+    (tmp_path / "ignore.json").write_text(json.dumps(backbone))
+    files = corpus_files(tmp_path)
+    parameter_file = write_mini_parameters(tmp_path / "m", tmp_path / "out", checkpoint_per_steps=100)
+    common = dict(parameter_file=str(parameter_file), input_files=files, progress=False, log_every=1)
+    first = run(RunConfig(ignore_parameters=str(tmp_path / "ignore.json"), max_training_step=2, **common))
+    capsys.readouterr()
+    resumed = run(RunConfig(max_training_step=3, **common))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: {tmp_path / 'out'}: resuming step 2 with another --ignore_parameters than the run that saved it "
+        f"({len(backbone)} parameters newly trainable, 0 newly frozen); the newly trainable ones start with zero "
+        "optimizer moments, the others keep theirs"]
+    assert int(resumed.step) == 3 and int(resumed.data_position) == 3
+    assert flatten(resumed.frozen) == {}
+    before, after = host_params(first), host_params(resumed)
+    assert all(not np.array_equal(before[name], after[name]) for name in backbone)  # trained now
+    steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def test_change_trainable_set_carries_the_optimizer_state_by_parameter(tmp_path):
+    """The state a resumed run starts from when the ignore list changed: parameters, step and data position as
+    saved; moments kept for parameters trainable before and now, zero for the newly trainable; step counts kept."""
+    names = list(expected_shapes(mini_config()))
+    before_frozen = frozenset(name for name in names if name.startswith("model/") and "1/" not in name)
+    now_frozen = frozenset({"model/att1/o/kernel", "model/wte"})
+    (tmp_path / "ignore.json").write_text(json.dumps(sorted(before_frozen)))
+    parameter_file = write_mini_parameters(tmp_path / "m", tmp_path / "out", checkpoint_per_steps=100)
+    saved = run(RunConfig(parameter_file=str(parameter_file), input_files=corpus_files(tmp_path), progress=False,
+                          spout_vector="uniform", ignore_parameters=str(tmp_path / "ignore.json"),
+                          max_training_step=3))
+    optimizer, _ = make_optimizer("adam", MINI_TRAIN_PARAMS["base_lr"], MINI_TRAIN_PARAMS["num_warmup_steps"])
+
+    changed = jax.jit(functools.partial(change_trainable_set, frozen_names=now_frozen, optimizer=optimizer))(saved)
+
+    assert sorted(flatten(changed.frozen)) == sorted(now_frozen)
+    for name, value in host_params(saved).items():
+        np.testing.assert_array_equal(host_params(changed)[name], value, err_msg=name)
+    assert int(changed.step) == int(saved.step) == 3 and int(changed.data_position) == 3
+    np.testing.assert_array_equal(np.asarray(changed.rng), np.asarray(saved.rng))
+    adam_before, adam_now = saved.opt_state[0], changed.opt_state[0]
+    for moments_before, moments_now in ((adam_before.mu, adam_now.mu), (adam_before.nu, adam_now.nu)):
+        kept, now = flatten(moments_before), flatten(moments_now)
+        assert sorted(now) == sorted(set(names) - now_frozen)
+        for name, value in now.items():
+            if name in before_frozen:  # newly trainable
+                assert not np.any(np.asarray(value)), name
+            else:
+                assert np.any(np.asarray(value)), name  # trained for 3 steps
+                np.testing.assert_array_equal(np.asarray(value), np.asarray(kept[name]), err_msg=name)
+    counts = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(changed.opt_state)[0]
+              if "count" in jax.tree_util.keystr(path)]
+    assert counts and all(int(count) == 3 for count in counts)  # the learning-rate schedule goes on

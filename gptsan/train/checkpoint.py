@@ -35,6 +35,19 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def saved_run(self) -> dict:
+        """The record of the run that saved the latest checkpoint (its settings), without its state."""
+        step = self.manager.latest_step()
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
+        except Exception as err:  # as in restore(): a checkpoint that cannot be read
+            raise self.unreadable(step, err) from None
+
+    def unreadable(self, step: int, err: Exception) -> UserError:
+        return UserError(f"{self.directory}: cannot resume from its step-{step} checkpoint (truncated, corrupt or "
+                         f"from another model?): {error_summary(err)}; move {step}/ aside to resume from an "
+                         "earlier one")
+
     def restore(self, abstract_state: TrainState) -> tuple[TrainState, dict]:
         """The latest checkpoint, laid out as `abstract_state` (shapes, dtypes and shardings)."""
         target = flax.serialization.to_state_dict(abstract_state)
@@ -44,9 +57,7 @@ class Checkpointer:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(target), run=ocp.args.JsonRestore()))
         except Exception as err:  # orbax/tensorstore raise several types for unreadable or mismatched data
-            raise UserError(f"{self.directory}: cannot resume from its step-{step} checkpoint (truncated, corrupt "
-                            f"or from another model?): {error_summary(err)}; move {step}/ aside to resume from "
-                            "an earlier one") from None
+            raise self.unreadable(step, err) from None
         return flax.serialization.from_state_dict(abstract_state, restored["state"]), restored["run"]
 
     def due(self, step: int) -> bool:

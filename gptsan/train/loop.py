@@ -38,7 +38,7 @@ from gptsan.train.metrics import MetricsWriter, summarise
 from gptsan.train.optim import make_optimizer
 from gptsan.train.precision import LossScale, compute_dtype
 from gptsan.train.spout import check_spout_kind
-from gptsan.train.state import TrainState, check_frozen_names, create_state, split_params
+from gptsan.train.state import TrainState, change_trainable_set, check_frozen_names, create_state, split_params
 from gptsan.train.step import StepOptions, make_eval_step
 
 PARAMETERS = "parameters.json"
@@ -122,6 +122,18 @@ def warn_of_changed_settings(output_dir: str, state: TrainState, saved_run: dict
     if changed:
         warn(f"{output_dir}: resuming step {int(state.step)} with other settings than the run that saved it "
              f"({'; '.join(changed)}); reading goes on from batch {int(state.data_position)} of the data given now")
+
+
+def warn_of_changed_trainable_set(output_dir: str, state: TrainState, saved_frozen: frozenset[str],
+                                  frozen_names: frozenset[str]) -> None:
+    """One warning line when a resumed run trains another set of parameters than the run that saved it (another
+    --ignore_parameters): allowed, e.g. to unfreeze the backbone after training the extended layers."""
+    if saved_frozen == frozen_names:
+        return
+    unfrozen, newly_frozen = len(saved_frozen - frozen_names), len(frozen_names - saved_frozen)
+    warn(f"{output_dir}: resuming step {int(state.step)} with another --ignore_parameters than the run that saved "
+         f"it ({unfrozen} parameters newly trainable, {newly_frozen} newly frozen); the newly trainable ones start "
+         "with zero optimizer moments, the others keep theirs")
 
 
 def warn_of_ignored_prefixes(input_files: str, options: StepOptions, batch: dict) -> None:
@@ -225,11 +237,19 @@ def run(cfg: RunConfig) -> TrainState:
                   "spout_vector": cfg.spout_vector, "mode": options.mode, "seed": cfg.seed,
                   "input_files": cfg.input_files}
     if checkpointer.latest_step() is not None:
-        target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                        abstract, shardings)
-        state, saved_run = checkpointer.restore(target)
+        saved_frozen = frozenset(checkpointer.saved_run().get("ignore_parameters", frozen_names))
+        if saved_frozen == frozen_names:
+            state, saved_run = checkpointer.restore(restore_target(abstract, shardings))
+        else:  # restored as saved, then split anew (the optimizer state of the old split kept where it fits)
+            saved_abstract = jax.eval_shape(functools.partial(init, frozen_names=saved_frozen),
+                                            abstract_params(config))
+            saved_shardings = state_shardings(saved_abstract, config, mesh, optimizer, saved_frozen)
+            saved_state, saved_run = checkpointer.restore(restore_target(saved_abstract, saved_shardings))
+            resplit = functools.partial(change_trainable_set, frozen_names=frozen_names, optimizer=optimizer)
+            state = jax.jit(resplit, out_shardings=shardings, donate_argnums=0)(saved_state)
         if jax.process_index() == 0:
             warn_of_changed_settings(train.output_dir, state, saved_run, run_record)
+            warn_of_changed_trainable_set(train.output_dir, state, saved_frozen, frozen_names)
     elif (params := load_initial_params(model_dir, config)) is not None:
         params = jax.device_put(params, param_shardings(config, mesh))
         state = jax.jit(init, out_shardings=shardings)(params)
@@ -303,6 +323,12 @@ def run(cfg: RunConfig) -> TrainState:
         checkpointer.close()
         writer.close()
     return state
+
+
+def restore_target(abstract: TrainState, shardings: TrainState) -> TrainState:
+    """The restore target: each leaf's shape and dtype with the sharding it is to be read into."""
+    return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                                  shardings)
 
 
 def state_shardings(abstract: TrainState, config: ModelConfig, mesh, optimizer: optax.GradientTransformation,

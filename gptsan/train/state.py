@@ -63,3 +63,23 @@ def create_state(params: dict, frozen_names: frozenset[str], optimizer: optax.Gr
     return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, frozen=frozen,
                       opt_state=optimizer.init(trainable), rng=jax.random.PRNGKey(seed),
                       loss_scale=loss_scale, data_position=jnp.zeros((), jnp.int32))
+
+
+def change_trainable_set(state: TrainState, frozen_names: frozenset[str],
+                         optimizer: optax.GradientTransformation) -> TrainState:
+    """The state trained with another ignore list (pure: usable under jax.jit). Parameters, step, rng, loss
+    scale and data position are kept. The optimizer state is the new split's, filled from the old wherever a
+    leaf has the same path, shape and dtype in both: the moments of parameters trainable before and now, and
+    the step counts (so the learning-rate schedule goes on). Parameters newly trainable start with zero moments;
+    the newly frozen ones' moments are dropped."""
+    trainable, frozen = split_params(state.all_params, frozen_names)
+    old = {jax.tree_util.keystr(path): leaf
+           for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]}
+
+    def carried(path, fresh):
+        leaf = old.get(jax.tree_util.keystr(path))
+        same = leaf is not None and jnp.shape(leaf) == jnp.shape(fresh) and jnp.result_type(leaf) == fresh.dtype
+        return leaf if same else fresh
+
+    opt_state = jax.tree_util.tree_map_with_path(carried, optimizer.init(trainable))
+    return state.replace(params=trainable, frozen=frozen, opt_state=opt_state)
