@@ -245,8 +245,9 @@ def test_resuming_with_another_ignore_list_keeps_what_fits_and_says_so(tmp_path,
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert warnings == [
         f"warning: {tmp_path / 'out'}: resuming step 2 with another --ignore_parameters than the run that saved it "
-        f"({len(backbone)} parameters newly trainable, 0 newly frozen); the newly trainable ones start with zero "
-        "optimizer moments, the others keep theirs"]
+        f"({len(backbone)} parameters newly trainable, 0 newly frozen): the newly trainable start with zero "
+        "optimizer moments at the current learning rate, with no new warmup (a new train_params.output_dir starts "
+        "over, at step 0, from these parameters)"]
     assert int(resumed.step) == 3 and int(resumed.data_position) == 3
     assert flatten(resumed.frozen) == {}
     before, after = host_params(first), host_params(resumed)

@@ -132,8 +132,9 @@ def warn_of_changed_trainable_set(output_dir: str, state: TrainState, saved_froz
         return
     unfrozen, newly_frozen = len(saved_frozen - frozen_names), len(frozen_names - saved_frozen)
     warn(f"{output_dir}: resuming step {int(state.step)} with another --ignore_parameters than the run that saved "
-         f"it ({unfrozen} parameters newly trainable, {newly_frozen} newly frozen); the newly trainable ones start "
-         "with zero optimizer moments, the others keep theirs")
+         f"it ({unfrozen} parameters newly trainable, {newly_frozen} newly frozen): the newly trainable start with "
+         "zero optimizer moments at the current learning rate, with no new warmup (a new train_params.output_dir "
+         "starts over, at step 0, from these parameters)")
 
 
 def warn_of_ignored_prefixes(input_files: str, options: StepOptions, batch: dict) -> None:
