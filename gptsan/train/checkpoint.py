@@ -40,7 +40,7 @@ class Checkpointer:
         step = self.manager.latest_step()
         try:
             return self.manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
-        except Exception as err:  # as in restore(): a checkpoint that cannot be read
+        except Exception as err:  # orbax raises several types for unreadable data
             raise self.unreadable(step, err) from None
 
     def unreadable(self, step: int, err: Exception) -> UserError:
@@ -48,17 +48,16 @@ class Checkpointer:
                          f"from another model?): {error_summary(err)}; move {step}/ aside to resume from an "
                          "earlier one")
 
-    def restore(self, abstract_state: TrainState) -> tuple[TrainState, dict]:
-        """The latest checkpoint, laid out as `abstract_state` (shapes, dtypes and shardings)."""
+    def restore(self, abstract_state: TrainState) -> TrainState:
+        """The latest checkpoint's state, laid out as `abstract_state` (shapes, dtypes and shardings)."""
         target = flax.serialization.to_state_dict(abstract_state)
         step = self.manager.latest_step()
         drop_late_orbax_reads()
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), run=ocp.args.JsonRestore()))
+            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         except Exception as err:  # orbax/tensorstore raise several types for unreadable or mismatched data
             raise self.unreadable(step, err) from None
-        return flax.serialization.from_state_dict(abstract_state, restored["state"]), restored["run"]
+        return flax.serialization.from_state_dict(abstract_state, restored["state"])
 
     def due(self, step: int) -> bool:
         by_steps = self.every_steps > 0 and step % self.every_steps == 0

@@ -238,14 +238,15 @@ def run(cfg: RunConfig) -> TrainState:
                   "spout_vector": cfg.spout_vector, "mode": options.mode, "seed": cfg.seed,
                   "input_files": cfg.input_files}
     if checkpointer.latest_step() is not None:
-        saved_frozen = frozenset(checkpointer.saved_run().get("ignore_parameters", frozen_names))
+        saved_run = checkpointer.saved_run()
+        saved_frozen = frozenset(saved_run.get("ignore_parameters", frozen_names))
         if saved_frozen == frozen_names:
-            state, saved_run = checkpointer.restore(restore_target(abstract, shardings))
+            state = checkpointer.restore(restore_target(abstract, shardings))
         else:  # restored as saved, then split anew (the optimizer state of the old split kept where it fits)
             saved_abstract = jax.eval_shape(functools.partial(init, frozen_names=saved_frozen),
                                             abstract_params(config))
             saved_shardings = state_shardings(saved_abstract, config, mesh, optimizer, saved_frozen)
-            saved_state, saved_run = checkpointer.restore(restore_target(saved_abstract, saved_shardings))
+            saved_state = checkpointer.restore(restore_target(saved_abstract, saved_shardings))
             resplit = functools.partial(change_trainable_set, frozen_names=frozen_names, optimizer=optimizer)
             state = jax.jit(resplit, out_shardings=shardings, donate_argnums=0)(saved_state)
         if jax.process_index() == 0:

@@ -78,7 +78,7 @@ def change_trainable_set(state: TrainState, frozen_names: frozenset[str],
 
     def carried(path, fresh):
         leaf = old.get(jax.tree_util.keystr(path))
-        same = leaf is not None and jnp.shape(leaf) == jnp.shape(fresh) and jnp.result_type(leaf) == fresh.dtype
+        same = leaf is not None and leaf.shape == fresh.shape and leaf.dtype == fresh.dtype
         return leaf if same else fresh
 
     opt_state = jax.tree_util.tree_map_with_path(carried, optimizer.init(trainable))
