@@ -153,6 +153,37 @@ def test_sigkill_loses_at_most_the_steps_since_the_last_save(tmp_path, compilati
     assert steps_after[len(logged):] == [last_save + 1, last_save + 2]
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_preemption_or_ctrl_c_saves_the_step_reached_and_exits_0(tmp_path, compilation_cache, signum):
+    """SIGTERM (a preempted VM) or a first Ctrl-C: the step in flight ends, its checkpoint is saved, exit 0. A
+    Ctrl-C used to exit 130 at once, losing every step since the last periodic save."""
+    files = corpus_files(tmp_path)
+    out = tmp_path / "out"
+    parameter_file = write_mini_parameters(tmp_path / "model", out, checkpoint_per_steps=1000)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_COMPILATION_CACHE_DIR": str(compilation_cache),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+    cmd = [sys.executable, str(ROOT / "run_training.py"), "--input_files", files, "--parameter_file",
+           str(parameter_file), "--log_every", "1", "--no_progress"]
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    try:
+        while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
+            assert process.poll() is None, process.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "no 3 steps in time"
+            time.sleep(0.05)
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 0, stderr[-2000:]
+    if signum == signal.SIGINT:
+        assert ("interrupt: saving a checkpoint after this step, then stopping (Ctrl-C again: stop without "
+                "saving)") in stderr
+    logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert ocp.CheckpointManager(out).all_steps() == [max(logged)] and max(logged) >= 3
+
+
 def test_a_truncated_latest_checkpoint_is_one_clear_error(tmp_path):
     """Resuming from a checkpoint whose data files were cut short: a UserError naming the output_dir, the
     step and the way out, not Orbax's exception."""

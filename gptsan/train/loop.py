@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -181,23 +182,31 @@ def load_initial_params(model_dir: str, config: ModelConfig) -> dict | None:
 
 # ---- preemption -----------------------------------------------------------------------------------------
 class StopFlag:
-    """Set by SIGTERM (preemption): the loop saves a checkpoint and returns."""
+    """Set by SIGTERM (preemption) or a first Ctrl-C: the loop saves a checkpoint after the current step and
+    returns. A second Ctrl-C stops at once, without saving (KeyboardInterrupt, as Python's default)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self.requested:
+                raise KeyboardInterrupt
+            print("\ninterrupt: saving a checkpoint after this step, then stopping (Ctrl-C again: stop without "
+                  "saving)", file=sys.stderr, flush=True)
         self.requested = True
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 # ---- the run --------------------------------------------------------------------------------------------
