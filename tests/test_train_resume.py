@@ -18,7 +18,7 @@ import pytest
 from gptsan.errors import UserError
 from gptsan.model.params import expected_shapes, flatten
 from gptsan.train.config import RunConfig
-from gptsan.train.loop import run, warn_of_ignored_prefixes
+from gptsan.train.loop import StopFlag, run, warn_of_ignored_prefixes
 from gptsan.train.optim import make_optimizer
 from gptsan.train.state import change_trainable_set
 from gptsan.train.step import StepOptions
@@ -182,6 +182,20 @@ def test_preemption_or_ctrl_c_saves_the_step_reached_and_exits_0(tmp_path, compi
                 "saving)") in stderr
     logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert ocp.CheckpointManager(out).all_steps() == [max(logged)] and max(logged) >= 3
+
+
+def test_a_second_ctrl_c_stops_without_saving(capsys):
+    previous = signal.getsignal(signal.SIGINT)
+    with StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and capsys.readouterr().err == ""
+    with StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and capsys.readouterr().err.startswith("\ninterrupt: saving a checkpoint")
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs in the main thread at the next bytecode
+    assert signal.getsignal(signal.SIGINT) is previous
 
 
 def test_a_truncated_latest_checkpoint_is_one_clear_error(tmp_path):
