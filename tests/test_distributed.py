@@ -3,9 +3,11 @@ like one process with 8 devices: same losses, and one checkpoint written jointly
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 
 from tests.distributed_worker import STEPS, train_losses
+from tests.train_support import counting_corpus, write_mini_parameters, write_records
 
 ROOT = Path(__file__).resolve().parents[1]
 # float32 on CPU; the same program over two processes (gloo all-reduces): measured 1.0e-7 relative.
@@ -52,3 +55,39 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
     np.testing.assert_allclose(distributed, single, rtol=TOLERANCE)
     # One checkpoint, written jointly (each process its shards, process 0 the metadata).
     assert sorted(path.name for path in checkpoints.iterdir()) == [str(STEPS)]
+
+
+@pytest.mark.parametrize("signum, receiver", [(signal.SIGTERM, 1), (signal.SIGINT, 0)], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_one_process_stops_all_after_the_same_step_with_one_checkpoint(tmp_path, signum, receiver):
+    """run_training.py in two processes; a preemption notice (SIGTERM) or a Ctrl-C reaches one of them. Both
+    stop after the same step, save it jointly and exit 0. The signalled process used to leave the loop alone
+    and the other's next collective failed ('Gloo AllGather failed'), with no checkpoint."""
+    write_records(tmp_path / "train-0.tfrecord", counting_corpus(40, 16, 128, seed=0, period=8))
+    out = tmp_path / "out"
+    parameter_file = write_mini_parameters(tmp_path / "model", out, checkpoint_per_steps=1000)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=1")}
+    coordinator = f"127.0.0.1:{free_port()}"
+    workers = [subprocess.Popen([sys.executable, str(ROOT / "run_training.py"), "--input_files",
+                                 str(tmp_path / "train-*.tfrecord"), "--parameter_file", str(parameter_file),
+                                 "--coordinator_address", coordinator, "--num_processes", "2", "--process_id",
+                                 str(index), "--log_every", "1", "--no_progress"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+               for index in range(2)]
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    try:
+        while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:
+            assert all(worker.poll() is None for worker in workers), [w.stderr.read()[-2000:] for w in workers]
+            assert time.monotonic() < deadline, "no 3 steps in time"
+            time.sleep(0.05)
+        workers[receiver].send_signal(signum)
+        errors = [worker.communicate(timeout=120)[1] for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait()
+    assert [worker.returncode for worker in workers] == [0, 0], [err[-2000:] for err in errors]
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert sorted(path.name for path in out.iterdir() if path.name.isdigit()) == [str(max(logged))]
+    assert logged == list(range(1, max(logged) + 1))

@@ -183,26 +183,44 @@ def load_initial_params(model_dir: str, config: ModelConfig) -> dict | None:
 # ---- preemption -----------------------------------------------------------------------------------------
 class StopFlag:
     """Set by SIGTERM (preemption) or a first Ctrl-C: the loop saves a checkpoint after the current step and
-    returns. A second Ctrl-C stops at once, without saving (KeyboardInterrupt, as Python's default)."""
+    returns. A second Ctrl-C stops at once, without saving (KeyboardInterrupt, as Python's default).
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    In a run of several processes all of them must stop after the same step (steps and saves are collective),
+    and a signal may reach one process or reach them at different steps. There SIGTERM is left to JAX's
+    preemption service, which tells every process and makes them agree on the step; a first Ctrl-C is passed to
+    it as a SIGTERM to this process."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, processes: int = 1):
+        self.shared = processes > 1
+        self.requested = False  # save and stop after the current step
+        self.interrupted = False  # a first Ctrl-C came
         self._previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+            signals = (signal.SIGINT,) if self.shared else (signal.SIGTERM, signal.SIGINT)
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in signals}
         return self
 
     def _handle(self, signum, frame):
         if signum == signal.SIGINT:
-            if self.requested:
+            if self.interrupted:
                 raise KeyboardInterrupt
+            self.interrupted = True
             print("\ninterrupt: saving a checkpoint after this step, then stopping (Ctrl-C again: stop without "
                   "saving)", file=sys.stderr, flush=True)
+            if self.shared:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
         self.requested = True
+
+    def reached(self, step: int) -> bool:
+        """Whether to save and stop after `step` (called after every step, by every process)."""
+        if self.shared:
+            from jax.experimental import multihost_utils
+
+            self.requested = multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
 
     def __exit__(self, *exc):
         for signum, previous in self._previous.items():
@@ -301,7 +319,7 @@ def run(cfg: RunConfig) -> TrainState:
             return
         writer.write(step, {name: float(np.mean([row[name] for row in rows])) for name in rows[0]}, "eval")
 
-    with StopFlag() as stop:
+    with StopFlag(jax.process_count()) as stop:
         interval_start, interval_steps = time.perf_counter(), 0
         first_step = step
         while last_step is None or step < last_step:
@@ -325,7 +343,7 @@ def run(cfg: RunConfig) -> TrainState:
                 if not cfg.eval_every:
                     evaluate()
                 writer.flush()
-            if stop.requested:
+            if stop.reached(step):
                 break
         if step != checkpointer.last_saved_step:  # the final save (the loop's last step may have saved already)
             checkpointer.save(step, state, run_record)
