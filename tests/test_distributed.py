@@ -57,27 +57,36 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
     assert sorted(path.name for path in checkpoints.iterdir()) == [str(STEPS)]
 
 
-@pytest.mark.parametrize("signum, receiver", [(signal.SIGTERM, 1), (signal.SIGINT, 0)], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_to_one_process_stops_all_after_the_same_step_with_one_checkpoint(tmp_path, signum, receiver):
-    """run_training.py in two processes; a preemption notice (SIGTERM) or a Ctrl-C reaches one of them. Both
-    stop after the same step, save it jointly and exit 0. The signalled process used to leave the loop alone
-    and the other's next collective failed ('Gloo AllGather failed'), with no checkpoint."""
+def start_training(tmp_path: Path, *flags: str, **train_params) -> tuple[list[subprocess.Popen], Path]:
+    """run_training.py as two processes (one CPU device each) on the mini model; (the workers, output_dir)."""
     write_records(tmp_path / "train-0.tfrecord", counting_corpus(40, 16, 128, seed=0, period=8))
     out = tmp_path / "out"
-    parameter_file = write_mini_parameters(tmp_path / "model", out, checkpoint_per_steps=1000)
+    parameter_file = write_mini_parameters(tmp_path / "model", out, **train_params)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=1")}
     coordinator = f"127.0.0.1:{free_port()}"
     workers = [subprocess.Popen([sys.executable, str(ROOT / "run_training.py"), "--input_files",
                                  str(tmp_path / "train-*.tfrecord"), "--parameter_file", str(parameter_file),
                                  "--coordinator_address", coordinator, "--num_processes", "2", "--process_id",
-                                 str(index), "--log_every", "1", "--no_progress"],
+                                 str(index), "--log_every", "1", "--no_progress", *flags],
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                for index in range(2)]
-    metrics = out / "metrics.jsonl"
+    return workers, out
+
+
+def logged_steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("signum, receiver", [(signal.SIGTERM, 1), (signal.SIGINT, 0)], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_one_process_stops_all_after_the_same_step_with_one_checkpoint(tmp_path, signum, receiver):
+    """A preemption notice (SIGTERM) or a Ctrl-C reaches one of two processes. Both stop after the same step,
+    save it jointly and exit 0. The signalled process used to leave the loop alone and the other's next
+    collective failed ('Gloo AllGather failed'), with no checkpoint."""
+    workers, out = start_training(tmp_path, checkpoint_per_steps=1000)
     deadline = time.monotonic() + 240
     try:
-        while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:
+        while not (out / "metrics.jsonl").exists() or len(logged_steps(out)) < 3:
             assert all(worker.poll() is None for worker in workers), [w.stderr.read()[-2000:] for w in workers]
             assert time.monotonic() < deadline, "no 3 steps in time"
             time.sleep(0.05)
@@ -88,6 +97,24 @@ def test_a_signal_to_one_process_stops_all_after_the_same_step_with_one_checkpoi
             worker.kill()
             worker.wait()
     assert [worker.returncode for worker in workers] == [0, 0], [err[-2000:] for err in errors]
-    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    logged = logged_steps(out)
     assert sorted(path.name for path in out.iterdir() if path.name.isdigit()) == [str(max(logged))]
     assert logged == list(range(1, max(logged) + 1))
+
+
+def test_saves_by_the_clock_happen_at_the_same_step_in_every_process(tmp_path):
+    """checkpoint_per_hours of half a second: each process's own clock used to pick the save steps, and the
+    processes aborted at the first save they disagreed on ('a distributed collective mismatch')."""
+    steps = 150
+    workers, out = start_training(tmp_path, "--max_training_step", str(steps), checkpoint_per_steps=1000,
+                                  checkpoint_per_hours=0.5 / 3600, max_to_keep_save=100)
+    try:
+        errors = [worker.communicate(timeout=240)[1] for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait()
+    assert [worker.returncode for worker in workers] == [0, 0], [err[-2000:] for err in errors]
+    saved = sorted(int(path.name) for path in out.iterdir() if path.name.isdigit())
+    assert logged_steps(out) == list(range(1, steps + 1))
+    assert saved[-1] == steps and len(saved) >= 2, saved  # the end's save and at least one by the clock

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import flax.serialization
+import numpy as np
 import orbax.checkpoint as ocp
 
 from gptsan import storage
@@ -22,9 +23,11 @@ from gptsan.train.state import TrainState
 
 class Checkpointer:
     def __init__(self, directory: str, *, max_to_keep: int, every_steps: int, every_hours: float,
-                 async_save: bool = True):
+                 async_save: bool = True, processes: int = 1, time_check_every: int = 1):
         self.every_steps = max(int(every_steps), 0)
         self.every_seconds = float(every_hours) * 3600.0
+        self.shared = processes > 1
+        self.time_check_every = max(int(time_check_every), 1)
         options = ocp.CheckpointManagerOptions(max_to_keep=max(int(max_to_keep), 1), create=True,
                                                enable_async_checkpointing=async_save)
         self.directory = str(directory)
@@ -60,8 +63,18 @@ class Checkpointer:
         return flax.serialization.from_state_dict(abstract_state, restored["state"])
 
     def due(self, step: int) -> bool:
+        """Whether to save after `step` (called after every step, by every process)."""
         by_steps = self.every_steps > 0 and step % self.every_steps == 0
-        by_time = self.every_seconds > 0 and time.monotonic() - self.last_save >= self.every_seconds
+        if self.every_seconds <= 0:
+            return by_steps
+        by_time = time.monotonic() - self.last_save >= self.every_seconds
+        if self.shared:
+            # A save is collective, so every process must decide alike; their clocks do not. Process 0's decides,
+            # at every `time_check_every`-th step only (the broadcast waits for the step, as logging does).
+            from jax.experimental import multihost_utils
+
+            by_time = step % self.time_check_every == 0 and bool(
+                multihost_utils.broadcast_one_to_all(np.asarray(by_time)))
         return by_steps or by_time
 
     def save(self, step: int, state: TrainState, run: dict[str, Any]) -> None:

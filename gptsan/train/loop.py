@@ -259,7 +259,8 @@ def run(cfg: RunConfig) -> TrainState:
     # State: resume order.
     checkpointer = Checkpointer(
         train.output_dir, max_to_keep=train.max_to_keep_save, every_steps=train.checkpoint_per_steps,
-        every_hours=train.checkpoint_per_hours, async_save=cfg.async_checkpoints)
+        every_hours=train.checkpoint_per_hours, async_save=cfg.async_checkpoints, processes=jax.process_count(),
+        time_check_every=cfg.log_every)
     model_dir = os.path.dirname(cfg.parameter_file) or "."
     run_record = {"parameters": parameters, "ignore_parameters": sorted(frozen_names),
                   "spout_vector": cfg.spout_vector, "mode": options.mode, "seed": cfg.seed,
