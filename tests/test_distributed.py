@@ -103,11 +103,11 @@ def test_a_signal_to_one_process_stops_all_after_the_same_step_with_one_checkpoi
 
 
 def test_saves_by_the_clock_happen_at_the_same_step_in_every_process(tmp_path):
-    """checkpoint_per_hours of half a second: each process's own clock used to pick the save steps, and the
+    """checkpoint_per_hours of 0.3 seconds: each process's own clock used to pick the save steps, and the
     processes aborted at the first save they disagreed on ('a distributed collective mismatch')."""
-    steps = 150
+    steps = 80
     workers, out = start_training(tmp_path, "--max_training_step", str(steps), checkpoint_per_steps=1000,
-                                  checkpoint_per_hours=0.5 / 3600, max_to_keep_save=100)
+                                  checkpoint_per_hours=0.3 / 3600, max_to_keep_save=100)
     try:
         errors = [worker.communicate(timeout=240)[1] for worker in workers]
     finally:
