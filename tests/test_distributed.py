@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -15,7 +14,14 @@ import numpy as np
 import pytest
 
 from tests.distributed_worker import STEPS, train_losses
-from tests.train_support import counting_corpus, write_mini_parameters, write_records
+from tests.train_support import (
+    counting_corpus,
+    killed_at_exit,
+    logged_steps,
+    wait_for,
+    write_mini_parameters,
+    write_records,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 # float32 on CPU; the same program over two processes (gloo all-reduces): measured 1.0e-7 relative.
@@ -74,28 +80,16 @@ def start_training(tmp_path: Path, *flags: str, **train_params) -> tuple[list[su
     return workers, out
 
 
-def logged_steps(out: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.parametrize("signum, receiver", [(signal.SIGTERM, 1), (signal.SIGINT, 0)], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_to_one_process_stops_all_after_the_same_step_with_one_checkpoint(tmp_path, signum, receiver):
     """A preemption notice (SIGTERM) or a Ctrl-C reaches one of two processes. Both stop after the same step,
     save it jointly and exit 0. The signalled process used to leave the loop alone and the other's next
     collective failed ('Gloo AllGather failed'), with no checkpoint."""
     workers, out = start_training(tmp_path, checkpoint_per_steps=1000)
-    deadline = time.monotonic() + 240
-    try:
-        while not (out / "metrics.jsonl").exists() or len(logged_steps(out)) < 3:
-            assert all(worker.poll() is None for worker in workers), [w.stderr.read()[-2000:] for w in workers]
-            assert time.monotonic() < deadline, "no 3 steps in time"
-            time.sleep(0.05)
+    with killed_at_exit(workers):
+        wait_for(lambda: len(logged_steps(out)) >= 3, workers, "3 steps")
         workers[receiver].send_signal(signum)
         errors = [worker.communicate(timeout=120)[1] for worker in workers]
-    finally:
-        for worker in workers:
-            worker.kill()
-            worker.wait()
     assert [worker.returncode for worker in workers] == [0, 0], [err[-2000:] for err in errors]
     logged = logged_steps(out)
     assert sorted(path.name for path in out.iterdir() if path.name.isdigit()) == [str(max(logged))]
@@ -108,12 +102,8 @@ def test_saves_by_the_clock_happen_at_the_same_step_in_every_process(tmp_path):
     steps = 80
     workers, out = start_training(tmp_path, "--max_training_step", str(steps), checkpoint_per_steps=1000,
                                   checkpoint_per_hours=0.3 / 3600, max_to_keep_save=100)
-    try:
+    with killed_at_exit(workers):
         errors = [worker.communicate(timeout=240)[1] for worker in workers]
-    finally:
-        for worker in workers:
-            worker.kill()
-            worker.wait()
     assert [worker.returncode for worker in workers] == [0, 0], [err[-2000:] for err in errors]
     saved = sorted(int(path.name) for path in out.iterdir() if path.name.isdigit())
     assert logged_steps(out) == list(range(1, steps + 1))

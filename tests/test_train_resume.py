@@ -25,8 +25,11 @@ from gptsan.train.step import StepOptions
 from tests.train_support import (
     MINI_TRAIN_PARAMS,
     counting_corpus,
+    killed_at_exit,
+    logged_steps,
     mini_config,
     persistent_compilation_cache,
+    wait_for,
     write_mini_parameters,
     write_records,
 )
@@ -119,26 +122,27 @@ def test_lm_training_on_records_with_prefixes_says_so_in_one_line(tmp_path, caps
     assert capsys.readouterr().err == ""
 
 
-def test_sigkill_loses_at_most_the_steps_since_the_last_save(tmp_path, compilation_cache):
+def start_run_training(tmp_path: Path, compilation_cache: Path, **train_params):
+    """run_training.py in a subprocess on the mini model, with the module's compilation cache:
+    (the process, its output_dir, its parameter file, its input pattern)."""
     files = corpus_files(tmp_path)
     out = tmp_path / "out"
-    parameter_file = write_mini_parameters(tmp_path / "model", out, checkpoint_per_steps=5)
+    parameter_file = write_mini_parameters(tmp_path / "model", out, **train_params)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_COMPILATION_CACHE_DIR": str(compilation_cache),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
     cmd = [sys.executable, str(ROOT / "run_training.py"), "--input_files", files, "--parameter_file",
            str(parameter_file), "--log_every", "1", "--no_progress"]
-    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    try:
-        while not (out / "15").exists():  # Orbax renames a checkpoint into place once it is complete
-            assert process.poll() is None, process.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "no checkpoint 15 in time"
-            time.sleep(0.05)
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return process, out, parameter_file, files
+
+
+def test_sigkill_loses_at_most_the_steps_since_the_last_save(tmp_path, compilation_cache):
+    process, out, parameter_file, files = start_run_training(tmp_path, compilation_cache, checkpoint_per_steps=5)
+    with killed_at_exit([process]):
+        # Orbax renames a checkpoint into place once it is complete
+        wait_for(lambda: (out / "15").exists(), [process], "checkpoint 15")
         process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
-    logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = logged_steps(out)
     killed_at = max(logged)
     last_save = ocp.CheckpointManager(out).latest_step()
     assert last_save >= 15 and last_save % 5 == 0
@@ -157,30 +161,16 @@ def test_sigkill_loses_at_most_the_steps_since_the_last_save(tmp_path, compilati
 def test_preemption_or_ctrl_c_saves_the_step_reached_and_exits_0(tmp_path, compilation_cache, signum):
     """SIGTERM (a preempted VM) or a first Ctrl-C: the step in flight ends, its checkpoint is saved, exit 0. A
     Ctrl-C used to exit 130 at once, losing every step since the last periodic save."""
-    files = corpus_files(tmp_path)
-    out = tmp_path / "out"
-    parameter_file = write_mini_parameters(tmp_path / "model", out, checkpoint_per_steps=1000)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_COMPILATION_CACHE_DIR": str(compilation_cache),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
-    cmd = [sys.executable, str(ROOT / "run_training.py"), "--input_files", files, "--parameter_file",
-           str(parameter_file), "--log_every", "1", "--no_progress"]
-    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    try:
-        while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
-            assert process.poll() is None, process.stderr.read()[-2000:]
-            assert time.monotonic() < deadline, "no 3 steps in time"
-            time.sleep(0.05)
+    process, out, _, _ = start_run_training(tmp_path, compilation_cache, checkpoint_per_steps=1000)
+    with killed_at_exit([process]):
+        wait_for(lambda: len(logged_steps(out)) >= 3, [process], "3 steps")
         process.send_signal(signum)
         _, stderr = process.communicate(timeout=120)
-    finally:
-        process.kill()
-        process.wait()
     assert process.returncode == 0, stderr[-2000:]
     if signum == signal.SIGINT:
         assert ("interrupt: saving a checkpoint after this step, then stopping (Ctrl-C again: stop without "
                 "saving)") in stderr
-    logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = logged_steps(out)
     assert ocp.CheckpointManager(out).all_steps() == [max(logged)] and max(logged) >= 3
 
 

@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +139,30 @@ def sharded_training(config, mesh, spout: str = "none", frozen: frozenset[str] =
     step = jax.jit(under_mesh(make_train_step(config, optimizer, schedule, StepOptions(spout=spout)), mesh),
                    in_shardings=(shardings, batch_shard), out_shardings=(shardings, None), donate_argnums=0)
     return state, step, batch_shard
+
+
+def logged_steps(output_dir: Path) -> list[int]:
+    """The steps of a run's metrics.jsonl rows so far (none before the file exists)."""
+    path = Path(output_dir) / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_for(condition, processes: list, what: str, timeout: float = 240) -> None:
+    """Poll `condition` until it holds; fail with a process's stderr if one exits first, or after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        for process in processes:
+            assert process.poll() is None, process.stderr.read()[-2000:]
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def killed_at_exit(processes: list):
+    """Kill and reap the processes when the block ends, however it ends."""
+    try:
+        yield processes
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
