@@ -108,3 +108,19 @@ def test_saves_by_the_clock_happen_at_the_same_step_in_every_process(tmp_path):
     saved = sorted(int(path.name) for path in out.iterdir() if path.name.isdigit())
     assert logged_steps(out) == list(range(1, steps + 1))
     assert saved[-1] == steps and len(saved) >= 2, saved  # the end's save and at least one by the clock
+
+
+def test_eval_files_that_split_unevenly_over_the_processes(tmp_path):
+    """--eval_files of two files, one per process, of 10 and 1 batches: every process must run as many eval
+    steps as the others (they are collective). The first process used to run its 4 alone and abort the run."""
+    evals = tmp_path / "eval"
+    evals.mkdir()
+    write_records(evals / "eval-0.tfrecord", counting_corpus(40, 16, 128, seed=3, period=8))
+    write_records(evals / "eval-1.tfrecord", counting_corpus(4, 16, 128, seed=4, period=8))
+    workers, out = start_training(tmp_path, "--max_training_step", "4", "--eval_files", str(evals / "*.tfrecord"),
+                                  checkpoint_per_steps=2)
+    with killed_at_exit(workers):
+        errors = [worker.communicate(timeout=240)[1] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], [err[-2000:] for err in errors]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if row["split"] == "eval"] == [2, 4]

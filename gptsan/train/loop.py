@@ -10,6 +10,7 @@ fresh initialisation (spec section 1).
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import signal
@@ -314,8 +315,8 @@ def run(cfg: RunConfig) -> TrainState:
         batches = make_dataset(cfg.eval_files, config.num_contexts, local_batch, seed=0, shuffle=False,
                                repeat=False, process_index=jax.process_index(),
                                process_count=jax.process_count(), num_vocabulary=config.num_vocabulary)
-        rows = [jax.device_get(eval_step(state, to_global(batch)))
-                for batch, _ in zip(batches, range(cfg.eval_batches), strict=False)]
+        local = list(itertools.islice(batches, cfg.eval_batches))
+        rows = [jax.device_get(eval_step(state, to_global(batch))) for batch in local[:agreed_count(len(local))]]
         if not rows:
             return
         writer.write(step, {name: float(np.mean([row[name] for row in rows])) for name in rows[0]}, "eval")
@@ -353,6 +354,16 @@ def run(cfg: RunConfig) -> TrainState:
         checkpointer.close()
         writer.close()
     return state
+
+
+def agreed_count(count: int) -> int:
+    """The fewest of every process's `count`: steps are collective, so each process runs as many as the others
+    (eval files split unevenly over the processes give them different numbers of batches)."""
+    if jax.process_count() == 1:
+        return count
+    from jax.experimental import multihost_utils
+
+    return int(np.min(multihost_utils.process_allgather(np.int32(count))))
 
 
 def restore_target(abstract: TrainState, shardings: TrainState) -> TrainState:
