@@ -5,6 +5,7 @@ import io
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import fsspec
@@ -216,6 +217,30 @@ def test_bad_arguments_are_user_errors(corpus_dir):
         make_dataset(str(corpus_dir / "*.tfrecord"), T, 1, seed=0, on_corrupt="ignore")
     with pytest.raises(UserError, match="no tfrecord file matches"):
         make_dataset(str(corpus_dir / "none_*.tfrecord"), T, 1, seed=0)
+
+
+@pytest.mark.parametrize("records, process_index", [(0, 0), (1, 1)], ids=["an empty file", "one record, process 1"])
+def test_repeating_no_records_is_an_error_not_a_hang(corpus_dir, tmp_path, records, process_index):
+    """A repeating reader whose share is empty (an empty file; one record shared by two processes) used to go
+    over its files forever. Read in a thread, so that a hang fails the test instead of stopping the suite."""
+    with open(corpus_dir / "part_0.tfrecord", "rb") as f:
+        first = next(read_frames(f, "part_0"))
+    path = tmp_path / "few.tfrecord"
+    path.write_bytes(frame(first) * records)
+    outcome = []
+
+    def read():
+        try:
+            outcome.append(next(make_dataset(str(path), T, 1, seed=0, process_index=process_index,
+                                             process_count=2 if records else 1)))
+        except UserError as err:
+            outcome.append(str(err))
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    share = " (records 1, 3, 5, ... of them)" if records else ""
+    assert outcome == [f"{path}{share}: no records to read"]
 
 
 def test_reading_records_in_a_fresh_process_keeps_stderr_clean(corpus_dir):

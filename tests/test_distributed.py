@@ -124,3 +124,37 @@ def test_eval_files_that_split_unevenly_over_the_processes(tmp_path):
     assert [worker.returncode for worker in workers] == [0, 0], [err[-2000:] for err in errors]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows if row["split"] == "eval"] == [2, 4]
+
+
+def test_a_process_whose_files_hold_no_records_stops_every_process_with_one_error(tmp_path):
+    """The second process's file is empty: it used to read its empty files over and over, forever, while the
+    first waited for it in the first step (SIGTERM did not stop them either)."""
+    (tmp_path / "train-1.tfrecord").write_bytes(b"")
+    workers, out = start_training(tmp_path)
+    with killed_at_exit(workers):
+        errors = [worker.communicate(timeout=120)[1] for worker in workers]
+    assert [worker.returncode for worker in workers] == [2, 2], [err[-2000:] for err in errors]
+    expected = (f"error: process 1: --input_files {tmp_path / 'train-*.tfrecord'}: 0 records in "
+                f"{tmp_path / 'train-1.tfrecord'}, expected at least 1")
+    assert [err.splitlines()[-1] for err in errors] == [expected, expected]
+    assert not out.exists()
+
+
+def test_a_bad_record_in_one_process_saves_an_agreed_step_and_stops_every_process(tmp_path):
+    """The second process meets a corrupt record in its first batch: it used to print the error and hang at
+    exit, with the first process waiting for it in a step, and no checkpoint. Now it asks for a stop as a
+    preemption does, trains with a batch of no targets until the agreed step, and both save and stop."""
+    corpus = counting_corpus(8, 16, 128, seed=5, period=8)
+    bad = write_records(tmp_path / "train-1.tfrecord", corpus)  # the first check reads 4 records: these pass
+    with open(bad, "ab") as f:
+        f.write(b"\x07" * 40)
+    workers, out = start_training(tmp_path, checkpoint_per_steps=1000)
+    with killed_at_exit(workers):
+        errors = [worker.communicate(timeout=240)[1] for worker in workers]
+    assert [worker.returncode for worker in workers] == [2, 2], [err[-2000:] for err in errors]
+    stopped = max(logged_steps(out))
+    assert logged_steps(out) == list(range(1, stopped + 1))
+    assert sorted(path.name for path in out.iterdir() if path.name.isdigit()) == [str(stopped)]
+    expected = (f"error: process 1: {bad}: record 8 is corrupt (length checksum mismatch); the run saved step "
+                f"{stopped} in {out} and stopped (mend or remove the file, then run the same command to go on)")
+    assert [err.splitlines()[-1] for err in errors] == [expected, expected]

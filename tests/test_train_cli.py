@@ -49,6 +49,28 @@ def test_records_from_another_vocabulary(inputs, capsys):
     assert not (inputs / "out").exists()
 
 
+def test_input_files_without_records(inputs, capsys):
+    """An empty tfrecord file used to end in a StopIteration traceback."""
+    (inputs / "empty.tfrecord").write_bytes(b"")
+    parameters = write_mini_parameters(inputs / "model", inputs / "out")
+    status, err = call(capsys, "--input_files", str(inputs / "empty.tfrecord"), "--parameter_file", str(parameters))
+    assert status == 2 and err == [f"error: --input_files {inputs / 'empty.tfrecord'}: 0 records in "
+                                   f"{inputs / 'empty.tfrecord'}, expected at least 1"]
+    assert not (inputs / "out").exists()
+
+
+def test_eval_files_with_less_than_one_batch(inputs, capsys):
+    """Evaluation reads each record once, so it needs a batch (8 here); 3 records used to end in a StopIteration
+    traceback (and, past the first check, in evaluations that never logged anything)."""
+    write_records(inputs / "eval.tfrecord", counting_corpus(3, 16, 128))
+    parameters = write_mini_parameters(inputs / "model", inputs / "out")
+    status, err = call(capsys, "--input_files", str(inputs / "good.tfrecord"), "--parameter_file", str(parameters),
+                       "--eval_files", str(inputs / "eval.tfrecord"))
+    assert status == 2 and err == [f"error: --eval_files {inputs / 'eval.tfrecord'}: 3 records in "
+                                   f"{inputs / 'eval.tfrecord'}, expected at least 8 (one batch)"]
+    assert not (inputs / "out").exists()
+
+
 @pytest.mark.parametrize("flags, expected", [
     (["--accumulate_steps", "3"], "error: --accumulate_steps 3: must be a positive divisor of the batch size 8"),
     (["--accumulate_steps", "0"], "error: --accumulate_steps 0: must be a positive divisor of the batch size 8"),

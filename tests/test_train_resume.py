@@ -246,6 +246,69 @@ def test_eval_loss_at_each_save_and_at_the_end(tmp_path):
     assert evals[0]["loss"] != evals[1]["loss"]  # the model changed between the saves
 
 
+def test_fewer_training_records_than_a_batch_are_repeated_to_fill_it(tmp_path):
+    """3 records and batches of 8: the reader repeats them (the first check used to want a whole batch and
+    ended in a StopIteration traceback)."""
+    path = write_records(tmp_path / "train.tfrecord", counting_corpus(3, 16, 128, period=8))
+    parameter_file = write_mini_parameters(tmp_path / "model", tmp_path / "out")
+    state = run(RunConfig(parameter_file=str(parameter_file), input_files=str(path), progress=False,
+                          max_training_step=2))
+    assert int(state.step) == 2 and int(state.data_position) == 2
+
+
+def corrupt_after(path: Path, corpus: dict, good: int) -> Path:
+    """The first `good` records of `corpus` as tfrecords in `path`, then bytes that are no record."""
+    write_records(path, {name: value[:good] for name, value in corpus.items()})
+    with open(path, "ab") as f:
+        f.write(b"\x07" * 40)
+    return path
+
+
+def test_a_bad_record_met_while_training_saves_the_last_good_step_and_stops(tmp_path, monkeypatch):
+    """A corrupt record past the first check (which reads a batch) used to end the run with the error and no
+    checkpoint: every step since the last periodic save was lost. Now the last good step is saved; running
+    again goes on to the record and stops there."""
+    from gptsan.train import loop
+
+    monkeypatch.setattr(loop, "make_dataset", functools.partial(loop.make_dataset, shuffle_buffer=16))
+    path = corrupt_after(tmp_path / "train.tfrecord", counting_corpus(1200, 16, 128, period=8), good=1100)
+    out = tmp_path / "out"
+    parameter_file = write_mini_parameters(tmp_path / "model", out, checkpoint_per_steps=1000)
+    config = RunConfig(parameter_file=str(parameter_file), input_files=str(path), progress=False, log_every=1)
+    with pytest.raises(UserError) as caught:
+        run(config)
+    stopped = max(logged_steps(out))
+    assert stopped >= 1 and logged_steps(out) == list(range(1, stopped + 1))
+    assert ocp.CheckpointManager(out).all_steps() == [stopped]
+    assert str(caught.value) == (f"{path}: record 1100 is corrupt (length checksum mismatch); the run saved step "
+                                 f"{stopped} in {out} and stopped (mend or remove the file, then run the same "
+                                 "command to go on)")
+    # Running again trains the good batches that were waiting in the reader's buffers when it met the record
+    # (the batches, read again, are the same), saves the last and stops there.
+    with pytest.raises(UserError, match=r"record 1100 is corrupt .*; the run (saved step \d+|stopped before its "
+                       r"first step)") as again:
+        run(config)
+    resumed = max(logged_steps(out))
+    print("stopped at", stopped, "then at", resumed)
+    assert ocp.CheckpointManager(out).latest_step() == resumed and stopped <= resumed <= 1100 // 8
+    assert logged_steps(out) == list(range(1, resumed + 1))
+    assert (f"saved step {resumed} in" in str(again.value)) == (resumed > stopped)
+
+
+def test_a_bad_eval_record_saves_and_stops(tmp_path):
+    """A corrupt eval record past the first check (a batch): the run stops after the checkpoint whose eval met it."""
+    files = corpus_files(tmp_path)
+    evals = corrupt_after(tmp_path / "eval.tfrecord", counting_corpus(20, 16, 128, period=8), good=10)
+    out = tmp_path / "out"
+    parameter_file = write_mini_parameters(tmp_path / "model", out, checkpoint_per_steps=2)
+    with pytest.raises(UserError) as caught:
+        run(RunConfig(parameter_file=str(parameter_file), input_files=files, eval_files=str(evals), eval_batches=2,
+                      progress=False, log_every=1, max_training_step=6))
+    assert str(caught.value) == (f"{evals}: record 10 is corrupt (length checksum mismatch); the run saved step 2 "
+                                 f"in {out} and stopped (mend or remove the file, then run the same command to go on)")
+    assert logged_steps(out) == [1, 2] and ocp.CheckpointManager(out).all_steps() == [2]
+
+
 def test_another_model_in_the_output_dir_is_refused_before_anything_is_overwritten(tmp_path):
     """A changed parameter shape on resume used to overwrite output_dir/parameters.json before the restore
     failed (leaving the run unreadable by the other tools), then print Orbax tracebacks."""

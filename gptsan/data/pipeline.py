@@ -12,7 +12,7 @@
   another vocabulary). Such errors end the record stream quietly and are raised by the batch iterator.
 - Corrupt records: `on_corrupt="stop"` (default) raises UserError with the file and record index;
   `"skip"` skips them and counts them in `iterator.skipped` (a frame whose length is unreadable loses
-  the rest of its file, counted as one).
+  the rest of its file, counted as one). A repeating reader with no records to read raises UserError.
 - Order: per epoch the file list is shuffled with `(seed, epoch)`, then records pass a seeded shuffle
   buffer. Everything is deterministic for a given seed, file list and process layout.
 - Processes: with at least as many files as processes, process k reads files k, k+P, ...; otherwise
@@ -62,14 +62,26 @@ class RecordSource:
             order = np.arange(len(self.files))
             if self.shuffle_files:
                 order = np.random.default_rng([self.seed, epoch]).permutation(len(self.files))
+            kept = 0
             for k in order:
                 for record in self._file_records(self.files[k]):
                     if position % self.keep_every == self.keep_offset:
+                        kept += 1
                         yield record
                     position += 1
             epoch += 1
             if not self.repeat:
                 return
+            if not kept:  # repeating nothing would never yield
+                raise UserError(f"{self.describe()}: no records to read")
+
+    def describe(self) -> str:
+        """The files this source reads, for messages (the first three named)."""
+        named = ", ".join(self.files[:3]) + (f" and {len(self.files) - 3} more" if len(self.files) > 3 else "")
+        if self.keep_every == 1:
+            return named
+        every, first = self.keep_every, self.keep_offset
+        return f"{named} (records {first}, {first + every}, {first + 2 * every}, ... of them)"
 
     def _file_records(self, path: str):
         tensorflow()  # quietly, before its protos import it
@@ -163,22 +175,38 @@ def make_dataset(pattern: str, num_contexts: int, batch_size: int, *, seed: int,
                  drop_remainder: bool = True, num_vocabulary: int | None = None) -> BatchIterator:
     """Batches of `{x, y: int32 [B, T], i, num_input: int32 [B]}`; see the module docstring. With
     `num_vocabulary`, a token id outside the vocabulary stops the stream as a misshapen record does."""
+    source = process_share(pattern, num_contexts, seed=seed, shuffle=shuffle, repeat=repeat,
+                           process_index=process_index, process_count=process_count, on_corrupt=on_corrupt,
+                           num_vocabulary=num_vocabulary)
+    return BatchIterator(_tf_dataset(source, num_contexts, batch_size, shuffle, shuffle_buffer, seed,
+                                     start_step, drop_remainder), source)
+
+
+def process_share(pattern: str, num_contexts: int, *, seed: int = 0, shuffle: bool = False, repeat: bool = False,
+                  process_index: int = 0, process_count: int = 1, on_corrupt: str = "stop",
+                  num_vocabulary: int | None = None) -> RecordSource:
+    """The records of `pattern` that process `process_index` of `process_count` reads (module docstring)."""
     if on_corrupt not in CORRUPT_POLICIES:
         raise UserError(f"on_corrupt: expected one of {', '.join(CORRUPT_POLICIES)}, got {on_corrupt!r}")
     if not 0 <= process_index < process_count:
         raise UserError(f"process_index: expected 0..{process_count - 1}, got {process_index}")
-
     files = storage.glob(pattern)
     if not files:
         raise UserError(f"{pattern}: no tfrecord file matches")
     by_file = len(files) >= process_count
-    source = RecordSource(
+    return RecordSource(
         files[process_index::process_count] if by_file else files, num_contexts, seed=seed, repeat=repeat,
         shuffle_files=shuffle, keep_every=1 if by_file else process_count,
         keep_offset=0 if by_file else process_index, on_corrupt=on_corrupt, num_vocabulary=num_vocabulary,
     )
-    return BatchIterator(_tf_dataset(source, num_contexts, batch_size, shuffle, shuffle_buffer, seed,
-                                     start_step, drop_remainder), source)
+
+
+def count_records(source: RecordSource, limit: int) -> int:
+    """How many records `source` yields, counting up to `limit`; a bad record among them raises UserError."""
+    count = sum(1 for _ in itertools.islice(source(), limit))
+    if isinstance(source.error, UserError):
+        raise UserError(str(source.error)) from None
+    return count
 
 
 def record_chunks(source: RecordSource, size: int = RECORDS_PER_CHUNK):

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from gptsan import storage
-from gptsan.data.pipeline import make_dataset
+from gptsan.data.pipeline import count_records, make_dataset, process_share
 from gptsan.data.schema import FEATURES
 from gptsan.errors import UserError, warn
 from gptsan.model.config import SHAPE_KEYS, ModelConfig, read_parameters_json
@@ -210,10 +210,14 @@ class StopFlag:
             self.interrupted = True
             print("\ninterrupt: saving a checkpoint after this step, then stopping (Ctrl-C again: stop without "
                   "saving)", file=sys.stderr, flush=True)
-            if self.shared:
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-        self.requested = True
+        self.request()
+
+    def request(self) -> None:
+        """Save and stop after the step in flight (several processes: after the step they agree on)."""
+        if self.shared:
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            self.requested = True
 
     def reached(self, step: int) -> bool:
         """Whether to save and stop after `step` (called after every step, by every process)."""
@@ -244,9 +248,9 @@ def run(cfg: RunConfig) -> TrainState:
         raise UserError(f"--eval_batches: expected a positive count, got {cfg.eval_batches}")
     mesh = make_mesh(config.num_pallarelizm, cfg.expert_parallelism)
     check_expert_axis(config.num_experts, cfg.expert_parallelism, f"--expert_parallelism {cfg.expert_parallelism}")
-    for pattern in filter(None, (cfg.input_files, cfg.eval_files)):
-        next(make_dataset(pattern, config.num_contexts, local_batch, seed=cfg.seed, shuffle=False,
-                          repeat=False, num_vocabulary=config.num_vocabulary))  # bad records stop the run here
+    check_records("--input_files", cfg.input_files, config, local_batch, need=1)  # repeated to fill batches
+    if cfg.eval_files:
+        check_records("--eval_files", cfg.eval_files, config, local_batch, need=local_batch)  # read once
     parameters["model_params"] = {**parameters["model_params"], "num_vocabulary": config.num_vocabulary}
     prepare_output_dir(train.output_dir, parameters)
 
@@ -309,23 +313,41 @@ def run(cfg: RunConfig) -> TrainState:
     writer = MetricsWriter(train.output_dir, enabled=jax.process_index() == 0, total_steps=last_step,
                            first_step=step, progress=cfg.progress)
 
-    def evaluate() -> None:
+    def evaluate() -> str | None:
+        """Logs the eval metrics; returns the problem that stopped any process reading its eval batches (the same in
+        every process)."""
         if not cfg.eval_files:
-            return
+            return None
         batches = make_dataset(cfg.eval_files, config.num_contexts, local_batch, seed=0, shuffle=False,
                                repeat=False, process_index=jax.process_index(),
                                process_count=jax.process_count(), num_vocabulary=config.num_vocabulary)
-        local = list(itertools.islice(batches, cfg.eval_batches))
+        try:
+            local, problem = list(itertools.islice(batches, cfg.eval_batches)), None
+        except UserError as err:
+            local, problem = [], str(err)
+        if problem := first_problem(problem):
+            return problem
         rows = [jax.device_get(eval_step(state, to_global(batch))) for batch in local[:agreed_count(len(local))]]
-        if not rows:
-            return
-        writer.write(step, {name: float(np.mean([row[name] for row in rows])) for name in rows[0]}, "eval")
+        if rows:
+            writer.write(step, {name: float(np.mean([row[name] for row in rows])) for name in rows[0]}, "eval")
+        return None
 
+    # A bad record met while training: a checkpoint of the last good step is saved, then every process stops
+    # with the error. With several processes the one that met it asks for a stop at an agreed step, as a
+    # preemption does, and until then takes part in the steps with a batch that has no targets.
+    data_error = eval_error = None
+    idle_batch = targetless_batch(local_batch, config.num_contexts)
     with StopFlag(jax.process_count()) as stop:
         interval_start, interval_steps = time.perf_counter(), 0
         first_step = step
         while last_step is None or step < last_step:
-            batch = next(stream)
+            try:
+                batch = idle_batch if data_error else next(stream)
+            except UserError as err:
+                data_error, batch = str(err), idle_batch
+                stop.request()
+                if not stop.shared:
+                    break
             if step == first_step and jax.process_index() == 0:
                 warn_of_ignored_prefixes(cfg.input_files, options, batch)
             state, metrics = train_step(state, to_global(batch))
@@ -339,21 +361,64 @@ def run(cfg: RunConfig) -> TrainState:
                 writer.write(step, summarise(metrics, tokens / max(elapsed, 1e-9)))
                 interval_start, interval_steps = time.perf_counter(), 0
             if cfg.eval_every and step % cfg.eval_every == 0:
-                evaluate()
+                eval_error = evaluate()
             if checkpointer.due(step):
                 checkpointer.save(step, state, run_record)
                 if not cfg.eval_every:
-                    evaluate()
+                    eval_error = evaluate()
                 writer.flush()
-            if stop.reached(step):
+            if stop.reached(step) or eval_error:
                 break
-        if step != checkpointer.last_saved_step:  # the final save (the loop's last step may have saved already)
+        if step not in (checkpointer.last_saved_step, first_step):  # the final save (unless saved, or no step)
             checkpointer.save(step, state, run_record)
-            if not cfg.eval_every and not stop.requested:  # a preempted run leaves at once
-                evaluate()
+            if not cfg.eval_every and not stop.requested and not eval_error:  # a preempted run leaves at once
+                eval_error = evaluate()
         checkpointer.close()
         writer.close()
+    # Every process is here after the same step; eval_error is the same in all, data_error in the one that met it
+    # (the run may also have reached its last step before the agreed stop).
+    if problem := eval_error or first_problem(data_error):
+        saved = f"saved step {step} in {train.output_dir} and stopped" if step != first_step else \
+            "stopped before its first step"
+        raise UserError(f"{problem}; the run {saved} (mend or remove the file, then run the same command to go on)")
     return state
+
+
+def targetless_batch(batch_size: int, num_contexts: int) -> dict[str, np.ndarray]:
+    """A batch that adds nothing to the loss (every target -1), for a process whose data stopped."""
+    return {"x": np.zeros((batch_size, num_contexts), np.int32), "y": np.full((batch_size, num_contexts), -1, np.int32),
+            "i": np.zeros(batch_size, np.int32), "num_input": np.zeros(batch_size, np.int32)}
+
+
+def check_records(flag: str, pattern: str, config: ModelConfig, local_batch: int, need: int) -> None:
+    """Reads the first `local_batch` records of this process's share of `pattern`: a bad one, or fewer than
+    `need`, stops every process with the same message. (A process with no training records used to loop
+    over its empty files forever, and its peers waited for it in their first step.)"""
+    problem = None
+    try:
+        source = process_share(pattern, config.num_contexts, process_index=jax.process_index(),
+                               process_count=jax.process_count(), num_vocabulary=config.num_vocabulary)
+        found = count_records(source, local_batch)
+        if found < need:
+            problem = (f"{flag} {pattern}: {found} records in {source.describe()}, expected at least {need}"
+                       + (" (one batch)" if need > 1 else ""))
+    except UserError as err:
+        problem = str(err)
+    if problem := first_problem(problem):
+        raise UserError(problem)
+
+
+def first_problem(problem: str | None) -> str | None:
+    """The first process's `problem` among all that have one, in every process (None when none has)."""
+    if jax.process_count() == 1:
+        return problem
+    from jax.experimental import multihost_utils
+
+    size = 2048
+    message = (f"process {jax.process_index()}: {problem}".encode()[:size] if problem else b"").ljust(size, b"\0")
+    messages = multihost_utils.process_allgather(np.frombuffer(message, np.uint8))
+    found = [bytes(row).rstrip(b"\0").decode(errors="replace") for row in np.asarray(messages)]
+    return next((text for text in found if text), None)
 
 
 def agreed_count(count: int) -> int:
