@@ -13,6 +13,8 @@ import jax
 import numpy as np
 import pytest
 
+from gptsan.train.config import RunConfig
+from gptsan.train.loop import run
 from tests.distributed_worker import STEPS, train_losses
 from tests.train_support import (
     counting_corpus,
@@ -110,7 +112,7 @@ def test_saves_by_the_clock_happen_at_the_same_step_in_every_process(tmp_path):
     assert saved[-1] == steps and len(saved) >= 2, saved  # the end's save and at least one by the clock
 
 
-def test_eval_files_that_split_unevenly_over_the_processes(tmp_path):
+def test_eval_files_that_split_unevenly_over_the_processes(tmp_path, capsys):
     """--eval_files of two files, one per process, of 10 and 1 batches: every process must run as many eval
     steps as the others (they are collective). The first process used to run its 4 alone and abort the run."""
     evals = tmp_path / "eval"
@@ -124,6 +126,14 @@ def test_eval_files_that_split_unevenly_over_the_processes(tmp_path):
     assert [worker.returncode for worker in workers] == [0, 0], [err[-2000:] for err in errors]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows if row["split"] == "eval"] == [2, 4]
+
+    # Resumed by one process: allowed, but its reader splits the files otherwise, so it says so.
+    state = run(RunConfig(parameter_file=str(tmp_path / "model" / "parameters.json"), progress=False,
+                          input_files=str(tmp_path / "train-*.tfrecord"), max_training_step=5))
+    assert int(state.step) == 5
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")] == [
+        f"warning: {out}: resuming step 4 with other settings than the run that saved it (processes 2 -> 1); "
+        "reading goes on from batch 4 of the data given now"]
 
 
 def test_a_process_whose_files_hold_no_records_stops_every_process_with_one_error(tmp_path):

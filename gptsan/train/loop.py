@@ -112,13 +112,14 @@ def check_same_model(output_dir: str, model_params: dict) -> None:
                         f"({', '.join(changed)}); give a new output_dir")
 
 
-RESUMED_SETTINGS = ("input_files", "spout_vector", "mode", "seed")
+RESUMED_SETTINGS = ("input_files", "spout_vector", "mode", "seed", "processes")
 
 
 def warn_of_changed_settings(output_dir: str, state: TrainState, saved_run: dict, run_record: dict) -> None:
     """One warning line when a resumed run reads other data or trains otherwise than the run that saved the
     checkpoint. Allowed (going on with a new corpus, say) but not silent: the data position then counts
-    batches of the data given now. Checkpoints saved before `input_files` was recorded are not compared on it."""
+    batches of the data given now. Another number of processes splits the files otherwise (pipeline module
+    docstring), so it reads other data too. Settings a checkpoint does not record (older ones) are not compared."""
     changed = [f"{key} {saved_run[key]!r} -> {run_record[key]!r}" for key in RESUMED_SETTINGS
                if key in saved_run and saved_run[key] != run_record[key]]
     if changed:
@@ -269,7 +270,7 @@ def run(cfg: RunConfig) -> TrainState:
     model_dir = os.path.dirname(cfg.parameter_file) or "."
     run_record = {"parameters": parameters, "ignore_parameters": sorted(frozen_names),
                   "spout_vector": cfg.spout_vector, "mode": options.mode, "seed": cfg.seed,
-                  "input_files": cfg.input_files}
+                  "input_files": cfg.input_files, "processes": jax.process_count()}
     if checkpointer.latest_step() is not None:
         saved_run = checkpointer.saved_run()
         saved_frozen = frozenset(saved_run.get("ignore_parameters", frozen_names))
