@@ -289,7 +289,6 @@ def test_a_bad_record_met_while_training_saves_the_last_good_step_and_stops(tmp_
                        r"first step)") as again:
         run(config)
     resumed = max(logged_steps(out))
-    print("stopped at", stopped, "then at", resumed)
     assert ocp.CheckpointManager(out).latest_step() == resumed and stopped <= resumed <= 1100 // 8
     assert logged_steps(out) == list(range(1, resumed + 1))
     assert (f"saved step {resumed} in" in str(again.value)) == (resumed > stopped)
