@@ -386,7 +386,9 @@ def run(cfg: RunConfig) -> TrainState:
 
 
 def targetless_batch(batch_size: int, num_contexts: int) -> dict[str, np.ndarray]:
-    """A batch that adds nothing to the loss (every target -1), for a process whose data stopped."""
+    """A batch with no targets (every one -1: nothing to the cross-entropy or z-loss), for a process whose data
+    stopped, in the few steps until every process stops. Its tokens still pass the routers (their aux loss and
+    expert capacity), as padding does."""
     return {"x": np.zeros((batch_size, num_contexts), np.int32), "y": np.full((batch_size, num_contexts), -1, np.int32),
             "i": np.zeros(batch_size, np.int32), "num_input": np.zeros(batch_size, np.int32)}
 
