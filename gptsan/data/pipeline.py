@@ -11,8 +11,9 @@
   mismatch stops with a UserError naming the file (the corpus was encoded for another context length or with
   another vocabulary). Such errors end the record stream quietly and are raised by the batch iterator.
 - Corrupt records: `on_corrupt="stop"` (default) raises UserError with the file and record index;
-  `"skip"` skips them and counts them in `iterator.skipped` (a frame whose length is unreadable loses
-  the rest of its file, counted as one). A repeating reader with no records to read raises UserError.
+  `"skip"` skips them and counts them in `iterator.skipped`, with a warning the first time each is met (a frame
+  whose length is unreadable loses the rest of its file, counted as one). A repeating reader with no records
+  to read raises UserError.
 - Order: per epoch the file list is shuffled with `(seed, epoch)`, then records pass a seeded shuffle
   buffer. Everything is deterministic for a given seed, file list and process layout.
 - Processes: with at least as many files as processes, process k reads files k, k+P, ...; otherwise
@@ -46,6 +47,7 @@ class RecordSource:
         self.num_vocabulary = num_vocabulary
         self.shuffle_files, self.keep_every, self.keep_offset = shuffle_files, keep_every, keep_offset
         self.on_corrupt, self.skipped, self.error = on_corrupt, 0, None
+        self._warned: set[str] = set()
 
     def __call__(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.int32, np.int32]]:
         try:
@@ -136,8 +138,12 @@ class RecordSource:
         return x, y, i, num_input
 
     def _note_skip(self, message: str) -> None:
+        """Counts a skip; warns the first time only (a repeating reader meets the same record every epoch, and
+        filling a shuffle buffer from a small file takes many epochs)."""
         self.skipped += 1
-        warn(f"skipped {message}")
+        if message not in self._warned:
+            self._warned.add(message)
+            warn(f"skipped {message}")
 
 
 class BatchIterator:

@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ja-swe36k.txt (its line count) or a SentencePiece .model: num_vocabulary")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log_every", type=int, default=10)
+    p.add_argument("--skip_corrupt_records", action="store_true",
+                   help="skip records that fail their checksums, one warning each (default: stop at the first)")
     p.add_argument("--eval_files", default="", help="tfrecord glob for an eval loss at each checkpoint")
     p.add_argument("--eval_batches", type=int, default=4)
     p.add_argument("--mode", choices=("lm", "hybrid"), default=None,
@@ -89,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         clip_gradients=args.clip_gradients, max_training_step=args.max_training_step,
         vocabulary=args.vocabulary or None, seed=args.seed, log_every=args.log_every,
         eval_files=args.eval_files or None, eval_batches=args.eval_batches, mode=args.mode,
+        skip_corrupt_records=args.skip_corrupt_records,
         routing=args.routing, optimizer=args.optimizer, expert_parallelism=args.expert_parallelism,
         accumulate_steps=args.accumulate_steps, remat=args.remat,
         progress=not args.no_progress))

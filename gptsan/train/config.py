@@ -63,6 +63,7 @@ class RunConfig:
     eval_files: str | None = None
     eval_every: int = 0  # 0: evaluate at each checkpoint save
     eval_batches: int = 4
+    skip_corrupt_records: bool = False  # records failing their checksums: skipped with a warning, or stop the run
     mode: str | None = None  # lm | hybrid; None: from model_params.train_mode
     routing: str = "capacity"
     optimizer: str = "adam"

@@ -249,9 +249,10 @@ def run(cfg: RunConfig) -> TrainState:
         raise UserError(f"--eval_batches: expected a positive count, got {cfg.eval_batches}")
     mesh = make_mesh(config.num_pallarelizm, cfg.expert_parallelism)
     check_expert_axis(config.num_experts, cfg.expert_parallelism, f"--expert_parallelism {cfg.expert_parallelism}")
-    check_records("--input_files", cfg.input_files, config, local_batch, need=1)  # repeated to fill batches
+    on_corrupt = "skip" if cfg.skip_corrupt_records else "stop"
+    check_records("--input_files", cfg.input_files, config, local_batch, on_corrupt, need=1)  # repeats to fill
     if cfg.eval_files:
-        check_records("--eval_files", cfg.eval_files, config, local_batch, need=local_batch)  # read once
+        check_records("--eval_files", cfg.eval_files, config, local_batch, on_corrupt, need=local_batch)  # once
     parameters["model_params"] = {**parameters["model_params"], "num_vocabulary": config.num_vocabulary}
     prepare_output_dir(train.output_dir, parameters)
 
@@ -310,7 +311,8 @@ def run(cfg: RunConfig) -> TrainState:
     last_step = cfg.max_training_step if cfg.max_training_step > 0 else None
     stream = make_dataset(cfg.input_files, config.num_contexts, local_batch, seed=cfg.seed,
                           process_index=jax.process_index(), process_count=jax.process_count(),
-                          start_step=int(state.data_position), num_vocabulary=config.num_vocabulary)
+                          start_step=int(state.data_position), num_vocabulary=config.num_vocabulary,
+                          on_corrupt=on_corrupt)
     writer = MetricsWriter(train.output_dir, enabled=jax.process_index() == 0, total_steps=last_step,
                            first_step=step, progress=cfg.progress)
 
@@ -321,7 +323,8 @@ def run(cfg: RunConfig) -> TrainState:
             return None
         batches = make_dataset(cfg.eval_files, config.num_contexts, local_batch, seed=0, shuffle=False,
                                repeat=False, process_index=jax.process_index(),
-                               process_count=jax.process_count(), num_vocabulary=config.num_vocabulary)
+                               process_count=jax.process_count(), num_vocabulary=config.num_vocabulary,
+                               on_corrupt=on_corrupt)
         try:
             local, problem = list(itertools.islice(batches, cfg.eval_batches)), None
         except UserError as err:
@@ -393,14 +396,16 @@ def targetless_batch(batch_size: int, num_contexts: int) -> dict[str, np.ndarray
             "i": np.zeros(batch_size, np.int32), "num_input": np.zeros(batch_size, np.int32)}
 
 
-def check_records(flag: str, pattern: str, config: ModelConfig, local_batch: int, need: int) -> None:
+def check_records(flag: str, pattern: str, config: ModelConfig, local_batch: int, on_corrupt: str,
+                  need: int) -> None:
     """Reads the first `local_batch` records of this process's share of `pattern`: a bad one, or fewer than
     `need`, stops every process with the same message. (A process with no training records used to loop
     over its empty files forever, and its peers waited for it in their first step.)"""
     problem = None
     try:
         source = process_share(pattern, config.num_contexts, process_index=jax.process_index(),
-                               process_count=jax.process_count(), num_vocabulary=config.num_vocabulary)
+                               process_count=jax.process_count(), num_vocabulary=config.num_vocabulary,
+                               on_corrupt=on_corrupt)
         found = count_records(source, local_batch)
         if found < need:
             problem = (f"{flag} {pattern}: {found} records in {source.describe()}, expected at least {need}"
