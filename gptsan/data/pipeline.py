@@ -77,6 +77,11 @@ class RecordSource:
             if not kept:  # repeating nothing would never yield
                 raise UserError(f"{self.describe()}: no records to read")
 
+    def raise_user_error(self) -> None:
+        """Raises the UserError the stream ended on, if any (its readers see only that it ended)."""
+        if isinstance(self.error, UserError):
+            raise UserError(str(self.error)) from None
+
     def describe(self) -> str:
         """The files this source reads, for messages (the first three named)."""
         named = ", ".join(self.files[:3]) + (f" and {len(self.files) - 3} more" if len(self.files) > 3 else "")
@@ -165,14 +170,10 @@ class BatchIterator:
         try:
             batch = next(self._iterator)
         except (StopIteration, tf.errors.OpError):
-            self._raise_user_error()
+            self._source.raise_user_error()
             raise
-        self._raise_user_error()  # the reader stopped on a bad record while this batch waited in the buffers
+        self._source.raise_user_error()  # the reader stopped on a bad record while this batch waited in the buffers
         return batch
-
-    def _raise_user_error(self) -> None:
-        if isinstance(self._source.error, UserError):
-            raise UserError(str(self._source.error)) from None
 
 
 def make_dataset(pattern: str, num_contexts: int, batch_size: int, *, seed: int, shuffle: bool = True,
@@ -210,8 +211,7 @@ def process_share(pattern: str, num_contexts: int, *, seed: int = 0, shuffle: bo
 def count_records(source: RecordSource, limit: int) -> int:
     """How many records `source` yields, counting up to `limit`; a bad record among them raises UserError."""
     count = sum(1 for _ in itertools.islice(source(), limit))
-    if isinstance(source.error, UserError):
-        raise UserError(str(source.error)) from None
+    source.raise_user_error()
     return count
 
 
