@@ -309,6 +309,25 @@ def test_skip_corrupt_records_trains_on_with_a_warning_each_time(tmp_path, capsy
                         "skipped"]
 
 
+def test_skip_corrupt_records_warns_once_a_run_for_a_record_met_by_the_check_and_every_eval(tmp_path, capsys):
+    """The start-up check and the training reader both meet a corrupt record within the first batch, and each
+    eval reads its files afresh: each reader used to warn for itself (5 lines here: the training record twice,
+    the eval record at each of the 3 evals)."""
+    path = corrupt_after(tmp_path / "train.tfrecord", counting_corpus(40, 16, 128, period=8), good=4)
+    evals = corrupt_after(tmp_path / "eval.tfrecord", counting_corpus(20, 16, 128, period=8), good=10)
+    out = tmp_path / "out"
+    parameter_file = write_mini_parameters(tmp_path / "model", out, checkpoint_per_steps=2)
+    state = run(RunConfig(parameter_file=str(parameter_file), input_files=str(path), eval_files=str(evals),
+                          eval_batches=2, progress=False, log_every=1, max_training_step=6, skip_corrupt_records=True))
+    assert int(state.step) == 6
+    eval_steps = [row["step"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                  if row["split"] == "eval"]
+    assert eval_steps == [2, 4, 6]  # one batch each: the second stops at the corrupt tail
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: skipped {file}: record {good} is corrupt (length checksum mismatch); rest of the "
+                        "file skipped" for file, good in ((path, 4), (evals, 10))]
+
+
 def test_a_bad_eval_record_saves_and_stops(tmp_path):
     """A corrupt eval record past the first check (a batch): the run stops after the checkpoint whose eval met it."""
     files = corpus_files(tmp_path)

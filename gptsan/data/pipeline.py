@@ -42,12 +42,12 @@ class RecordSource:
     """A Python generator of validated records over files, which remembers the error it stopped on."""
 
     def __init__(self, files, num_contexts, *, seed, repeat, shuffle_files, keep_every=1, keep_offset=0,
-                 on_corrupt="stop", num_vocabulary=None):
+                 on_corrupt="stop", num_vocabulary=None, warned=None):
         self.files, self.num_contexts, self.seed, self.repeat = files, num_contexts, seed, repeat
         self.num_vocabulary = num_vocabulary
         self.shuffle_files, self.keep_every, self.keep_offset = shuffle_files, keep_every, keep_offset
         self.on_corrupt, self.skipped, self.error = on_corrupt, 0, None
-        self._warned: set[str] = set()
+        self._warned: set[str] = set() if warned is None else warned
 
     def __call__(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.int32, np.int32]]:
         try:
@@ -144,7 +144,8 @@ class RecordSource:
 
     def _note_skip(self, message: str) -> None:
         """Counts a skip; warns the first time only (a repeating reader meets the same record every epoch, and
-        filling a shuffle buffer from a small file takes many epochs)."""
+        filling a shuffle buffer from a small file takes many epochs). Sources given the same `warned` set share
+        it: a training run's start-up check, its reader and each evaluation warn of a record once in all."""
         self.skipped += 1
         if message not in self._warned:
             self._warned.add(message)
@@ -179,19 +180,21 @@ class BatchIterator:
 def make_dataset(pattern: str, num_contexts: int, batch_size: int, *, seed: int, shuffle: bool = True,
                  repeat: bool = True, process_index: int = 0, process_count: int = 1,
                  on_corrupt: str = "stop", shuffle_buffer: int = 10_000, start_step: int = 0,
-                 drop_remainder: bool = True, num_vocabulary: int | None = None) -> BatchIterator:
+                 drop_remainder: bool = True, num_vocabulary: int | None = None,
+                 warned: set[str] | None = None) -> BatchIterator:
     """Batches of `{x, y: int32 [B, T], i, num_input: int32 [B]}`; see the module docstring. With
-    `num_vocabulary`, a token id outside the vocabulary stops the stream as a misshapen record does."""
+    `num_vocabulary`, a token id outside the vocabulary stops the stream as a misshapen record does; `warned`
+    holds the skip warnings already given (RecordSource._note_skip)."""
     source = process_share(pattern, num_contexts, seed=seed, shuffle=shuffle, repeat=repeat,
                            process_index=process_index, process_count=process_count, on_corrupt=on_corrupt,
-                           num_vocabulary=num_vocabulary)
+                           num_vocabulary=num_vocabulary, warned=warned)
     return BatchIterator(_tf_dataset(source, num_contexts, batch_size, shuffle, shuffle_buffer, seed,
                                      start_step, drop_remainder), source)
 
 
 def process_share(pattern: str, num_contexts: int, *, seed: int = 0, shuffle: bool = False, repeat: bool = False,
                   process_index: int = 0, process_count: int = 1, on_corrupt: str = "stop",
-                  num_vocabulary: int | None = None) -> RecordSource:
+                  num_vocabulary: int | None = None, warned: set[str] | None = None) -> RecordSource:
     """The records of `pattern` that process `process_index` of `process_count` reads (module docstring)."""
     if on_corrupt not in CORRUPT_POLICIES:
         raise UserError(f"on_corrupt: expected one of {', '.join(CORRUPT_POLICIES)}, got {on_corrupt!r}")
@@ -205,6 +208,7 @@ def process_share(pattern: str, num_contexts: int, *, seed: int = 0, shuffle: bo
         files[process_index::process_count] if by_file else files, num_contexts, seed=seed, repeat=repeat,
         shuffle_files=shuffle, keep_every=1 if by_file else process_count,
         keep_offset=0 if by_file else process_index, on_corrupt=on_corrupt, num_vocabulary=num_vocabulary,
+        warned=warned,
     )
 
 

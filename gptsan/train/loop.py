@@ -250,9 +250,12 @@ def run(cfg: RunConfig) -> TrainState:
     mesh = make_mesh(config.num_pallarelizm, cfg.expert_parallelism)
     check_expert_axis(config.num_experts, cfg.expert_parallelism, f"--expert_parallelism {cfg.expert_parallelism}")
     on_corrupt = "skip" if cfg.skip_corrupt_records else "stop"
-    check_records("--input_files", cfg.input_files, config, local_batch, on_corrupt, need=1)  # repeats to fill
+    skip_warnings: set[str] = set()  # one warning per skipped record in the whole run (check, reader, evals)
+    check_records("--input_files", cfg.input_files, config, local_batch, on_corrupt, skip_warnings,
+                  need=1)  # repeats to fill
     if cfg.eval_files:
-        check_records("--eval_files", cfg.eval_files, config, local_batch, on_corrupt, need=local_batch)  # once
+        check_records("--eval_files", cfg.eval_files, config, local_batch, on_corrupt, skip_warnings,
+                      need=local_batch)  # read once
     parameters["model_params"] = {**parameters["model_params"], "num_vocabulary": config.num_vocabulary}
     prepare_output_dir(train.output_dir, parameters)
 
@@ -312,7 +315,7 @@ def run(cfg: RunConfig) -> TrainState:
     stream = make_dataset(cfg.input_files, config.num_contexts, local_batch, seed=cfg.seed,
                           process_index=jax.process_index(), process_count=jax.process_count(),
                           start_step=int(state.data_position), num_vocabulary=config.num_vocabulary,
-                          on_corrupt=on_corrupt)
+                          on_corrupt=on_corrupt, warned=skip_warnings)
     writer = MetricsWriter(train.output_dir, enabled=jax.process_index() == 0, total_steps=last_step,
                            first_step=step, progress=cfg.progress)
 
@@ -324,7 +327,7 @@ def run(cfg: RunConfig) -> TrainState:
         batches = make_dataset(cfg.eval_files, config.num_contexts, local_batch, seed=0, shuffle=False,
                                repeat=False, process_index=jax.process_index(),
                                process_count=jax.process_count(), num_vocabulary=config.num_vocabulary,
-                               on_corrupt=on_corrupt)
+                               on_corrupt=on_corrupt, warned=skip_warnings)
         try:
             local, problem = list(itertools.islice(batches, cfg.eval_batches)), None
         except UserError as err:
@@ -397,7 +400,7 @@ def targetless_batch(batch_size: int, num_contexts: int) -> dict[str, np.ndarray
 
 
 def check_records(flag: str, pattern: str, config: ModelConfig, local_batch: int, on_corrupt: str,
-                  need: int) -> None:
+                  skip_warnings: set[str], need: int) -> None:
     """Reads the first `local_batch` records of this process's share of `pattern`: a bad one, or fewer than
     `need`, stops every process with the same message. (A process with no training records used to loop
     over its empty files forever, and its peers waited for it in their first step.)"""
@@ -405,7 +408,7 @@ def check_records(flag: str, pattern: str, config: ModelConfig, local_batch: int
     try:
         source = process_share(pattern, config.num_contexts, process_index=jax.process_index(),
                                process_count=jax.process_count(), num_vocabulary=config.num_vocabulary,
-                               on_corrupt=on_corrupt)
+                               on_corrupt=on_corrupt, warned=skip_warnings)
         found = count_records(source, local_batch)
         if found < need:
             problem = (f"{flag} {pattern}: {found} records in {source.describe()}, expected at least {need}"
