@@ -288,7 +288,8 @@ def test_inspect_tool_names_the_separator_and_mask_roles(vocab):
 def run_cli(vocab, tmp_path, capsys, *args):
     code = main(["--vocabulary", vocab, "--output_dir", str(tmp_path / "out"), "--quiet", *args])
     err = capsys.readouterr().err.strip().splitlines()
-    leftovers = list((tmp_path / "out").glob("*")) if (tmp_path / "out").exists() else []
+    out = tmp_path / "out"
+    leftovers = [out, *out.glob("*")] if out.exists() else []  # a failed run used to leave the folder it made
     return code, err[-1] if err else "", leftovers
 
 
@@ -360,3 +361,36 @@ def test_cli_error_is_one_line_and_exit_2(vocab, tmp_path):
     assert done.returncode == 2
     expected = f"error: --input_files: no file matches '{tmp_path / 'x.csv'}'"
     assert done.stderr.strip().splitlines() == [expected]
+
+
+def test_an_output_dir_that_is_a_file(vocab, tmp_path, capsys):
+    write(tmp_path / "a.txt", "あ\n")
+    out = write(tmp_path / "out", "notes")
+    assert main(["--vocabulary", vocab, "--output_dir", str(out), "--quiet", "--input_files",
+                 str(tmp_path / "a.txt")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --output_dir {out}: is a file; give a folder"
+    assert out.read_text() == "notes"
+
+
+def test_encoding_again_with_fewer_files_removes_the_earlier_surplus(vocab, tmp_path, capsys):
+    """Encoding into a folder that holds an earlier encoding of the same mode with more files used to leave the
+    surplus files there, and a training glob then read the earlier corpus with the new one."""
+    out = tmp_path / "out"
+    encode(vocab, corpus(tmp_path / "old", files=3), out, num_context=64, num_process=3)
+    write(out / "lm_notes.tfrecord", "not ours")
+    write(out / "hybrid_0004.tfrecord", "another mode")
+    capsys.readouterr()
+    encode(vocab, corpus(tmp_path / "new", files=1), out, num_context=64, num_process=3)
+    assert sorted(p.name for p in out.iterdir()) == ["hybrid_0004.tfrecord", "lm_0000.tfrecord", "lm_notes.tfrecord"]
+    assert {r.i for r in read_records(out, "lm_0*.tfrecord")} == {0}
+    assert capsys.readouterr().err.strip() == (
+        f"warning: --output_dir {out}: removed 2 file(s) of an earlier lm encoding (lm_0001.tfrecord, "
+        "lm_0002.tfrecord) so that lm_*.tfrecord there is this corpus only")
+
+
+def test_encoding_again_into_a_remote_folder_removes_the_earlier_surplus(vocab, tmp_path):
+    import fsspec
+
+    encode(vocab, corpus(tmp_path / "old", files=2), "memory://encoded/again", num_context=64, num_process=2)
+    encode(vocab, corpus(tmp_path / "new", files=1), "memory://encoded/again", num_context=64, num_process=2)
+    assert fsspec.filesystem("memory").ls("/encoded/again", detail=False) == ["/encoded/again/lm_0000.tfrecord"]

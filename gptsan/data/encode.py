@@ -12,7 +12,9 @@ processes (at most one per file); worker `p` draws from `seed + p` and writes `{
 (a worker that wrote no record, its files all skipped or blank, leaves no file, and the files after it are
 numbered on without a gap). The same inputs, seed and process count give byte-identical files. Each worker
 writes to a temporary name; only when every worker succeeded are the files renamed (or, for a gs://
-`--output_dir`, uploaded with fsspec), so a failed run leaves no tfrecord behind. Files are read whole, as
+`--output_dir`, uploaded with fsspec), so a failed run leaves no tfrecord behind. Files of the same mode that an
+earlier encoding left there beyond the ones written are then removed, with a warning line: the folder's
+`{mode}_*.tfrecord` is this corpus only. Files are read whole, as
 UTF-8 (a leading BOM is dropped); a file that is not UTF-8 stops the run with its name, or is skipped and
 counted with `--skip_bad_files`.
 """
@@ -35,7 +37,7 @@ import numpy as np
 from gptsan import storage
 from gptsan.data.layout import MIN_CONTEXT, MODES, DocumentEncoder, LayoutSettings
 from gptsan.data.schema import frame, serialize_example
-from gptsan.errors import UserError, cli_main
+from gptsan.errors import UserError, cli_main, warn
 from gptsan.tokenizer import KINDS, load_tokenizer
 
 
@@ -238,6 +240,9 @@ class EncodeConfig:
             raise UserError(f"--hybrid_rate: expected a rate in [0, 1], got {s.hybrid_rate}")
         if self.num_process < 1:
             raise UserError(f"--num_process: expected at least 1, got {self.num_process}")
+        if not storage.is_remote(self.output_dir) and os.path.exists(self.output_dir) \
+                and not os.path.isdir(self.output_dir):
+            raise UserError(f"--output_dir {self.output_dir}: is a file; give a folder")
 
 
 def run(config: EncodeConfig) -> list[WorkerSummary]:
@@ -249,6 +254,7 @@ def run(config: EncodeConfig) -> list[WorkerSummary]:
     shards = [s for s in np.array_split(order, min(config.num_process, len(inputs))) if len(s)]
     remote = storage.is_remote(config.output_dir)
     staging = tempfile.mkdtemp(prefix="gptsan-encode-") if remote else config.output_dir
+    made = [] if remote else _missing_folders(staging)
     os.makedirs(staging, exist_ok=True)
     run_tag = uuid.uuid4().hex[:8]
     jobs = [
@@ -267,11 +273,15 @@ def run(config: EncodeConfig) -> list[WorkerSummary]:
         written = [job for job, summary in zip(jobs, summaries, strict=True) if summary.records]
         finals = [f"{config.layout.mode}_{n:04d}.tfrecord" for n in range(len(written))]
         _publish(written, finals, config.output_dir, remote)
+        _remove_earlier_encoding(config.output_dir, config.layout.mode, finals)
     finally:
         for job in jobs:
             _remove_quietly(job.out_path)
         if remote:
             shutil.rmtree(staging, ignore_errors=True)
+        for folder in made:  # a failed run leaves no empty folder either
+            if not os.listdir(folder):
+                os.rmdir(folder)
     return summaries
 
 
@@ -317,6 +327,33 @@ def _run_in_processes(jobs: list[WorkerJob], bar) -> list[WorkerSummary]:
                 worker.terminate()
             worker.join()
     return [summaries[k] for k in range(len(jobs))]
+
+
+def _missing_folders(path: str) -> list[str]:
+    """The folders `os.makedirs(path)` would make, the deepest first."""
+    missing, path = [], os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def _remove_earlier_encoding(output_dir: str, mode: str, finals: list[str]) -> None:
+    """Removes `{mode}_NNNN.tfrecord` files beyond `finals` that an earlier encoding left in `output_dir` (with
+    fewer workers now, or fewer files that gave records), so that `{mode}_*.tfrecord` there is this corpus only:
+    a training glob used to read the earlier corpus's surplus files with the new ones."""
+    earlier = [path for path in storage.glob(storage.join(output_dir, f"{mode}_*.tfrecord"))
+               if re.fullmatch(rf"{re.escape(mode)}_\d{{4}}\.tfrecord", os.path.basename(path))
+               and os.path.basename(path) not in finals]
+    if not earlier:
+        return
+    fs, _ = storage.filesystem(output_dir)
+    for path in earlier:
+        fs.rm(path)
+    names = [os.path.basename(path) for path in earlier]
+    warn(f"--output_dir {output_dir}: removed {len(names)} file(s) of an earlier {mode} encoding "
+         f"({', '.join(names[:3])}{' ...' if len(names) > 3 else ''}) so that {mode}_*.tfrecord there is this "
+         f"corpus only")
 
 
 def _publish(jobs: list[WorkerJob], finals: list[str], output_dir: str, remote: bool) -> None:
