@@ -112,6 +112,18 @@ def test_tf_checkpoint_without_parameters_json_is_refused(tmp_path, tiny_tf_dir)
         load_model(str(tmp_path))
 
 
+def test_a_file_given_as_the_model_directory_is_named_as_a_file(tmp_path):
+    """It was "model directory not found", which sends the user looking for a path that is there."""
+    from gptsan.checkpoint import detect_format
+
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError) as caught:
+        detect_format(str(tmp_path / "model.safetensors"))
+    assert str(caught.value) == f"{tmp_path / 'model.safetensors'}: is a file; expected a model directory"
+    with pytest.raises(UserError, match="^.*/nothing: model directory not found$"):
+        detect_format(str(tmp_path / "nothing"))
+
+
 def _corrupt_tf(src, dst, how):
     shutil.copytree(src, dst)
     if how == "truncated":

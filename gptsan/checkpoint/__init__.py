@@ -29,6 +29,8 @@ def detect_format(path: str) -> str:
     """'native', 'gptsan-tf' or 'hf' for the model directory `path`; a UserError when it is none of them."""
     path = str(path)
     if not storage.isdir(path):
+        if storage.exists(path):
+            raise UserError(f"{path}: is a file; expected a model directory")
         raise UserError(f"{path}: model directory not found")
     if native.is_native_dir(path):
         return "native"
