@@ -246,6 +246,30 @@ def test_eval_loss_at_each_save_and_at_the_end(tmp_path):
     assert evals[0]["loss"] != evals[1]["loss"]  # the model changed between the saves
 
 
+@pytest.mark.parametrize("base_lr", [1e-3, 1e30])
+def test_skipped_steps_are_counted_and_float32_divergence_is_one_warning(tmp_path, capsys, base_lr):
+    """A float32 step whose gradients are not finite is skipped (parameters kept), as a float16 overflow is;
+    but float32 has no loss scale to lower, so it means divergence, and it used to go on without a word (only
+    the log step's own `skipped` flag, and NaN losses). At lr 1e30 the first update makes every later
+    gradient overflow: each log row counts its interval's skips and one warning says what to do."""
+    files = corpus_files(tmp_path)
+    out = tmp_path / "out"
+    parameter_file = write_mini_parameters(tmp_path / "model", out, base_lr=base_lr, num_warmup_steps=0)
+    run(RunConfig(parameter_file=str(parameter_file), input_files=files, progress=False, log_every=2,
+                  max_training_step=6))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    if base_lr < 1:
+        assert [row["skipped_steps"] for row in rows] == [0, 0, 0] and warnings == []
+        return
+    assert [(row["step"], row["skipped_steps"], row["skipped"]) for row in rows] == [
+        (2, 1, True), (4, 2, True), (6, 2, True)]
+    assert warnings == [
+        "warning: step 2: 1 of the last 2 steps had non-finite gradients and were skipped (parameters kept); "
+        "float32 training has no loss scale to lower, so the run is diverging: lower base_lr or clip with "
+        f"--clip_gradients (later skips are counted in {out / 'metrics.jsonl'}'s skipped_steps)"]
+
+
 def test_fewer_training_records_than_a_batch_are_repeated_to_fill_it(tmp_path):
     """3 records and batches of 8: the reader repeats them (the first check used to want a whole batch and
     ended in a StopIteration traceback)."""

@@ -343,9 +343,10 @@ def run(cfg: RunConfig) -> TrainState:
     # with the error. With several processes the one that met it asks for a stop at an agreed step, as a
     # preemption does, and until then takes part in the steps with a batch that has no targets.
     data_error = eval_error = None
+    warned_of_divergence = False
     idle_batch = targetless_batch(local_batch, config.num_contexts)
     with StopFlag(jax.process_count()) as stop:
-        interval_start, interval_steps = time.perf_counter(), 0
+        interval_start, interval_steps, interval_applied = time.perf_counter(), 0, []
         first_step = step
         while last_step is None or step < last_step:
             try:
@@ -360,13 +361,18 @@ def run(cfg: RunConfig) -> TrainState:
             state, metrics = train_step(state, to_global(batch))
             step += 1
             interval_steps += 1
+            interval_applied.append(metrics["update_applied"])  # read at the log step (no wait per step)
             writer.advance()
             if step % max(cfg.log_every, 1) == 0 or step == last_step:
                 metrics = jax.device_get(metrics)
                 elapsed = time.perf_counter() - interval_start
                 tokens = interval_steps * train.batch_size * config.num_contexts
-                writer.write(step, summarise(metrics, tokens / max(elapsed, 1e-9)))
-                interval_start, interval_steps = time.perf_counter(), 0
+                skipped = interval_steps - int(np.sum(jax.device_get(interval_applied)))
+                writer.write(step, summarise(metrics, tokens / max(elapsed, 1e-9), skipped))
+                if skipped and not loss_scale.dynamic and not warned_of_divergence and jax.process_index() == 0:
+                    warn_of_skipped_steps(step, skipped, interval_steps, config.dtype, train.output_dir)
+                    warned_of_divergence = True
+                interval_start, interval_steps, interval_applied = time.perf_counter(), 0, []
             if cfg.eval_every and step % cfg.eval_every == 0:
                 eval_error = evaluate()
             if checkpointer.due(step):
@@ -389,6 +395,16 @@ def run(cfg: RunConfig) -> TrainState:
             "stopped before its first step"
         raise UserError(f"{problem}; the run {saved} (mend or remove the file, then run the same command to go on)")
     return state
+
+
+def warn_of_skipped_steps(step: int, skipped: int, steps: int, dtype: str, output_dir: str) -> None:
+    """The first time float32 or bfloat16 training skips a step: its gradients were not finite, so the update
+    was left out (parameters kept). Without a loss scale to lower, that means the run is diverging; it used
+    to go on skipping without a word (a mini model at lr 1e30 skipped every step after the first)."""
+    warn(f"step {step}: {skipped} of the last {steps} steps had non-finite gradients and were skipped (parameters "
+         f"kept); {dtype} training has no loss scale to lower, so the run is diverging: lower base_lr or clip "
+         f"with --clip_gradients (later skips are counted in {storage.join(output_dir, 'metrics.jsonl')}'s "
+         "skipped_steps)")
 
 
 def targetless_batch(batch_size: int, num_contexts: int) -> dict[str, np.ndarray]:

@@ -24,11 +24,13 @@ SCALARS = ("loss", "cross_entropy", "z_loss", "aux_loss", "accuracy", "learning_
 SCALARS_PLUGIN = "scalars"  # TensorBoard's plugin name for scalar summaries
 
 
-def summarise(metrics: dict, tokens_per_second: float) -> dict:
-    """Host values of one step's metrics: scalars, the skipped flag and per-expert load [S, E]."""
+def summarise(metrics: dict, tokens_per_second: float, skipped_steps: int) -> dict:
+    """Host values of one step's metrics: scalars, the skipped flag, the steps skipped since the last row
+    (this one's included) and per-expert load [S, E]."""
     row = {name: float(np.asarray(metrics[name])) for name in SCALARS if name in metrics}
     row["tokens_per_second"] = tokens_per_second
     row["skipped"] = not bool(np.asarray(metrics["update_applied"]))
+    row["skipped_steps"] = skipped_steps
     row["expert_load"] = np.asarray(metrics["expert_load"]).round(4).tolist()
     return row
 
