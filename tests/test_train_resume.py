@@ -4,6 +4,7 @@ SIGKILL restarts from its last completed checkpoint."""
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -268,6 +269,29 @@ def test_skipped_steps_are_counted_and_float32_divergence_is_one_warning(tmp_pat
         "warning: step 2: 1 of the last 2 steps had non-finite gradients and were skipped (parameters kept); "
         "float32 training has no loss scale to lower, so the run is diverging: lower base_lr or clip with "
         f"--clip_gradients (later skips are counted in {out / 'metrics.jsonl'}'s skipped_steps)"]
+
+
+def test_a_second_run_in_the_same_output_dir_is_refused_while_the_first_holds_it(tmp_path):
+    """The same command started twice: both runs saved the same steps, one died in Orbax's renames with a
+    traceback, the other hung, and the folder kept a half-written checkpoint. The second run is now refused
+    before it writes anything; the lock goes with the run that held it."""
+    import socket
+
+    from gptsan.train.output_lock import output_dir_lock
+
+    files = corpus_files(tmp_path)
+    out = tmp_path / "out"
+    config = RunConfig(parameter_file=str(write_mini_parameters(tmp_path / "model", out)), input_files=files,
+                       progress=False, max_training_step=2)
+    with output_dir_lock(str(out)) as problem:  # the first run (this process, through another open file)
+        assert problem is None
+        with pytest.raises(UserError) as caught:
+            run(config)
+        assert sorted(path.name for path in out.iterdir()) == [".gptsan-train.lock"]
+    assert re.fullmatch(rf"train_params\.output_dir {re.escape(str(out))}: another training run is writing there "
+                        rf"\(process {os.getpid()} on {re.escape(socket.gethostname())}, started [^)]+\); wait for "
+                        "it to end or stop it, or give another output_dir", str(caught.value))
+    assert int(run(config).step) == 2
 
 
 def test_fewer_training_records_than_a_batch_are_repeated_to_fill_it(tmp_path):

@@ -38,6 +38,7 @@ from gptsan.train.compiler_options import step_compiler_options
 from gptsan.train.config import RunConfig, TrainParams
 from gptsan.train.metrics import MetricsWriter, summarise
 from gptsan.train.optim import make_optimizer
+from gptsan.train.output_lock import output_dir_lock
 from gptsan.train.precision import LossScale, compute_dtype
 from gptsan.train.spout import check_spout_kind
 from gptsan.train.state import TrainState, change_trainable_set, check_frozen_names, create_state, split_params
@@ -257,144 +258,147 @@ def run(cfg: RunConfig) -> TrainState:
         check_records("--eval_files", cfg.eval_files, config, local_batch, on_corrupt, skip_warnings,
                       need=local_batch)  # read once
     parameters["model_params"] = {**parameters["model_params"], "num_vocabulary": config.num_vocabulary}
-    prepare_output_dir(train.output_dir, parameters)
+    with output_dir_lock(train.output_dir, take=jax.process_index() == 0) as busy:
+        if busy := first_problem(busy):  # the same error in every process
+            raise UserError(busy)
+        prepare_output_dir(train.output_dir, parameters)
 
-    # Shardings.
-    loss_scale = LossScale.for_dtype(config.dtype)
-    init = functools.partial(create_state, frozen_names=frozen_names, optimizer=optimizer, seed=cfg.seed,
-                             loss_scale=loss_scale)
-    abstract = jax.eval_shape(init, abstract_params(config))
-    shardings = state_shardings(abstract, config, mesh, optimizer, frozen_names)
+        # Shardings.
+        loss_scale = LossScale.for_dtype(config.dtype)
+        init = functools.partial(create_state, frozen_names=frozen_names, optimizer=optimizer, seed=cfg.seed,
+                                 loss_scale=loss_scale)
+        abstract = jax.eval_shape(init, abstract_params(config))
+        shardings = state_shardings(abstract, config, mesh, optimizer, frozen_names)
 
-    # State: resume order.
-    checkpointer = Checkpointer(
-        train.output_dir, max_to_keep=train.max_to_keep_save, every_steps=train.checkpoint_per_steps,
-        every_hours=train.checkpoint_per_hours, async_save=cfg.async_checkpoints, processes=jax.process_count(),
-        time_check_every=cfg.log_every)
-    model_dir = os.path.dirname(cfg.parameter_file) or "."
-    run_record = {"parameters": parameters, "ignore_parameters": sorted(frozen_names),
-                  "spout_vector": cfg.spout_vector, "mode": options.mode, "seed": cfg.seed,
-                  "input_files": cfg.input_files, "processes": jax.process_count()}
-    if checkpointer.latest_step() is not None:
-        saved_run = checkpointer.saved_run()
-        saved_frozen = frozenset(saved_run.get("ignore_parameters", frozen_names))
-        if saved_frozen == frozen_names:
-            state = checkpointer.restore(restore_target(abstract, shardings))
-        else:  # restored as saved, then split anew (the optimizer state of the old split kept where it fits)
-            saved_abstract = jax.eval_shape(functools.partial(init, frozen_names=saved_frozen),
-                                            abstract_params(config))
-            saved_shardings = state_shardings(saved_abstract, config, mesh, optimizer, saved_frozen)
-            saved_state = checkpointer.restore(restore_target(saved_abstract, saved_shardings))
-            resplit = functools.partial(change_trainable_set, frozen_names=frozen_names, optimizer=optimizer)
-            state = jax.jit(resplit, out_shardings=shardings, donate_argnums=0)(saved_state)
-        if jax.process_index() == 0:
-            warn_of_changed_settings(train.output_dir, state, saved_run, run_record)
-            warn_of_changed_trainable_set(train.output_dir, state, saved_frozen, frozen_names)
-    elif (params := load_initial_params(model_dir, config)) is not None:
-        params = jax.device_put(params, param_shardings(config, mesh))
-        state = jax.jit(init, out_shardings=shardings)(params)
-    else:
-        state = jax.jit(lambda: init(init_params(config, cfg.seed)), out_shardings=shardings)()
+        # State: resume order.
+        checkpointer = Checkpointer(
+            train.output_dir, max_to_keep=train.max_to_keep_save, every_steps=train.checkpoint_per_steps,
+            every_hours=train.checkpoint_per_hours, async_save=cfg.async_checkpoints, processes=jax.process_count(),
+            time_check_every=cfg.log_every)
+        model_dir = os.path.dirname(cfg.parameter_file) or "."
+        run_record = {"parameters": parameters, "ignore_parameters": sorted(frozen_names),
+                      "spout_vector": cfg.spout_vector, "mode": options.mode, "seed": cfg.seed,
+                      "input_files": cfg.input_files, "processes": jax.process_count()}
+        if checkpointer.latest_step() is not None:
+            saved_run = checkpointer.saved_run()
+            saved_frozen = frozenset(saved_run.get("ignore_parameters", frozen_names))
+            if saved_frozen == frozen_names:
+                state = checkpointer.restore(restore_target(abstract, shardings))
+            else:  # restored as saved, then split anew (the optimizer state of the old split kept where it fits)
+                saved_abstract = jax.eval_shape(functools.partial(init, frozen_names=saved_frozen),
+                                                abstract_params(config))
+                saved_shardings = state_shardings(saved_abstract, config, mesh, optimizer, saved_frozen)
+                saved_state = checkpointer.restore(restore_target(saved_abstract, saved_shardings))
+                resplit = functools.partial(change_trainable_set, frozen_names=frozen_names, optimizer=optimizer)
+                state = jax.jit(resplit, out_shardings=shardings, donate_argnums=0)(saved_state)
+            if jax.process_index() == 0:
+                warn_of_changed_settings(train.output_dir, state, saved_run, run_record)
+                warn_of_changed_trainable_set(train.output_dir, state, saved_frozen, frozen_names)
+        elif (params := load_initial_params(model_dir, config)) is not None:
+            params = jax.device_put(params, param_shardings(config, mesh))
+            state = jax.jit(init, out_shardings=shardings)(params)
+        else:
+            state = jax.jit(lambda: init(init_params(config, cfg.seed)), out_shardings=shardings)()
 
-    # The step: pure, jitted, state donated.
-    batch_shard = {name: batch_sharding(mesh) for name in FEATURES}
-    compiler_options = step_compiler_options(mesh.devices.flat[0].platform, jax.local_device_count())
-    train_step = jax.jit(under_mesh(make_accumulating_train_step(config, optimizer, schedule, options,
-                                                                 cfg.accumulate_steps), mesh),
-                         in_shardings=(shardings, batch_shard), out_shardings=(shardings, None),
-                         donate_argnums=0, compiler_options=compiler_options)
-    eval_step = jax.jit(under_mesh(make_eval_step(config.replace(routing=cfg.routing), options), mesh),
-                        in_shardings=(shardings, batch_shard), compiler_options=compiler_options)
+        # The step: pure, jitted, state donated.
+        batch_shard = {name: batch_sharding(mesh) for name in FEATURES}
+        compiler_options = step_compiler_options(mesh.devices.flat[0].platform, jax.local_device_count())
+        train_step = jax.jit(under_mesh(make_accumulating_train_step(config, optimizer, schedule, options,
+                                                                     cfg.accumulate_steps), mesh),
+                             in_shardings=(shardings, batch_shard), out_shardings=(shardings, None),
+                             donate_argnums=0, compiler_options=compiler_options)
+        eval_step = jax.jit(under_mesh(make_eval_step(config.replace(routing=cfg.routing), options), mesh),
+                            in_shardings=(shardings, batch_shard), compiler_options=compiler_options)
 
-    def to_global(batch: dict) -> dict:
-        return {name: jax.make_array_from_process_local_data(batch_shard[name], value)
-                for name, value in batch.items()}
+        def to_global(batch: dict) -> dict:
+            return {name: jax.make_array_from_process_local_data(batch_shard[name], value)
+                    for name, value in batch.items()}
 
-    step = int(state.step)
-    last_step = cfg.max_training_step if cfg.max_training_step > 0 else None
-    stream = make_dataset(cfg.input_files, config.num_contexts, local_batch, seed=cfg.seed,
-                          process_index=jax.process_index(), process_count=jax.process_count(),
-                          start_step=int(state.data_position), num_vocabulary=config.num_vocabulary,
-                          on_corrupt=on_corrupt, warned=skip_warnings)
-    writer = MetricsWriter(train.output_dir, enabled=jax.process_index() == 0, total_steps=last_step,
-                           first_step=step, progress=cfg.progress)
+        step = int(state.step)
+        last_step = cfg.max_training_step if cfg.max_training_step > 0 else None
+        stream = make_dataset(cfg.input_files, config.num_contexts, local_batch, seed=cfg.seed,
+                              process_index=jax.process_index(), process_count=jax.process_count(),
+                              start_step=int(state.data_position), num_vocabulary=config.num_vocabulary,
+                              on_corrupt=on_corrupt, warned=skip_warnings)
+        writer = MetricsWriter(train.output_dir, enabled=jax.process_index() == 0, total_steps=last_step,
+                               first_step=step, progress=cfg.progress)
 
-    def evaluate() -> str | None:
-        """Logs the eval metrics; returns the problem that stopped any process reading its eval batches (the same in
-        every process)."""
-        if not cfg.eval_files:
-            return None
-        batches = make_dataset(cfg.eval_files, config.num_contexts, local_batch, seed=0, shuffle=False,
-                               repeat=False, process_index=jax.process_index(),
-                               process_count=jax.process_count(), num_vocabulary=config.num_vocabulary,
-                               on_corrupt=on_corrupt, warned=skip_warnings)
-        try:
-            local, problem = list(itertools.islice(batches, cfg.eval_batches)), None
-        except UserError as err:
-            local, problem = [], str(err)
-        if problem := first_problem(problem):
-            return problem
-        rows = [jax.device_get(eval_step(state, to_global(batch))) for batch in local[:agreed_count(len(local))]]
-        if rows:
-            writer.write(step, {name: float(np.mean([row[name] for row in rows])) for name in rows[0]}, "eval")
-        return None
-
-    # A bad record met while training: a checkpoint of the last good step is saved, then every process stops
-    # with the error. With several processes the one that met it asks for a stop at an agreed step, as a
-    # preemption does, and until then takes part in the steps with a batch that has no targets.
-    data_error = eval_error = None
-    warned_of_divergence = False
-    idle_batch = targetless_batch(local_batch, config.num_contexts)
-    with StopFlag(jax.process_count()) as stop:
-        interval_start, interval_steps, interval_applied = time.perf_counter(), 0, []
-        first_step = step
-        while last_step is None or step < last_step:
+        def evaluate() -> str | None:
+            """Logs the eval metrics; returns the problem that stopped any process reading its eval batches (the same in
+            every process)."""
+            if not cfg.eval_files:
+                return None
+            batches = make_dataset(cfg.eval_files, config.num_contexts, local_batch, seed=0, shuffle=False,
+                                   repeat=False, process_index=jax.process_index(),
+                                   process_count=jax.process_count(), num_vocabulary=config.num_vocabulary,
+                                   on_corrupt=on_corrupt, warned=skip_warnings)
             try:
-                batch = idle_batch if data_error else next(stream)
+                local, problem = list(itertools.islice(batches, cfg.eval_batches)), None
             except UserError as err:
-                data_error, batch = str(err), idle_batch
-                stop.request()
-                if not stop.shared:
-                    break
-            if step == first_step and jax.process_index() == 0:
-                warn_of_ignored_prefixes(cfg.input_files, options, batch)
-            state, metrics = train_step(state, to_global(batch))
-            step += 1
-            interval_steps += 1
-            interval_applied.append(metrics["update_applied"])  # read at the log step (no wait per step)
-            writer.advance()
-            if step % max(cfg.log_every, 1) == 0 or step == last_step:
-                metrics = jax.device_get(metrics)
-                elapsed = time.perf_counter() - interval_start
-                tokens = interval_steps * train.batch_size * config.num_contexts
-                skipped = interval_steps - int(np.sum(jax.device_get(interval_applied)))
-                writer.write(step, summarise(metrics, tokens / max(elapsed, 1e-9), skipped))
-                if skipped and not loss_scale.dynamic and not warned_of_divergence and jax.process_index() == 0:
-                    warn_of_skipped_steps(step, skipped, interval_steps, config.dtype, train.output_dir)
-                    warned_of_divergence = True
-                interval_start, interval_steps, interval_applied = time.perf_counter(), 0, []
-            if cfg.eval_every and step % cfg.eval_every == 0:
-                eval_error = evaluate()
-            if checkpointer.due(step):
-                checkpointer.save(step, state, run_record)
-                if not cfg.eval_every:
+                local, problem = [], str(err)
+            if problem := first_problem(problem):
+                return problem
+            rows = [jax.device_get(eval_step(state, to_global(batch))) for batch in local[:agreed_count(len(local))]]
+            if rows:
+                writer.write(step, {name: float(np.mean([row[name] for row in rows])) for name in rows[0]}, "eval")
+            return None
+
+        # A bad record met while training: a checkpoint of the last good step is saved, then every process stops
+        # with the error. With several processes the one that met it asks for a stop at an agreed step, as a
+        # preemption does, and until then takes part in the steps with a batch that has no targets.
+        data_error = eval_error = None
+        warned_of_divergence = False
+        idle_batch = targetless_batch(local_batch, config.num_contexts)
+        with StopFlag(jax.process_count()) as stop:
+            interval_start, interval_steps, interval_applied = time.perf_counter(), 0, []
+            first_step = step
+            while last_step is None or step < last_step:
+                try:
+                    batch = idle_batch if data_error else next(stream)
+                except UserError as err:
+                    data_error, batch = str(err), idle_batch
+                    stop.request()
+                    if not stop.shared:
+                        break
+                if step == first_step and jax.process_index() == 0:
+                    warn_of_ignored_prefixes(cfg.input_files, options, batch)
+                state, metrics = train_step(state, to_global(batch))
+                step += 1
+                interval_steps += 1
+                interval_applied.append(metrics["update_applied"])  # read at the log step (no wait per step)
+                writer.advance()
+                if step % max(cfg.log_every, 1) == 0 or step == last_step:
+                    metrics = jax.device_get(metrics)
+                    elapsed = time.perf_counter() - interval_start
+                    tokens = interval_steps * train.batch_size * config.num_contexts
+                    skipped = interval_steps - int(np.sum(jax.device_get(interval_applied)))
+                    writer.write(step, summarise(metrics, tokens / max(elapsed, 1e-9), skipped))
+                    if skipped and not loss_scale.dynamic and not warned_of_divergence and jax.process_index() == 0:
+                        warn_of_skipped_steps(step, skipped, interval_steps, config.dtype, train.output_dir)
+                        warned_of_divergence = True
+                    interval_start, interval_steps, interval_applied = time.perf_counter(), 0, []
+                if cfg.eval_every and step % cfg.eval_every == 0:
                     eval_error = evaluate()
-                writer.flush()
-            if stop.reached(step) or eval_error:
-                break
-        if step not in (checkpointer.last_saved_step, first_step):  # the final save (unless saved, or no step)
-            checkpointer.save(step, state, run_record)
-            if not cfg.eval_every and not stop.requested and not eval_error:  # a preempted run leaves at once
-                eval_error = evaluate()
-        checkpointer.close()
-        writer.close()
-    # Every process is here after the same step; eval_error is the same in all, data_error in the one that met it
-    # (the run may also have reached its last step before the agreed stop).
-    if problem := eval_error or first_problem(data_error):
-        saved = f"saved step {step} in {train.output_dir} and stopped" if step != first_step else \
-            "stopped before its first step"
-        raise UserError(f"{problem}; the run {saved} (mend or remove the file, then run the same command to go on)")
-    return state
+                if checkpointer.due(step):
+                    checkpointer.save(step, state, run_record)
+                    if not cfg.eval_every:
+                        eval_error = evaluate()
+                    writer.flush()
+                if stop.reached(step) or eval_error:
+                    break
+            if step not in (checkpointer.last_saved_step, first_step):  # the final save (unless saved, or no step)
+                checkpointer.save(step, state, run_record)
+                if not cfg.eval_every and not stop.requested and not eval_error:  # a preempted run leaves at once
+                    eval_error = evaluate()
+            checkpointer.close()
+            writer.close()
+        # Every process is here after the same step; eval_error is the same in all, data_error in the one that met it
+        # (the run may also have reached its last step before the agreed stop).
+        if problem := eval_error or first_problem(data_error):
+            saved = f"saved step {step} in {train.output_dir} and stopped" if step != first_step else \
+                "stopped before its first step"
+            raise UserError(f"{problem}; the run {saved} (mend or remove the file, then run the same command to go on)")
+        return state
 
 
 def warn_of_skipped_steps(step: int, skipped: int, steps: int, dtype: str, output_dir: str) -> None:
