@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from gptsan.errors import UserError
 from gptsan.train.config import RunConfig
 from gptsan.train.loop import run
 from tests.distributed_worker import STEPS, train_losses
@@ -96,6 +97,9 @@ def test_a_signal_to_one_process_stops_all_after_the_same_step_with_one_checkpoi
     workers, out = start_training(tmp_path, checkpoint_per_steps=1000)
     with killed_at_exit(workers):
         wait_for(lambda: len(logged_steps(out)) >= 3, workers, "3 steps")
+        with pytest.raises(UserError, match=r"another training run is writing there \(process \d+ on "):
+            run(RunConfig(parameter_file=str(out.parent / "model" / "parameters.json"), progress=False,
+                          input_files=str(tmp_path / "train-*.tfrecord")))  # process 0 holds output_dir
         workers[receiver].send_signal(signum)
         errors = [worker.communicate(timeout=120)[1] for worker in workers]
     assert [worker.returncode for worker in workers] == [0, 0], [err[-2000:] for err in errors]
