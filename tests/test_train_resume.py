@@ -271,6 +271,23 @@ def test_skipped_steps_are_counted_and_float32_divergence_is_one_warning(tmp_pat
         f"--clip_gradients (later skips are counted in {out / 'metrics.jsonl'}'s skipped_steps)"]
 
 
+def test_float16_skips_warn_only_once_its_loss_scale_is_down_to_1(tmp_path, capsys):
+    """float16 skips steps to find its loss scale (halved at each); only when it is down to 1 and steps are
+    still skipped is the run diverging."""
+    files = corpus_files(tmp_path)
+    out = tmp_path / "out"
+    parameter_file = write_mini_parameters(tmp_path / "model", out, base_lr=1e30, num_warmup_steps=0)
+    run(RunConfig(parameter_file=str(parameter_file), input_files=files, progress=False, log_every=4,
+                  max_training_step=24, use_mixed_precision=True))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["loss_scale"], row["skipped_steps"]) for row in rows] == [
+        (2.0**13, 3), (2.0**9, 4), (2.0**5, 4), (2.0, 4), (1.0, 4), (1.0, 4)]  # halved at each skip from 2**15
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")] == [
+        "warning: step 20: 4 of the last 4 steps had non-finite gradients and were skipped (parameters kept); its "
+        "loss scale is down to 1, so the run is diverging: lower base_lr or clip with --clip_gradients (later "
+        f"skips are counted in {out / 'metrics.jsonl'}'s skipped_steps)"]
+
+
 def test_a_second_run_in_the_same_output_dir_is_refused_while_the_first_holds_it(tmp_path):
     """The same command started twice: both runs saved the same steps, one died in Orbax's renames with a
     traceback, the other hung, and the folder kept a half-written checkpoint. The second run is now refused

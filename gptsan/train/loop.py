@@ -372,8 +372,12 @@ def run(cfg: RunConfig) -> TrainState:
                     elapsed = time.perf_counter() - interval_start
                     tokens = interval_steps * train.batch_size * config.num_contexts
                     skipped = interval_steps - int(np.sum(jax.device_get(interval_applied)))
-                    writer.write(step, summarise(metrics, tokens / max(elapsed, 1e-9), skipped))
-                    if skipped and not loss_scale.dynamic and not warned_of_divergence and jax.process_index() == 0:
+                    row = summarise(metrics, tokens / max(elapsed, 1e-9), skipped)
+                    writer.write(step, row)
+                    # float16 skips steps to find its loss scale; at the scale's floor they mean divergence too
+                    floored = row["skipped"] and row["loss_scale"] <= 1.0
+                    if skipped and (not loss_scale.dynamic or floored) and not warned_of_divergence \
+                            and jax.process_index() == 0:
                         warn_of_skipped_steps(step, skipped, interval_steps, config.dtype, train.output_dir)
                         warned_of_divergence = True
                     interval_start, interval_steps, interval_applied = time.perf_counter(), 0, []
@@ -402,13 +406,14 @@ def run(cfg: RunConfig) -> TrainState:
 
 
 def warn_of_skipped_steps(step: int, skipped: int, steps: int, dtype: str, output_dir: str) -> None:
-    """The first time float32 or bfloat16 training skips a step: its gradients were not finite, so the update
-    was left out (parameters kept). Without a loss scale to lower, that means the run is diverging; it used
-    to go on skipping without a word (a mini model at lr 1e30 skipped every step after the first)."""
+    """The first time float32 or bfloat16 training skips a step, or float16 training with its loss scale down
+    to 1: the gradients were not finite, so the update was left out (parameters kept). With no loss scale
+    (left) to lower, the run is diverging; it used to go on skipping without a word (a mini model at lr 1e30
+    skipped every step after the first)."""
+    why = "its loss scale is down to 1" if dtype == "float16" else f"{dtype} training has no loss scale to lower"
     warn(f"step {step}: {skipped} of the last {steps} steps had non-finite gradients and were skipped (parameters "
-         f"kept); {dtype} training has no loss scale to lower, so the run is diverging: lower base_lr or clip "
-         f"with --clip_gradients (later skips are counted in {storage.join(output_dir, 'metrics.jsonl')}'s "
-         "skipped_steps)")
+         f"kept); {why}, so the run is diverging: lower base_lr or clip with --clip_gradients (later skips are "
+         f"counted in {storage.join(output_dir, 'metrics.jsonl')}'s skipped_steps)")
 
 
 def targetless_batch(batch_size: int, num_contexts: int) -> dict[str, np.ndarray]:
