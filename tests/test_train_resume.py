@@ -288,6 +288,21 @@ def test_float16_skips_warn_only_once_its_loss_scale_is_down_to_1(tmp_path, caps
         f"skips are counted in {out / 'metrics.jsonl'}'s skipped_steps)"]
 
 
+def test_running_a_finished_run_again_says_there_is_nothing_to_train(tmp_path, capsys):
+    """It exited 0 without a word, as if it had trained."""
+    files = corpus_files(tmp_path)
+    out = tmp_path / "out"
+    parameter_file = write_mini_parameters(tmp_path / "model", out)
+    for max_step in (2, 2, 1):
+        state = run(RunConfig(parameter_file=str(parameter_file), input_files=files, progress=False,
+                              log_every=1, max_training_step=max_step))
+        assert int(state.step) == 2
+    assert logged_steps(out) == [1, 2]
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")] == [
+        f"warning: train_params.output_dir {out}: the run is at step 2 already, --max_training_step is {max_step}: "
+        "nothing to train (give a larger --max_training_step to go on)" for max_step in (2, 1)]
+
+
 def test_a_second_run_in_the_same_output_dir_is_refused_while_the_first_holds_it(tmp_path):
     """The same command started twice: both runs saved the same steps, one died in Orbax's renames with a
     traceback, the other hung, and the folder kept a half-written checkpoint. The second run is now refused

@@ -316,6 +316,9 @@ def run(cfg: RunConfig) -> TrainState:
 
         step = int(state.step)
         last_step = cfg.max_training_step if cfg.max_training_step > 0 else None
+        if last_step is not None and step >= last_step and jax.process_index() == 0:  # a finished run, run again
+            warn(f"train_params.output_dir {train.output_dir}: the run is at step {step} already, --max_training_step "
+                 f"is {last_step}: nothing to train (give a larger --max_training_step to go on)")
         stream = make_dataset(cfg.input_files, config.num_contexts, local_batch, seed=cfg.seed,
                               process_index=jax.process_index(), process_count=jax.process_count(),
                               start_step=int(state.data_position), num_vocabulary=config.num_vocabulary,
