@@ -19,7 +19,7 @@ import pytest
 from gptsan.errors import UserError
 from gptsan.model.params import expected_shapes, flatten
 from gptsan.train.config import RunConfig
-from gptsan.train.loop import StopFlag, run, warn_of_ignored_prefixes
+from gptsan.train.loop import StopFlag, run, warn_of_folded_classes, warn_of_ignored_prefixes
 from gptsan.train.optim import make_optimizer
 from gptsan.train.state import change_trainable_set
 from gptsan.train.step import StepOptions
@@ -88,7 +88,9 @@ def test_resuming_on_other_data_says_so_in_one_line(tmp_path, capsys):
     files = corpus_files(tmp_path)
     other = tmp_path / "other"
     other.mkdir()
-    write_records(other / "more-0.tfrecord", counting_corpus(40, 16, 128, seed=2, period=8))
+    more = counting_corpus(40, 16, 128, seed=2, period=8)
+    more["i"] %= 8  # class ids the mini model's 8 spout classes hold
+    write_records(other / "more-0.tfrecord", more)
     parameter_file = write_mini_parameters(tmp_path / "m", tmp_path / "m-out", checkpoint_per_steps=100)
     common = dict(parameter_file=str(parameter_file), progress=False, log_every=1)
     run(RunConfig(input_files=files, spout_vector="uniform", max_training_step=2, **common))
@@ -121,6 +123,30 @@ def test_lm_training_on_records_with_prefixes_says_so_in_one_line(tmp_path, caps
     warn_of_ignored_prefixes("x", StepOptions(mode="lm"), {"num_input": np.array([1, 1])})
     warn_of_ignored_prefixes("x", StepOptions(mode="lm"), {"num_input": np.array([0, 1])})
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("kind, classes", [("onehot", 8), ("half_onehot", 4)])
+def test_onehot_training_on_class_ids_past_the_spout_says_so_in_one_line(tmp_path, capsys, kind, classes):
+    """one_hot(i mod C): class ids C apart trained one vector without a word, and gptsan-generate refuses
+    --spout C or more, so such a class could not be asked for either."""
+    corpus = counting_corpus(16, 16, 128, period=8)
+    corpus["i"] = np.full(16, 11)
+    write_records(tmp_path / "classes.tfrecord", corpus)
+    parameter_file = write_mini_parameters(tmp_path / "m", tmp_path / "m-out", checkpoint_per_steps=100)
+    run(RunConfig(parameter_file=str(parameter_file), input_files=str(tmp_path / "classes.tfrecord"),
+                  spout_vector=kind, max_training_step=1, progress=False))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: --spout_vector {kind}: --input_files {tmp_path / 'classes.tfrecord'} has class id 11 (in the "
+        f"first batch), but the spout has {classes} classes: ids are taken mod {classes}, so it trains class "
+        f"{11 % classes}'s vector (encode class ids 0..{classes - 1}, or convert the model with a larger "
+        "gptsan-convert --num_spout)"]
+    # ids within the classes, or spouts that do not take classes: nothing to say
+    for spout, ids in (("onehot", [0, 7]), ("half_onehot", [0, 3]), ("uniform", [99, -1]), ("none", [99, 99])):
+        warn_of_folded_classes("x", StepOptions(spout=spout), 8, {"i": np.array(ids)})
+    assert capsys.readouterr().err == ""
+    warn_of_folded_classes("x", StepOptions(spout="onehot"), 8, {"i": np.array([3, -1])})
+    assert "has class id -1" in capsys.readouterr().err
 
 
 def start_run_training(tmp_path: Path, compilation_cache: Path, **train_params):

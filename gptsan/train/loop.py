@@ -151,6 +151,23 @@ def warn_of_ignored_prefixes(input_files: str, options: StepOptions, batch: dict
              "prefixes")
 
 
+def warn_of_folded_classes(input_files: str, options: StepOptions, num_spout: int, batch: dict) -> None:
+    """onehot and half_onehot spouts give class i the vector one_hot(i mod C) (C = num_spout, or half of it),
+    so classes C apart train the same vector; gptsan-generate refuses --spout C or more. One warning line when
+    the first batch (a shuffled sample of the records) holds such an id."""
+    classes = {"onehot": num_spout, "half_onehot": num_spout // 2}.get(options.spout)
+    if not classes:
+        return
+    ids = np.asarray(batch["i"])
+    outside = ids[(ids < 0) | (ids >= classes)]
+    if outside.size:
+        value = int(outside[0])
+        warn(f"--spout_vector {options.spout}: --input_files {input_files} has class id {value} (in the first "
+             f"batch), but the spout has {classes} classes: ids are taken mod {classes}, so it trains class "
+             f"{value % classes}'s vector (encode class ids 0..{classes - 1}, or convert the model with a larger "
+             "gptsan-convert --num_spout)")
+
+
 def step_options(cfg: RunConfig, config: ModelConfig) -> StepOptions:
     mode = cfg.mode or ("lm" if config.train_mode == "lm" else "hybrid")
     if mode not in ("lm", "hybrid"):
@@ -365,6 +382,7 @@ def run(cfg: RunConfig) -> TrainState:
                         break
                 if step == first_step and jax.process_index() == 0:
                     warn_of_ignored_prefixes(cfg.input_files, options, batch)
+                    warn_of_folded_classes(cfg.input_files, options, config.num_spout, batch)
                 state, metrics = train_step(state, to_global(batch))
                 step += 1
                 interval_steps += 1
