@@ -199,6 +199,10 @@ def test_preemption_or_ctrl_c_saves_the_step_reached_and_exits_0(tmp_path, compi
                 "saving)") in stderr
     logged = logged_steps(out)
     assert ocp.CheckpointManager(out).all_steps() == [max(logged)] and max(logged) >= 3
+    stopped = max(logged)
+    assert re.fullmatch(rf"training: stopped on request after step {stopped} \(steps 1-{stopped} in \d+ s; step "
+                        rf"{stopped} saved in {re.escape(str(out))}\): run the same command to go on",
+                        stderr.splitlines()[-1])
 
 
 def test_a_second_ctrl_c_stops_without_saving(capsys):
@@ -324,9 +328,13 @@ def test_running_a_finished_run_again_says_there_is_nothing_to_train(tmp_path, c
                               log_every=1, max_training_step=max_step))
         assert int(state.step) == 2
     assert logged_steps(out) == [1, 2]
-    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")] == [
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if line.startswith("warning:")] == [
         f"warning: train_params.output_dir {out}: the run is at step 2 already, --max_training_step is {max_step}: "
         "nothing to train (give a larger --max_training_step to go on)" for max_step in (2, 1)]
+    # the run's last line says what it trained and where that is; the runs that trained nothing have none
+    assert [re.sub(r"in \d+ s", "in N s", line) for line in err if line.startswith("training:")] == [
+        f"training: steps 1-2 in N s; step 2 saved in {out}"]
 
 
 def test_a_second_run_in_the_same_output_dir_is_refused_while_the_first_holds_it(tmp_path):

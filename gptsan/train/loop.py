@@ -371,7 +371,7 @@ def run(cfg: RunConfig) -> TrainState:
         idle_batch = targetless_batch(local_batch, config.num_contexts)
         with StopFlag(jax.process_count()) as stop:
             interval_start, interval_steps, interval_applied = time.perf_counter(), 0, []
-            first_step = step
+            first_step, started = step, time.perf_counter()
             while last_step is None or step < last_step:
                 try:
                     batch = idle_batch if data_error else next(stream)
@@ -423,7 +423,19 @@ def run(cfg: RunConfig) -> TrainState:
             saved = f"saved step {step} in {train.output_dir} and stopped" if step != first_step else \
                 "stopped before its first step"
             raise UserError(f"{problem}; the run {saved} (mend or remove the file, then run the same command to go on)")
+        if step != first_step and jax.process_index() == 0:
+            print(report_of_run(first_step, step, time.perf_counter() - started, stop.requested, train.output_dir),
+                  file=sys.stderr)
         return state
+
+
+def report_of_run(first_step: int, step: int, seconds: float, stopped: bool, output_dir: str) -> str:
+    """The run's last line: the steps it trained, and where the last is saved (a log without the progress
+    bar ended with the last metrics row, which does not say whether the run finished or was stopped)."""
+    trained = f"steps {first_step + 1}-{step} in {seconds:.0f} s; step {step} saved in {output_dir}"
+    if stopped:
+        return f"training: stopped on request after step {step} ({trained}): run the same command to go on"
+    return f"training: {trained}"
 
 
 def warn_of_skipped_steps(step: int, skipped: int, steps: int, dtype: str, output_dir: str) -> None:
