@@ -40,7 +40,7 @@ from gptsan.train.metrics import MetricsWriter, summarise
 from gptsan.train.optim import make_optimizer
 from gptsan.train.output_lock import output_dir_lock
 from gptsan.train.precision import LossScale, compute_dtype
-from gptsan.train.spout import check_spout_kind
+from gptsan.train.spout import check_spout_kind, one_hot_classes
 from gptsan.train.state import TrainState, change_trainable_set, check_frozen_names, create_state, split_params
 from gptsan.train.step import StepOptions, make_eval_step
 
@@ -155,7 +155,7 @@ def warn_of_folded_classes(input_files: str, options: StepOptions, num_spout: in
     """onehot and half_onehot spouts give class i the vector one_hot(i mod C) (C = num_spout, or half of it),
     so classes C apart train the same vector; gptsan-generate refuses --spout C or more. One warning line when
     the first batch (a shuffled sample of the records) holds such an id."""
-    classes = {"onehot": num_spout, "half_onehot": num_spout // 2}.get(options.spout)
+    classes = one_hot_classes(options.spout, num_spout)
     if not classes:
         return
     ids = np.asarray(batch["i"])

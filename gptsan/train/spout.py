@@ -17,6 +17,11 @@ def check_spout_kind(kind: str) -> str:
     return kind
 
 
+def one_hot_classes(kind: str, num_spout: int) -> int | None:
+    """How many classes a one-hot kind tells apart (class ids are taken mod this); None for the other kinds."""
+    return {"onehot": num_spout, "half_onehot": num_spout // 2}.get(kind)
+
+
 def spout_vectors(kind: str, class_ids: jax.Array, num_spout: int, rng: jax.Array) -> jax.Array | None:
     """[B, P] float32 spout inputs (None for kind "none"). class_ids [B] int; rng: this step's key.
       uniform: fresh U(0,1) each step; stateless_uniform: U(0,1) seeded by i (same vector for the same i);
@@ -33,7 +38,7 @@ def spout_vectors(kind: str, class_ids: jax.Array, num_spout: int, rng: jax.Arra
     if kind == "onehot":
         return jax.nn.one_hot(class_ids % num_spout, num_spout, dtype=jnp.float32)
     if kind == "half_onehot":
-        half = num_spout // 2
+        half = one_hot_classes(kind, num_spout)
         noise = jax.random.uniform(rng, (batch, num_spout - half), jnp.float32)
         return jnp.concatenate([jax.nn.one_hot(class_ids % half, half, dtype=jnp.float32), noise], axis=1)
     raise UserError(f"--spout_vector: unknown kind {kind!r}")
