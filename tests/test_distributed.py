@@ -111,7 +111,7 @@ def test_a_signal_to_one_process_stops_all_after_the_same_step_with_one_checkpoi
 def test_saves_by_the_clock_happen_at_the_same_step_in_every_process(tmp_path):
     """checkpoint_per_hours of 0.3 seconds: each process's own clock used to pick the save steps, and the
     processes aborted at the first save they disagreed on ('a distributed collective mismatch')."""
-    steps = 80
+    steps = 30
     workers, out = start_training(tmp_path, "--max_training_step", str(steps), checkpoint_per_steps=1000,
                                   checkpoint_per_hours=0.3 / 3600, max_to_keep_save=100)
     with killed_at_exit(workers):
@@ -119,7 +119,8 @@ def test_saves_by_the_clock_happen_at_the_same_step_in_every_process(tmp_path):
     assert [worker.returncode for worker in workers] == [0, 0], [err[-2000:] for err in errors]
     saved = sorted(int(path.name) for path in out.iterdir() if path.name.isdigit())
     assert logged_steps(out) == list(range(1, steps + 1))
-    assert saved[-1] == steps and len(saved) >= 2, saved  # the end's save and at least one by the clock
+    # the end's save and at least two by the clock (30 steps saved 7 times on a 2-core host, 80 took 50 s)
+    assert saved[-1] == steps and len(saved) >= 3, saved
 
 
 def test_eval_files_that_split_unevenly_over_the_processes(tmp_path, capsys):
