@@ -1,14 +1,14 @@
 """The training run, top to bottom: config -> inputs -> mesh -> state (restored or born sharded) ->
 donated jitted step -> loop with metrics, checkpoints and preemption handling.
 
-Resume order (the only place it is written): an existing run's checkpoint in train_params.output_dir ->
-the converted/initial model (parameters.json's own folder holding `params/`, as the converter writes, or
-another model format gptsan.checkpoint reads) ->
-fresh initialisation (spec section 1).
+Resume order (initial_state, the only place it is written): an existing run's checkpoint in
+train_params.output_dir -> the converted/initial model (parameters.json's own folder holding `params/`, as the
+converter writes, or another model format gptsan.checkpoint reads) -> fresh initialisation (spec section 1).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -252,8 +253,24 @@ class StopFlag:
 
 
 # ---- the run --------------------------------------------------------------------------------------------
-def run(cfg: RunConfig) -> TrainState:
-    # Configuration and inputs: every user mistake surfaces here, before a step is compiled.
+@dataclasses.dataclass(frozen=True)
+class CheckedRun:
+    """What run() reads and checks before it takes train_params.output_dir: every user mistake in the flags,
+    parameters.json, the ignore list and the input files surfaces here, before a step is compiled."""
+    parameters: dict  # parameters.json, with the vocabulary size the tokenizer has
+    config: ModelConfig
+    train: TrainParams
+    frozen_names: frozenset[str]
+    options: StepOptions
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    local_batch: int  # this process's rows of train_params.batch_size
+    mesh: jax.sharding.Mesh
+    on_corrupt: str  # "skip" or "stop"
+    skip_warnings: set[str]  # one warning per skipped record in the whole run (check, reader, evals)
+
+
+def check_run(cfg: RunConfig) -> CheckedRun:
     parameters = read_parameters_json(cfg.parameter_file)
     config = model_config(cfg, parameters["model_params"])
     train = TrainParams.from_dict(parameters["train_params"], cfg.parameter_file)
@@ -268,60 +285,76 @@ def run(cfg: RunConfig) -> TrainState:
     mesh = make_mesh(config.num_pallarelizm, cfg.expert_parallelism)
     check_expert_axis(config.num_experts, cfg.expert_parallelism, f"--expert_parallelism {cfg.expert_parallelism}")
     on_corrupt = "skip" if cfg.skip_corrupt_records else "stop"
-    skip_warnings: set[str] = set()  # one warning per skipped record in the whole run (check, reader, evals)
+    skip_warnings: set[str] = set()
     check_records("--input_files", cfg.input_files, config, local_batch, on_corrupt, skip_warnings,
                   need=1)  # repeats to fill
     if cfg.eval_files:
         check_records("--eval_files", cfg.eval_files, config, local_batch, on_corrupt, skip_warnings,
                       need=local_batch)  # read once
     parameters["model_params"] = {**parameters["model_params"], "num_vocabulary": config.num_vocabulary}
+    return CheckedRun(parameters, config, train, frozen_names, options, optimizer, schedule, local_batch, mesh,
+                      on_corrupt, skip_warnings)
+
+
+def initial_state(cfg: RunConfig, checked: CheckedRun, checkpointer: Checkpointer, run_record: dict,
+                  init: Callable[..., TrainState], abstract: TrainState, shardings: TrainState) -> TrainState:
+    """The train state, born sharded, in the resume order: the run's latest checkpoint (split anew if the
+    ignore list changed) -> the converted/initial model next to parameters.json -> fresh initialisation."""
+    config, mesh, frozen_names = checked.config, checked.mesh, checked.frozen_names
+    if checkpointer.latest_step() is not None:
+        saved_run = checkpointer.saved_run()
+        saved_frozen = frozenset(saved_run.get("ignore_parameters", frozen_names))
+        if saved_frozen == frozen_names:
+            state = checkpointer.restore(restore_target(abstract, shardings))
+        else:  # restored as saved, then split anew (the optimizer state of the old split kept where it fits)
+            saved_abstract = jax.eval_shape(functools.partial(init, frozen_names=saved_frozen),
+                                            abstract_params(config))
+            saved_shardings = state_shardings(saved_abstract, config, mesh, checked.optimizer, saved_frozen)
+            saved_state = checkpointer.restore(restore_target(saved_abstract, saved_shardings))
+            resplit = functools.partial(change_trainable_set, frozen_names=frozen_names, optimizer=checked.optimizer)
+            state = jax.jit(resplit, out_shardings=shardings, donate_argnums=0)(saved_state)
+        if jax.process_index() == 0:
+            warn_of_changed_settings(checked.train.output_dir, state, saved_run, run_record)
+            warn_of_changed_trainable_set(checked.train.output_dir, state, saved_frozen, frozen_names)
+        return state
+    model_dir = os.path.dirname(cfg.parameter_file) or "."
+    if (params := load_initial_params(model_dir, config)) is not None:
+        params = jax.device_put(params, param_shardings(config, mesh))
+        return jax.jit(init, out_shardings=shardings)(params)
+    return jax.jit(lambda: init(init_params(config, cfg.seed)), out_shardings=shardings)()
+
+
+def run(cfg: RunConfig) -> TrainState:
+    checked = check_run(cfg)
+    config, train, options, mesh = checked.config, checked.train, checked.options, checked.mesh
+    local_batch, on_corrupt, skip_warnings = checked.local_batch, checked.on_corrupt, checked.skip_warnings
     with output_dir_lock(train.output_dir, take=jax.process_index() == 0) as busy:
         if busy := first_problem(busy):  # the same error in every process
             raise UserError(busy)
-        prepare_output_dir(train.output_dir, parameters)
+        prepare_output_dir(train.output_dir, checked.parameters)
 
         # Shardings.
         loss_scale = LossScale.for_dtype(config.dtype)
-        init = functools.partial(create_state, frozen_names=frozen_names, optimizer=optimizer, seed=cfg.seed,
-                                 loss_scale=loss_scale)
+        init = functools.partial(create_state, frozen_names=checked.frozen_names, optimizer=checked.optimizer,
+                                 seed=cfg.seed, loss_scale=loss_scale)
         abstract = jax.eval_shape(init, abstract_params(config))
-        shardings = state_shardings(abstract, config, mesh, optimizer, frozen_names)
+        shardings = state_shardings(abstract, config, mesh, checked.optimizer, checked.frozen_names)
 
-        # State: resume order.
+        # State.
         checkpointer = Checkpointer(
             train.output_dir, max_to_keep=train.max_to_keep_save, every_steps=train.checkpoint_per_steps,
             every_hours=train.checkpoint_per_hours, async_save=cfg.async_checkpoints, processes=jax.process_count(),
             time_check_every=cfg.log_every)
-        model_dir = os.path.dirname(cfg.parameter_file) or "."
-        run_record = {"parameters": parameters, "ignore_parameters": sorted(frozen_names),
+        run_record = {"parameters": checked.parameters, "ignore_parameters": sorted(checked.frozen_names),
                       "spout_vector": cfg.spout_vector, "mode": options.mode, "seed": cfg.seed,
                       "input_files": cfg.input_files, "processes": jax.process_count()}
-        if checkpointer.latest_step() is not None:
-            saved_run = checkpointer.saved_run()
-            saved_frozen = frozenset(saved_run.get("ignore_parameters", frozen_names))
-            if saved_frozen == frozen_names:
-                state = checkpointer.restore(restore_target(abstract, shardings))
-            else:  # restored as saved, then split anew (the optimizer state of the old split kept where it fits)
-                saved_abstract = jax.eval_shape(functools.partial(init, frozen_names=saved_frozen),
-                                                abstract_params(config))
-                saved_shardings = state_shardings(saved_abstract, config, mesh, optimizer, saved_frozen)
-                saved_state = checkpointer.restore(restore_target(saved_abstract, saved_shardings))
-                resplit = functools.partial(change_trainable_set, frozen_names=frozen_names, optimizer=optimizer)
-                state = jax.jit(resplit, out_shardings=shardings, donate_argnums=0)(saved_state)
-            if jax.process_index() == 0:
-                warn_of_changed_settings(train.output_dir, state, saved_run, run_record)
-                warn_of_changed_trainable_set(train.output_dir, state, saved_frozen, frozen_names)
-        elif (params := load_initial_params(model_dir, config)) is not None:
-            params = jax.device_put(params, param_shardings(config, mesh))
-            state = jax.jit(init, out_shardings=shardings)(params)
-        else:
-            state = jax.jit(lambda: init(init_params(config, cfg.seed)), out_shardings=shardings)()
+        state = initial_state(cfg, checked, checkpointer, run_record, init, abstract, shardings)
 
         # The step: pure, jitted, state donated.
         batch_shard = {name: batch_sharding(mesh) for name in FEATURES}
         compiler_options = step_compiler_options(mesh.devices.flat[0].platform, jax.local_device_count())
-        train_step = jax.jit(under_mesh(make_accumulating_train_step(config, optimizer, schedule, options,
-                                                                     cfg.accumulate_steps), mesh),
+        train_step = jax.jit(under_mesh(make_accumulating_train_step(config, checked.optimizer, checked.schedule,
+                                                                     options, cfg.accumulate_steps), mesh),
                              in_shardings=(shardings, batch_shard), out_shardings=(shardings, None),
                              donate_argnums=0, compiler_options=compiler_options)
         eval_step = jax.jit(under_mesh(make_eval_step(config.replace(routing=cfg.routing), options), mesh),
