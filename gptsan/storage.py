@@ -3,10 +3,12 @@ STORAGE_EMULATOR_HOST, so the same code runs against real GCS and a local emulat
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import posixpath
 import re
+import stat
 import uuid
 from contextlib import contextmanager
 
@@ -86,17 +88,31 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
 
     Remote (gs://): one object upload, which GCS makes visible only once complete, so no temp name is
     needed (and object stores have no rename: a "move" is a copy plus a delete). Local: the missing folders
-    made, a temp name in the same folder, then an atomic rename.
+    made, a temp name in the same folder, then an atomic rename. A symbolic link is followed (the rename
+    replaces the file it points to, not the link), and what is not a regular file (/dev/stdout, a pipe, a
+    device) is written to directly, as it cannot be replaced. An error names `path`, not the temp name.
     """
     fs, p = filesystem(path)
     if is_remote(path):
         fs.pipe_file(p, data)
         return
-    os.makedirs(parent(path), exist_ok=True)
-    tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, p)
+    target = os.path.realpath(p)
+    if os.path.exists(target) and not stat.S_ISREG(os.stat(target).st_mode):
+        with open(target, "wb") as f:
+            f.write(data)
+        return
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except BaseException as err:  # a Ctrl-C too: no temp file left
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(err, OSError):
+            raise OSError(err.errno, err.strerror, path) from None
+        raise
 
 
 def check_output_file(path: str, flag: str) -> None:

@@ -191,3 +191,18 @@ def test_example_commands_use_real_flags(page):
     assert not unknown, f"{page.name}: example commands use flags their tools do not define: {unknown}"
     if page.name == "README.md":
         assert checked >= 10, f"README.md: only {checked} tool command lines found; is the parser still right?"
+
+
+@pytest.mark.parametrize("tool", [tool for tool in TOOLS if "--seed" in options(build_parser(tool))])
+def test_every_seed_flag_takes_0_to_2_to_the_32_minus_1_and_refuses_the_rest_in_one_line(tool, capsys):
+    """A negative seed ended in numpy's traceback (convert, encode) and 2**32 in an OverflowError (generate),
+    each after the model or the corpus had been read."""
+    parser = build_parser(tool)
+    [seed] = [action for action in parser._actions if "--seed" in action.option_strings]
+    assert seed.type("0") == 0 and seed.type(str(2**32 - 1)) == 2**32 - 1
+    for bad in ("-1", str(2**32), "1.5", "x"):
+        with pytest.raises(SystemExit) as exited:
+            parser.parse_known_args(["--seed", bad])
+        assert exited.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1].endswith(
+            f"error: argument --seed: expected an integer from 0 to 4294967295, got {bad!r}")

@@ -1,7 +1,11 @@
 """storage: gs:// bucket names GCS would refuse are a user error before any request is made; output files are
 checked before any work and written whole."""
 
+import errno
+import os
 import re
+import stat
+import threading
 
 import pytest
 
@@ -44,3 +48,52 @@ def test_an_atomic_write_makes_missing_folders_and_leaves_no_temp_file(tmp_path)
     storage.write_text_atomic(str(target), "日本語\n")
     assert target.read_text(encoding="utf-8") == "日本語\n"
     assert [p.name for p in target.parent.iterdir()] == ["out.npy"]
+
+
+def test_an_atomic_write_through_a_link_replaces_the_file_it_points_to(tmp_path):
+    """The rename used to replace the link itself with a regular file, leaving the linked file as it was."""
+    (tmp_path / "runs").mkdir()
+    target = tmp_path / "runs" / "out.jsonl"
+    target.write_text("old\n")
+    link = tmp_path / "latest.jsonl"
+    link.symlink_to(target)
+    storage.write_text_atomic(str(link), "new\n")
+    assert link.is_symlink() and target.read_text() == "new\n"
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["out.jsonl"]
+
+
+def test_what_is_not_a_regular_file_is_written_to_not_replaced(tmp_path):
+    """--output /dev/stdout, a pipe or a device: a temp file renamed over it replaced the device node itself
+    (as root, --output /dev/full left an 80-byte regular file in /dev). Here a named pipe stands in."""
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(pipe.read_bytes()), daemon=True)
+    reader.start()
+    storage.write_bytes_atomic(str(pipe), b"through the pipe")
+    reader.join(timeout=30)
+    assert received == [b"through the pipe"]
+    assert stat.S_ISFIFO(os.stat(pipe).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+
+
+def test_a_refused_write_names_the_file_asked_for_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    """The error used to name the temp file (`/proc/x.jsonl.tmp-5c16ee85: No such file or directory`)."""
+    target = tmp_path / "out.jsonl"
+
+    def refuse(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage.os, "replace", refuse)
+    with pytest.raises(OSError) as raised:
+        storage.write_text_atomic(str(target), "x\n")
+    assert (raised.value.filename, raised.value.strerror) == (str(target), "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(storage.os, "replace", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        storage.write_text_atomic(str(target), "x\n")
+    assert list(tmp_path.iterdir()) == []

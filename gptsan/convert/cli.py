@@ -24,6 +24,8 @@ from gptsan.checkpoint.staging import refuse_existing, staged_output
 from gptsan.convert.extend import add_extended_layers, resize_spout
 from gptsan.errors import UserError, cli_main
 from gptsan.model.config import read_parameters_json
+from gptsan.train.config import TrainParams
+from gptsan.seed import seed_flag
 
 SPOUT_PREFIX = "pasts/"
 # train_params for a source without parameters.json (an HF folder): the release's values (spec section 3).
@@ -40,15 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--freeze", choices=["spout"], action="append", default=[],
                         help="also list the spout network in ignore-params.json")
     parser.add_argument("--dtype", default="float32", choices=native.STORAGE_DTYPES, help="storage dtype")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the newly initialised parameters")
+    parser.add_argument("--seed", type=seed_flag, default=0, help="seed of the newly initialised parameters")
     return parser
 
 
 def source_train_params(src: str, dst: str) -> dict[str, Any]:
-    """SRC's train_params (or the defaults when SRC has no parameters.json) with output_dir = DST."""
+    """SRC's train_params (or the defaults when SRC has no parameters.json) with output_dir = DST; a
+    train_params that training would refuse (not an object, a field of the wrong type) is refused here."""
     parameters = storage.join(src, native.PARAMETERS)
-    train_params = (dict(read_parameters_json(parameters)["train_params"]) if storage.exists(parameters)
-                    else dict(DEFAULT_TRAIN_PARAMS))
+    if not storage.exists(parameters):
+        train_params = dict(DEFAULT_TRAIN_PARAMS)
+    else:
+        train_params = dict(TrainParams.check_fields(read_parameters_json(parameters)["train_params"], parameters))
     train_params["output_dir"] = dst if storage.is_remote(dst) else os.path.abspath(dst)
     return train_params
 
@@ -61,8 +66,8 @@ def convert(src: str, dst: str, add_extra_stage: int = 0, num_spout: int | None 
     if dtype not in native.STORAGE_DTYPES:
         raise UserError(f"--dtype: expected one of {', '.join(native.STORAGE_DTYPES)}, got {dtype!r}")
     refuse_existing(dst)  # before the (possibly long) load
-    config, source = load_flat(src)
     train_params = source_train_params(src, dst)
+    config, source = load_flat(src)
     new_config, flat = add_extended_layers(config, source, add_extra_stage, seed)
     if num_spout is not None:
         new_config, flat = resize_spout(new_config, flat, num_spout, seed)

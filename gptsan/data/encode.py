@@ -38,6 +38,7 @@ from gptsan import storage
 from gptsan.data.layout import MIN_CONTEXT, MODES, DocumentEncoder, LayoutSettings
 from gptsan.data.schema import frame, serialize_example
 from gptsan.errors import UserError, cli_main, warn
+from gptsan.seed import seed_flag
 from gptsan.tokenizer import KINDS, load_tokenizer
 
 
@@ -383,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use_nextsent", action="store_true", help="lead sentence with a next-sentence target")
     p.add_argument("--hybrid_rate", type=float, default=1.0, help="share of hybrid records with a prefix")
     p.add_argument("--output_dir", default=".", help="local folder or gs:// prefix")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_flag, default=0)
     p.add_argument("--skip_bad_files", action="store_true", help="skip (and count) files that are not UTF-8")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p

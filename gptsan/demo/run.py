@@ -24,6 +24,7 @@ from pathlib import Path
 from gptsan.demo.corpus import CLASS_NAMES, classify, write_corpus
 from gptsan.errors import UserError, cli_main
 from gptsan.memory import keep_freed_memory
+from gptsan.seed import seed_flag
 
 NUM_CONTEXT = 96
 CONSOLE_SCRIPTS = {"gptsan.data.encode": "gptsan-encode", "gptsan.train.cli": "gptsan-train",
@@ -142,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", default=None,
                         help="where everything is written (must not exist; default demo_output/<date-time>)")
     parser.add_argument("--quick", action="store_true", help="a much shorter run (for tests)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_flag, default=0)
     return parser
 
 

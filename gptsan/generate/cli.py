@@ -25,6 +25,7 @@ from gptsan.generate.sampling import Sampler
 from gptsan.generate.spout import parse_spout
 from gptsan.memory import keep_freed_memory
 from gptsan.model.config import COMPUTE_DTYPES
+from gptsan.seed import seed_flag
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_generate", type=int, default=300, help="most tokens per text")
     parser.add_argument("--num_generate", type=int, default=1, help="texts per context")
     parser.add_argument("--spout", default="none", help="none, uniform, zeros, a class N, or num_spout numbers")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_flag, default=0)
     parser.add_argument("--stream", action="store_true", help="print the tokens as they come (one text)")
     parser.add_argument("--output", help="write the texts as JSON lines here")
     parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES, help="compute dtype")

@@ -7,6 +7,7 @@ import os
 
 from gptsan.errors import UserError, cli_main
 from gptsan.memory import keep_freed_memory
+from gptsan.seed import seed_flag
 from gptsan.train.config import RunConfig
 from gptsan.train.distributed import initialize_processes
 from gptsan.train.optim import DEFAULT_CLIP_NORM, OPTIMIZERS
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_training_step", type=int, default=-1, help="stop after this step (<=0: never)")
     p.add_argument("--vocabulary", default="",
                    help="ja-swe36k.txt (its line count) or a SentencePiece .model: num_vocabulary")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_flag, default=0)
     p.add_argument("--log_every", type=int, default=10)
     p.add_argument("--skip_corrupt_records", action="store_true",
                    help="skip records that fail their checksums, one warning each (default: stop at the first)")
