@@ -56,7 +56,7 @@ def parse_ids(where: str, text: str) -> list[int]:
         ids = json.loads(text)
     except json.JSONDecodeError:
         ids = None
-    if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+    if not isinstance(ids, list) or not all(type(i) is int for i in ids):  # not true/false (bool is an int)
         raise UserError(f"{where}: expected a JSON list of integer ids, got {text[:40]!r}")
     return ids
 

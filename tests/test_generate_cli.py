@@ -106,7 +106,9 @@ def test_generate_cli_errors_are_one_line_and_write_nothing(swe_model, vocabular
 @pytest.mark.parametrize("flag, value, line", [
     ("--top_k", "-5", "error: --top_k: expected an integer >= 0 (0 = no cut), got -5"),
     ("--top_p", "0", "error: --top_p: expected a number in (0, 1], got 0.0"),
-    ("--temperature", "nan", "error: --temperature: expected a number >= 0, got nan"),
+    ("--temperature", "nan", "error: --temperature: expected a finite number >= 0, got nan"),
+    ("--temperature", "1e308", "error: --temperature: expected a finite number >= 0, got 1e+308"),  # float32 inf
+    ("--length_penalty", "nan", "error: --length_penalty: expected a finite number, got nan"),
 ])
 def test_a_bad_sampling_flag_is_the_only_line_before_anything_loads(vocabulary, tmp_path, flag, value, line):
     """Checked before the model: no warning about the model's context first, and a missing model is not reached."""
@@ -176,7 +178,8 @@ def test_spout_flag_values():
     np.testing.assert_array_equal(uniform, parse_spout("uniform", 8, 3, seed=4))
     assert parse_spout("none", 8, 3) is None
     for bad, message in [("-1", "outside 0..3"), ("1,2", "got 2 numbers"), ("one", "expected none"),
-                         ("1,x,3,4", "not a list of numbers")]:
+                         ("1,x,3,4", "not a list of numbers"), ("1,2,3,nan", "expected finite float32 numbers"),
+                         ("1,inf,3,4", "expected finite"), ("1,2,1e39,4", "expected finite")]:
         with pytest.raises(UserError, match=message):
             parse_spout(bad, 4, 1)
 
@@ -198,3 +201,31 @@ def test_languagemodel_cli_fills_masks(swe_model, vocabulary, tmp_path):
     assert [t for j, t in enumerate(filled) if j not in masks] == [t for j, t in enumerate(tokens) if j not in masks]
     assert len(record["output_vector"]) == config.num_layers * config.num_hidden
     assert record["input_text"] == "今日は[MASK]です。[MASK]"
+
+
+def test_input_file_lines_end_at_newlines_only_and_a_byte_order_mark_is_not_text(tmp_path):
+    """str.splitlines made two contexts of a line holding U+2028 or a form feed, and a BOM (Notepad's UTF-8) was
+    the first context's first character, which changed what the model generated."""
+    from gptsan.generate.cli import build_parser, read_contexts
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("\ufeff天気\r\n料理\u2028です\x0cね\n\n野球".encode())
+    args = build_parser().parse_args(["--model", "m", "--vocabulary", "v", "--input_file", str(prompts)])
+    assert read_contexts(args) == ["天気", "料理\u2028です\x0cね", "", "野球"]
+
+
+def test_a_prompt_that_fills_the_context_is_an_error_naming_the_flag_and_the_line(swe_model, vocabulary, tmp_path):
+    """It said `prompt: 212 tokens leave no room ...`, naming neither the flag nor the line."""
+    path, _, _ = swe_model  # num_contexts 64
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("天気\n" + "あ" * 80 + "\n", encoding="utf-8")
+    proc = run_cli("gptsan.generate.cli", "--model", path, "--vocabulary", vocabulary, "--input_file", prompts,
+                   "--spout", "1")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"error: --input_file {prompts}: line 2: the prompt is 82 tokens (and the "
+                                        "spout takes one slot): the model's 64-token context leaves no room to "
+                                        "generate"]
+    proc = run_cli("gptsan.generate.cli", "--model", path, "--vocabulary", vocabulary, "--context", "あ" * 62)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["error: --context: the prompt is 64 tokens: the model's 64-token context "
+                                        "leaves no room to generate"]

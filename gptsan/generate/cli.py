@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+
+import numpy as np
 
 from gptsan import storage
 from gptsan.errors import UserError, cli_main, warn
@@ -55,12 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
 def read_contexts(args: argparse.Namespace) -> list[str]:
     if not args.input_file:
         return [args.context]
+    from gptsan.data.encode import read_document  # the encoder's rule for lines: gptsan-tokenize's too
+
     try:
-        lines = storage.read_text(args.input_file).splitlines()
-    except FileNotFoundError:
-        raise UserError(f"--input_file {args.input_file}: file not found") from None
-    except UnicodeDecodeError:
-        raise UserError(f"--input_file {args.input_file}: not UTF-8 text") from None
+        lines = read_document(args.input_file)
+    except UserError as err:  # "PATH: file not found", "PATH: not UTF-8 (...)"
+        raise UserError(f"--input_file {err}") from None
     if not lines:
         raise UserError(f"--input_file {args.input_file}: no lines")
     return lines
@@ -92,6 +95,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--num_generate: expected at least 1, got {args.num_generate}")
     if args.beam_width < 1:
         raise UserError(f"--beam_width: expected at least 1, got {args.beam_width}")
+    if not math.isfinite(args.length_penalty):
+        raise UserError(f"--length_penalty: expected a finite number, got {args.length_penalty}")
     if args.beam_width > 1 and args.num_generate > args.beam_width:
         raise UserError(f"--num_generate: at most --beam_width ({args.beam_width}) hypotheses per context")
     if args.stream and (args.beam_width > 1 or args.input_file or args.num_generate > 1):
@@ -127,7 +132,7 @@ def generate_texts(args, config, params, tokenizer, contexts) -> list[dict]:
     records = []
     if args.beam_width > 1:
         spout = parse_spout(args.spout, config.num_spout, len(prompts), args.seed)
-        warn_if_cut_by_the_context(config, prompts, args.max_generate, spout is not None)
+        check_room(config, prompts, args, spout is not None)
         decoder = BeamDecoder(config, args.beam_width, special.end, args.length_penalty, never_sampled(special),
                               tokenizer.model_input_map())
         result = decoder.generate(params, left_pad(prompts, special.nottoken), args.max_generate, spout)
@@ -140,7 +145,7 @@ def generate_texts(args, config, params, tokenizer, contexts) -> list[dict]:
     rows = [(context, i) for context in contexts for i in range(args.num_generate)]
     batch = left_pad([p for p in prompts for _ in range(args.num_generate)], special.nottoken)
     spout = parse_spout(args.spout, config.num_spout, len(rows), args.seed)
-    warn_if_cut_by_the_context(config, prompts, args.max_generate, spout is not None)
+    check_room(config, prompts, args, spout is not None)
     sampler = Sampler(args.temperature, args.top_k, args.top_p, never_sampled(special))
     decoder = Decoder(config, sampler, special.end, tokenizer.model_input_map())
     if args.stream:
@@ -154,16 +159,22 @@ def generate_texts(args, config, params, tokenizer, contexts) -> list[dict]:
     return records
 
 
-def warn_if_cut_by_the_context(config, prompts: list[Prompt], max_generate: int, has_spout: bool) -> None:
-    """One warning line when the model's context leaves some prompt less room than --max_generate: its texts
-    stop there, shorter than asked."""
-    from gptsan.generate.decode import room_left
-
-    room = int(room_left(config, [len(p.ids) for p in prompts], has_spout).min())
-    if max_generate > room:
-        warn(f"--max_generate {max_generate}: the model's {config.num_contexts}-token context leaves room "
-             f"for {room} new tokens after the longest prompt{' and the spout slot' if has_spout else ''}; "
-             "texts stop there")
+def check_room(config, prompts: list[Prompt], args: argparse.Namespace, has_spout: bool) -> None:
+    """A prompt that fills the model's context is an error naming where it came from (the flag, and the line of
+    --input_file); one that leaves less room than --max_generate is one warning line (its texts stop there,
+    shorter than asked)."""
+    slot = " and the spout slot" if has_spout else ""
+    room = config.num_contexts - int(has_spout) - np.asarray([len(p.ids) for p in prompts])
+    if (room <= 0).any():
+        row = int(np.argmin(room))
+        source = f"--input_file {args.input_file}: line {row + 1}" if args.input_file else \
+            "--prefix and --context" if args.prefix is not None else "--context"
+        spout_slot = " (and the spout takes one slot)" if has_spout else ""
+        raise UserError(f"{source}: the prompt is {len(prompts[row].ids)} tokens{spout_slot}: the model's "
+                        f"{config.num_contexts}-token context leaves no room to generate")
+    if args.max_generate > room.min():
+        warn(f"--max_generate {args.max_generate}: the model's {config.num_contexts}-token context leaves room "
+             f"for {int(room.min())} new tokens after the longest prompt{slot}; texts stop there")
 
 
 def stream_one(decoder, params, batch, args, spout, tokenizer) -> list[int]:

@@ -28,8 +28,8 @@ class Sampler:
     banned_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise UserError(f"--temperature: expected a number >= 0, got {self.temperature}")
+        if not 0 <= self.temperature <= float(jnp.finfo(jnp.float32).max):  # float32 logits are divided by it
+            raise UserError(f"--temperature: expected a finite number >= 0, got {self.temperature}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise UserError(f"--top_k: expected an integer >= 0 (0 = no cut), got {self.top_k}")
         if not 0 < self.top_p <= 1:

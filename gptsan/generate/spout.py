@@ -27,9 +27,11 @@ def parse_spout(value: str, num_spout: int, batch: int, seed: int = 0) -> np.nda
             raise UserError(f"--spout: class {label} is outside 0..{num_spout - 1} (the model's num_spout)")
         return np.tile(np.eye(num_spout, dtype=np.float32)[label], (batch, 1))
     try:
-        vector = np.asarray([float(v) for v in value.split(",")], np.float32)
+        vector = np.asarray([float(v) for v in value.split(",")])
     except ValueError:
         raise UserError(f"--spout: {value!r} is not a list of numbers") from None
     if len(vector) != num_spout:
         raise UserError(f"--spout: got {len(vector)} numbers, the model's num_spout is {num_spout}")
-    return np.tile(vector, (batch, 1))
+    if not np.all(np.abs(vector) <= float(np.finfo(np.float32).max)):  # nan and inf too: they made every logit nan
+        raise UserError(f"--spout: expected finite float32 numbers, got {value!r}")
+    return np.tile(vector.astype(np.float32), (batch, 1))
