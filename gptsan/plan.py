@@ -135,19 +135,42 @@ def step_memory(config, mesh_shape, frozen, batch: int, accumulate_steps: int) -
             "step_argument_bytes": int(analysis.argument_size_in_bytes)}
 
 
+def global_batch(batch: int | None, train_params: dict, parameter_file: str,
+                 mesh_shape: tuple[int, int, int]) -> int:
+    """--batch, else train_params.batch_size, else one row per device of the data and expert axes, which
+    split the batch's rows (gptsan/model/sharding.py): it must be a multiple of their size."""
+    rows_split = mesh_shape[0] * mesh_shape[1]
+    if batch is not None:
+        name = "--batch"
+    elif "batch_size" in train_params:
+        name, batch = f"{parameter_file}: train_params.batch_size", train_params["batch_size"]
+    else:
+        return rows_split
+    if batch % rows_split:
+        raise UserError(f"{name} {batch}: must be a multiple of {rows_split}, the devices of the data ({mesh_shape[0]})"
+                        f" and expert ({mesh_shape[1]}) axes that split the batch")
+    return batch
+
+
 def plan(parameter_file: str, devices: int, mesh: str | None = None, batch: int | None = None,
          trainable: str = "all", accumulate_steps: int = 1, remat: str = "none", dtype: str = "float32",
          activations: bool = True) -> dict:
     from gptsan.model.config import ModelConfig, read_parameters_json
     from gptsan.model.expert_parallel import check_expert_axis
+    from gptsan.train.accumulate import check_accumulate_steps
+    from gptsan.train.config import TrainParams
 
     if devices < 1:
         raise UserError(f"--devices: expected a positive count, got {devices}")
+    if batch is not None and batch < 1:
+        raise UserError(f"--batch: expected a positive count, got {batch}")
     parameters = read_parameters_json(parameter_file)
     config = ModelConfig.from_model_params(parameters["model_params"], parameter_file, dtype=dtype, remat=remat)
+    train_params = TrainParams.check_fields(parameters["train_params"], parameter_file)
     mesh_shape = parse_mesh(mesh, devices, config.num_pallarelizm)
     check_expert_axis(config.num_experts, mesh_shape[1], f"--mesh {mesh}")
-    batch = batch or int(parameters["train_params"].get("batch_size", 0)) or mesh_shape[0] * mesh_shape[1]
+    batch = global_batch(batch, train_params, parameter_file, mesh_shape)
+    check_accumulate_steps(accumulate_steps, batch)
     frozen = frozen_names(trainable, config)
     report = {"parameter_file": parameter_file, "devices": devices,
               "mesh": dict(zip(("data", "expert", "model"), mesh_shape, strict=True)), "batch": batch,

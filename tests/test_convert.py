@@ -184,3 +184,22 @@ def test_bad_conversions_fail_and_write_nothing(tmp_path, tiny_hf_dir, capsys, c
                 "bad_bucket": "gs://b/model: 'b' is not a GCS bucket name"}
     assert expected[case] in err
     assert _listing(tmp_path) == before  # nothing written, no temp directory left
+
+
+def test_source_train_params_that_training_would_refuse_are_one_error_line(tmp_path, tiny_tf_dir, capsys):
+    """A native source whose parameters.json had a train_params that is not an object stopped the conversion
+    with a ValueError traceback."""
+    src = tmp_path / "native"
+    assert main(["--checkpoint", str(tiny_tf_dir), "--output", str(src), "--add_extra_stage", "1"]) == 0
+    capsys.readouterr()
+    parameters = read_json(src / "parameters.json")
+    good_train_params = parameters["train_params"]
+    for train_params, message in [
+        ("x", "train_params must be a JSON object, got 'x'"),
+        ({**good_train_params, "batch_size": "abc"}, "train_params.batch_size must be a positive integer, got 'abc'"),
+    ]:
+        (src / "parameters.json").write_text(json.dumps({**parameters, "train_params": train_params}))
+        before = _listing(tmp_path)
+        assert main(["--checkpoint", str(src), "--output", str(tmp_path / "dst")]) == 2
+        assert capsys.readouterr().err == f"error: {src / 'parameters.json'}: {message}\n"
+        assert _listing(tmp_path) == before

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -117,3 +118,18 @@ def test_bad_exports_fail_and_write_nothing(tmp_path, extended_model, capsys, ca
         assert err.startswith("error: ") and err.count("\n") == 1, err
         assert ("already exists" if case == "existing" else "not found") in err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_source_train_params_that_is_not_an_object_is_one_error_line(tmp_path, extended_model, capsys):
+    """It stopped the gptsan-tf export with a ValueError traceback (after writing the checkpoint to a temp)."""
+    model = tmp_path / "model"
+    shutil.copytree(extended_model, model)
+    parameters = json.loads((model / "parameters.json").read_text())
+    (model / "parameters.json").write_text(json.dumps({**parameters, "train_params": "x"}))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert export_main(["--model", str(model), "--format", "gptsan-tf", "--output", str(tmp_path / "out")]) == 2
+    message = "train_params must be a JSON object, got 'x'"
+    assert capsys.readouterr().err == f"error: {model / 'parameters.json'}: {message}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    hf_args = ["--model", str(model), "--format", "hf", "--output", str(tmp_path / "hf")]
+    assert export_main(hf_args) == 0  # an HF folder has no train_params

@@ -90,3 +90,58 @@ def test_bad_mesh_is_a_user_error(capsys):
     assert main(["--parameter_file", config, "--devices", "32", "--mesh", "1,32,1", "--skip_activations"]) == 2
     assert capsys.readouterr().err.strip() == ("error: --mesh 1,32,1: an expert axis of 32 devices must divide the "
                                                "model's 16 experts")
+
+
+def mini_parameter_file(tmp_path, train_params) -> str:
+    from tests.train_support import MINI_MODEL_PARAMS  # 2 experts
+
+    path = tmp_path / "parameters.json"
+    path.write_text(json.dumps({"model_params": MINI_MODEL_PARAMS, "train_params": train_params}))
+    return str(path)
+
+
+SPLIT_BY_2 = "must be a multiple of 2, the devices of the data (2) and expert (1) axes that split the batch"
+
+
+@pytest.mark.parametrize("train_params, args, message", [
+    ({"batch_size": 8}, ["--batch", "0"], "--batch: expected a positive count, got 0"),
+    ({"batch_size": 8}, ["--batch", "-3"], "--batch: expected a positive count, got -3"),
+    ({"batch_size": 8}, ["--devices", "2", "--batch", "3"], f"--batch 3: {SPLIT_BY_2}"),
+    ({"batch_size": 8}, ["--devices", "4", "--batch", "2"],
+     "--batch 2: must be a multiple of 4, the devices of the data (4) and expert (1) axes that split the batch"),
+    ({"batch_size": 8}, ["--devices", "2", "--mesh", "1,2,1", "--batch", "1"],
+     "--batch 1: must be a multiple of 2, the devices of the data (1) and expert (2) axes that split the batch"),
+    ({"batch_size": 8}, ["--batch", "2", "--accumulate_steps", "3"],
+     "--accumulate_steps 3: must be a positive divisor of the batch size 2"),
+    ({"batch_size": 3}, ["--devices", "2"], f"{{file}}: train_params.batch_size 3: {SPLIT_BY_2}"),
+    ({"batch_size": -4}, [], "{file}: train_params.batch_size must be a positive integer, got -4"),
+    ({"batch_size": "abc"}, [], "{file}: train_params.batch_size must be a positive integer, got 'abc'"),
+    ({"batch_size": 8, "base_lr": 0}, [], "{file}: train_params.base_lr must be a positive number, got 0"),
+    ("x", [], "{file}: train_params must be a JSON object, got 'x'"),
+])
+@pytest.mark.parametrize("skip_activations", [True, False])
+def test_impossible_batches_and_bad_train_params_are_one_error_line(tmp_path, capsys, train_params, args, message,
+                                                                     skip_activations):
+    """Each used to run on (--batch 0: train_params.batch_size instead; -3 and batches the data axis does not
+    split: "fits" with --skip_activations) or stop with a stack trace, before the step was compiled."""
+    file = mini_parameter_file(tmp_path, train_params)
+    flags = ["--parameter_file", file, "--devices", "1", *args] + (["--skip_activations"] if skip_activations else [])
+    assert main(flags) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == f"error: {message.format(file=file)}\n"
+
+
+def test_a_batch_the_devices_do_not_split_is_refused_by_the_console_script(tmp_path):
+    """Without --skip_activations this was jax's IndivisibleError traceback (exit 1), from the compile."""
+    file = mini_parameter_file(tmp_path, {"batch_size": 8})
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "gptsan.plan", "--parameter_file", file, "--devices", "2",
+                             "--batch", "3"], env=env, capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", f"error: --batch 3: {SPLIT_BY_2}\n")
+
+
+def test_batch_defaults_to_train_params_then_to_one_row_per_splitting_device(tmp_path):
+    assert plan(mini_parameter_file(tmp_path, {"batch_size": 6}), 2, activations=False)["batch"] == 6
+    assert plan(mini_parameter_file(tmp_path, {}), 4, mesh="2,2,1", activations=False)["batch"] == 4
+    assert plan(mini_parameter_file(tmp_path, {"batch_size": 6}), 2, batch=4, activations=False)["batch"] == 4

@@ -24,8 +24,8 @@ from gptsan.checkpoint.staging import refuse_existing, staged_output
 from gptsan.convert.extend import add_extended_layers, resize_spout
 from gptsan.errors import UserError, cli_main
 from gptsan.model.config import read_parameters_json
-from gptsan.train.config import TrainParams
 from gptsan.seed import seed_flag
+from gptsan.train.config import TrainParams
 
 SPOUT_PREFIX = "pasts/"
 # train_params for a source without parameters.json (an HF folder): the release's values (spec section 3).

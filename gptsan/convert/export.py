@@ -36,15 +36,16 @@ def export(model: str, fmt: str, output: str, dtype: str = "float32") -> None:
     if fmt not in EXPORT_FORMATS:
         raise UserError(f"--format: expected one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
     refuse_existing(output)  # before the (possibly long) load
+    # As gptsan-convert: the source's train_params with output_dir = the export (training from the export used
+    # to resume from, and write into, the source's output_dir). Read first: a bad one stops the export at once.
+    train_params = source_train_params(model, output) if fmt == "gptsan-tf" else None
     config, flat = load_flat(model)
     with staged_output(output) as tmp:
         if fmt == "hf":
             hf.write(tmp, config, flat, dtype)
             return
         tf_checkpoint.write(tmp, flat, dtype)
-        # As gptsan-convert: the source's train_params with output_dir = the export (training from the export
-        # used to resume from, and write into, the source's output_dir).
-        parameters = {"train_params": source_train_params(model, output), "model_params": config.to_model_params()}
+        parameters = {"train_params": train_params, "model_params": config.to_model_params()}
         text = json.dumps(parameters, indent=1) + "\n"
         storage.write_text_atomic(storage.join(tmp, native.PARAMETERS), text)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from gptsan.errors import UserError
@@ -21,28 +22,46 @@ class TrainParams:
     checkpoint_per_steps: int
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "parameters.json") -> TrainParams:
-        if not isinstance(values, dict):
-            raise UserError(f"{source}: train_params must be a JSON object")
+    def from_dict(cls, values: Any, source: str = "parameters.json") -> TrainParams:
+        """All of train_params, each field checked (`check_fields`)."""
+        cls.check_fields(values, source)
         names = [field.name for field in dataclasses.fields(cls)]
         missing = [name for name in names if name not in values]
         if missing:
             raise UserError(f"{source}: train_params lacks {', '.join(missing)}")
-        params = cls(**{name: values[name] for name in names})
-        if not isinstance(params.output_dir, str) or not params.output_dir:
-            raise UserError(f"{source}: train_params.output_dir must be a path")
-        for name in ("batch_size", "max_to_keep_save"):
-            if not isinstance(getattr(params, name), int) or getattr(params, name) < 1:
-                raise UserError(f"{source}: train_params.{name} must be a positive integer")
-        for name in ("num_warmup_steps", "checkpoint_per_steps"):
-            if not isinstance(getattr(params, name), int) or getattr(params, name) < 0:
-                raise UserError(f"{source}: train_params.{name} must be a non-negative integer")
-        for name in ("base_lr", "checkpoint_per_hours"):
-            if not isinstance(getattr(params, name), int | float) or getattr(params, name) < 0:
-                raise UserError(f"{source}: train_params.{name} must be a non-negative number")
-        if params.base_lr <= 0:
-            raise UserError(f"{source}: train_params.base_lr must be positive")
-        return params
+        return cls(**{name: values[name] for name in names})
+
+    @staticmethod
+    def check_fields(values: Any, source: str = "parameters.json") -> dict[str, Any]:
+        """`values` if it is a JSON object whose train_params fields, those it has, hold what training needs.
+        Fields may be missing here: gptsan-plan reads only batch_size, gptsan-convert copies what the source
+        has; training (`from_dict`) then requires them all."""
+        if not isinstance(values, dict):
+            raise UserError(f"{source}: train_params must be a JSON object, got {values!r}")
+        for name, (is_valid, expected) in TRAIN_PARAMS_RULES.items():
+            if name in values and not is_valid(values[name]):
+                raise UserError(f"{source}: train_params.{name} must be {expected}, got {values[name]!r}")
+        return values
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+# train_params field -> (test of a value, what the error says a value must be).
+TRAIN_PARAMS_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "output_dir": (lambda value: isinstance(value, str) and value != "", "a path"),
+    "batch_size": (lambda value: _is_integer(value) and value >= 1, "a positive integer"),
+    "base_lr": (lambda value: _is_number(value) and value > 0, "a positive number"),
+    "num_warmup_steps": (lambda value: _is_integer(value) and value >= 0, "a non-negative integer"),
+    "max_to_keep_save": (lambda value: _is_integer(value) and value >= 1, "a positive integer"),
+    "checkpoint_per_hours": (lambda value: _is_number(value) and value >= 0, "a non-negative number"),
+    "checkpoint_per_steps": (lambda value: _is_integer(value) and value >= 0, "a non-negative integer"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
