@@ -139,16 +139,15 @@ def global_batch(batch: int | None, train_params: dict, parameter_file: str,
                  mesh_shape: tuple[int, int, int]) -> int:
     """--batch, else train_params.batch_size, else one row per device of the data and expert axes, which
     split the batch's rows (gptsan/model/sharding.py): it must be a multiple of their size."""
-    rows_split = mesh_shape[0] * mesh_shape[1]
+    from gptsan.model.sharding import MESH_AXES, check_batch_split
+
     if batch is not None:
         name = "--batch"
     elif "batch_size" in train_params:
         name, batch = f"{parameter_file}: train_params.batch_size", train_params["batch_size"]
     else:
-        return rows_split
-    if batch % rows_split:
-        raise UserError(f"{name} {batch}: must be a multiple of {rows_split}, the devices of the data ({mesh_shape[0]})"
-                        f" and expert ({mesh_shape[1]}) axes that split the batch")
+        return mesh_shape[0] * mesh_shape[1]
+    check_batch_split(batch, dict(zip(MESH_AXES, mesh_shape, strict=True)), name)
     return batch
 
 

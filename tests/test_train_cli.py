@@ -87,6 +87,16 @@ def test_bad_run_flags_stop_before_the_output_dir_is_made(inputs, capsys, flags,
     assert not (inputs / "out").exists()
 
 
+def test_a_batch_the_devices_do_not_split_evenly_stops_before_the_output_dir_is_made(inputs, capsys):
+    """batch_size 12 over 8 devices (the suite's simulated mesh: data 8) used to reach the first step and end in
+    jax's IndivisibleError traceback, leaving output_dir with parameters.json and TensorBoard files."""
+    parameters = write_mini_parameters(inputs / "model", inputs / "out", batch_size=12)
+    status, err = call(capsys, "--input_files", str(inputs / "good.tfrecord"), "--parameter_file", str(parameters))
+    assert status == 2 and err == [f"error: {parameters}: train_params.batch_size 12: must be a multiple of 8, the "
+                                   "devices of the data (8) and expert (1) axes that split the batch"]
+    assert not (inputs / "out").exists()
+
+
 def test_an_ignore_list_of_every_parameter_is_a_warning(inputs, capsys):
     from gptsan.model.params import expected_shapes
     from gptsan.train.loop import read_ignore_list

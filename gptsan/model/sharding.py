@@ -79,6 +79,17 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(RULES["batch"]))
 
 
+def check_batch_split(batch: int, mesh_shape: dict[str, int], name: str) -> None:
+    """A batch's rows are split over the data and expert axes (`RULES["batch"]`): `name`'s `batch` must be a
+    multiple of their devices. (Training met it as jax's IndivisibleError traceback in its first step.)"""
+    axes = RULES["batch"]
+    rows_split = int(np.prod([mesh_shape[axis] for axis in axes]))
+    if batch % rows_split:
+        sizes = " and ".join(f"{axis} ({mesh_shape[axis]})" for axis in axes)
+        raise UserError(f"{name} {batch}: must be a multiple of {rows_split}, the devices of the {sizes} axes "
+                        "that split the batch")
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

@@ -30,7 +30,7 @@ from gptsan.errors import UserError, warn
 from gptsan.model.config import SHAPE_KEYS, ModelConfig, read_parameters_json
 from gptsan.model.expert_parallel import check_expert_axis
 from gptsan.model.params import abstract_params, expected_shapes, flatten, init_params
-from gptsan.model.sharding import batch_sharding, make_mesh, param_shardings, replicated, under_mesh
+from gptsan.model.sharding import batch_sharding, check_batch_split, make_mesh, param_shardings, replicated, under_mesh
 from gptsan.tokenizer import load_tokenizer
 from gptsan.tokenizer.swe import read_vocabulary
 from gptsan.train.accumulate import check_accumulate_steps, make_accumulating_train_step
@@ -283,6 +283,7 @@ def check_run(cfg: RunConfig) -> CheckedRun:
     if cfg.eval_batches < 1:
         raise UserError(f"--eval_batches: expected a positive count, got {cfg.eval_batches}")
     mesh = make_mesh(config.num_pallarelizm, cfg.expert_parallelism)
+    check_batch_split(train.batch_size, dict(mesh.shape), f"{cfg.parameter_file}: train_params.batch_size")
     check_expert_axis(config.num_experts, cfg.expert_parallelism, f"--expert_parallelism {cfg.expert_parallelism}")
     on_corrupt = "skip" if cfg.skip_corrupt_records else "stop"
     skip_warnings: set[str] = set()
