@@ -229,3 +229,10 @@ def test_a_prompt_that_fills_the_context_is_an_error_naming_the_flag_and_the_lin
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == ["error: --context: the prompt is 64 tokens: the model's 64-token context "
                                         "leaves no room to generate"]
+
+
+def test_an_empty_mask_is_the_only_line_before_the_model_loads(vocabulary, tmp_path):
+    """It was checked after the model had loaded, after the warning that an lm model's fills mean little."""
+    proc = run_cli("gptsan.generate.languagemodel", "--model", tmp_path / "no-model", "--vocabulary", vocabulary,
+                   "--context", "x", "--mask", "")
+    assert proc.returncode == 2 and proc.stderr == "error: --mask: must not be empty\n"

@@ -41,8 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
 def masked_input(tokenizer, context: str, mask: str) -> list[int]:
     """[SOT] + context + [SEG] with each mask string as `<|inputmask|>`; the context is a prefix, whose
     sentence punctuation training records keep as written (as the original tool and the HF port feed it)."""
-    if not mask:
-        raise UserError("--mask: must not be empty")
     special = tokenizer.special
     ids = [special.start]
     for i, piece in enumerate(context.split(mask)):
@@ -81,6 +79,8 @@ def fill_masks(config, params, ids: list[int], special, pos_vector: int) -> dict
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.mask:  # before the model loads: no warning about the model first
+        raise UserError("--mask: must not be empty")
     if args.output:
         storage.check_output_file(args.output, "--output")
     from gptsan.generate.cli import load
