@@ -132,9 +132,14 @@ def check_output_file(path: str, flag: str) -> None:
 
 
 def glob(pattern: str) -> list[str]:
-    """Sorted files matching a glob (folders left out), with the protocol kept for remote paths."""
+    """Sorted files matching a glob (folders left out), with the protocol kept for remote paths. A file whose
+    name is exactly `pattern` is that file alone, glob characters and all (`doc[1].txt`, `list [v2].csv`):
+    `pattern` is a glob only when no file has that name."""
     fs, p = filesystem(pattern)
-    matches = sorted(path for path, info in fs.glob(p, detail=True).items() if info.get("type") != "directory")
+    if fs.isfile(p):
+        matches = [p]
+    else:
+        matches = sorted(path for path, info in fs.glob(p, detail=True).items() if info.get("type") != "directory")
     if is_remote(pattern):
         protocol = str(pattern).split("://", 1)[0]
         return [f"{protocol}://{m}" for m in matches]

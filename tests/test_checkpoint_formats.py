@@ -1,8 +1,11 @@
 """Checkpoint formats: every loader yields the fixture's parameters exactly; bad checkpoints are one error."""
 
 import json
+import os
 import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +15,8 @@ from gptsan.checkpoint import detect_format, load_flat, load_model, native
 from gptsan.checkpoint.names import hf_entries
 from gptsan.errors import UserError
 from gptsan.model import GPTSAN, flatten
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def assert_same_params(flat, reference):
@@ -204,3 +209,72 @@ def test_native_missing_extra_and_misshapen_are_named(tmp_path, tiny_tf_dir):
     named = r"missing model/an4/b, model/an4/g, model/att4/o/kernel and \d+ more"
     with pytest.raises(UserError, match=named):
         load_model(str(dst))
+
+
+# ---- finding the checkpoint in an original (TF1) folder -------------------------------------------------
+
+
+def test_a_tf_checkpoint_without_its_index_is_one_error_line(tmp_path, tiny_tf_dir):
+    """TensorFlow's lookup printed `ERROR:tensorflow:Couldn't match files for checkpoint ...` before the error."""
+    source = tmp_path / "noidx"
+    shutil.copytree(tiny_tf_dir, source)
+    (source / "model.index").unlink()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TF_")}
+    command = [sys.executable, str(ROOT / "run_modelconvert.py"), "--checkpoint", "noidx", "--output", "out"]
+    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr == ("error: noidx: expected one TF checkpoint (`checkpoint` file or a single *.index), "
+                             "found 0 index files\n")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("garbage", [b"garbage\n", bytes(range(256))])
+def test_a_garbled_state_file_beside_one_index_is_ignored_quietly(tmp_path, tiny_tf_dir, tiny_names, caplog,
+                                                                 garbage):
+    """The only *.index is the checkpoint whatever the state file says; TensorFlow's lookup logged
+    `WARNING:tensorflow:...: Checkpoint ignored` for it."""
+    source = tmp_path / "garbled"
+    shutil.copytree(tiny_tf_dir, source)
+    (source / "checkpoint").write_bytes(garbage)
+    _, flat = load_flat(str(source))
+    assert_same_params(flat, tiny_names)
+    assert [record.getMessage() for record in caplog.records if record.name == "tensorflow"] == []
+
+
+def test_a_garbled_state_file_beside_several_indexes_is_one_error(tmp_path, tiny_tf_dir):
+    source = tmp_path / "garbled"
+    shutil.copytree(tiny_tf_dir, source)
+    (source / "checkpoint").write_text("garbage\n")
+    shutil.copy(source / "model.index", source / "other.index")
+    with pytest.raises(UserError) as caught:
+        load_flat(str(source))
+    assert str(caught.value) == (f"{source}: expected one TF checkpoint (`checkpoint` file or a single *.index), "
+                                 "found 2 index files")
+
+
+def test_the_state_file_chooses_among_checkpoints_by_its_last_path_part(tmp_path, tiny_tf_dir, tiny_names):
+    """The original's state file named the folder it was trained in (often gs://); the folder given is read."""
+    from gptsan.checkpoint import tf_checkpoint
+
+    source = tmp_path / "two"
+    shutil.copytree(tiny_tf_dir, source)
+    changed = {name: value + 1 for name, value in tiny_names.items()}
+    tf_checkpoint.write(str(tmp_path / "newer"), changed)
+    for file in (tmp_path / "newer").glob("model.*"):
+        shutil.copy(file, source / file.name.replace("model", "newer", 1))
+    (source / "checkpoint").write_text('model_checkpoint_path: "gs://old-bucket/run/newer"\n'
+                                       'all_model_checkpoint_paths: "gs://old-bucket/run/model"\n')
+    assert_same_params(load_flat(str(source))[1], changed)
+    (source / "checkpoint").write_text('model_checkpoint_path: "model"\n')
+    assert_same_params(load_flat(str(source))[1], tiny_names)
+
+
+@pytest.mark.parametrize("state_file", ["kept", "removed"])
+def test_a_tf_checkpoint_in_a_folder_with_brackets_loads(tmp_path, tiny_tf_dir, tiny_names, state_file):
+    """TensorFlow takes a checkpoint prefix as a file pattern: `ckpt[1]/model` matched nothing."""
+    source = tmp_path / "ckpt[1]"
+    shutil.copytree(tiny_tf_dir, source)
+    if state_file == "removed":
+        (source / "checkpoint").unlink()
+    assert detect_format(str(source)) == "gptsan-tf"
+    assert_same_params(load_flat(str(source))[1], tiny_names)

@@ -100,6 +100,15 @@ def test_a_glob_matching_only_folders_matches_no_file(corpus_dir, tmp_path):
             make_dataset(pattern, T, 1, seed=0)
 
 
+def test_a_tfrecord_name_with_brackets_is_that_file(corpus_dir, tmp_path):
+    """`part[1].tfrecord` was taken as a glob: "no tfrecord file matches" (or `part1.tfrecord` instead)."""
+    named = tmp_path / "part[1].tfrecord"
+    named.write_bytes((corpus_dir / "part_1.tfrecord").read_bytes())
+    (tmp_path / "part1.tfrecord").write_bytes((corpus_dir / "part_2.tfrecord").read_bytes())
+    batches = all_batches(make_dataset(str(named), T, 1, seed=0, shuffle=False, repeat=False))
+    assert [b["x"][0].tolist() for b in batches] == [r["x"].tolist() for r in python_records([named])]
+
+
 def test_length_mismatch_names_the_file(corpus_dir):
     expected = r"part_0.tfrecord: record 0 has 32 tokens but the model's num_contexts is 64"
     with pytest.raises(UserError, match=expected):
@@ -255,3 +264,21 @@ def test_reading_records_in_a_fresh_process_keeps_stderr_clean(corpus_dir):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "(2, 32)"
     assert result.stderr == ""
+
+
+def test_tensorflows_python_logger_follows_its_cpp_log_level():
+    """TensorFlow's Python logger (`ERROR:tensorflow:...` lines, as its checkpoint lookup printed) is as quiet as
+    its C++ logging: fatal only by default; a user's own TF_CPP_MIN_LOG_LEVEL opens both."""
+    script = ("from gptsan.tf_runtime import tensorflow; "
+              "tensorflow().get_logger().error('an error line'); tensorflow().get_logger().critical('a fatal line')")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TF_")}
+    stderr = {}
+    for level in (None, "2"):
+        level_env = {**env, "PYTHONPATH": str(ROOT)} | ({"TF_CPP_MIN_LOG_LEVEL": level} if level else {})
+        result = subprocess.run([sys.executable, "-c", script], env=level_env, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr
+        stderr[level] = result.stderr
+    assert stderr[None] == "CRITICAL:tensorflow:a fatal line\n"
+    logged = [line for line in stderr["2"].splitlines() if line.endswith(" line")]  # C++ start-up lines aside
+    assert logged == ["ERROR:tensorflow:an error line", "CRITICAL:tensorflow:a fatal line"]

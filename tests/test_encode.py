@@ -143,6 +143,28 @@ def test_glob_inputs_get_their_position_in_the_sorted_list(vocab, tmp_path):
     assert sorted(r.i for r in read_records(tmp_path / "out")) == [0, 1, 2]
 
 
+def test_an_existing_file_with_brackets_in_its_name_is_that_file(vocab, swe, tmp_path):
+    """`doc[1].txt` was taken as a glob: "no file matches" (or here, `doc1.txt` instead)."""
+    write(tmp_path / "doc[1].txt", "括弧の文書\n")
+    write(tmp_path / "doc1.txt", "別の文書\n")
+    encode(vocab, tmp_path / "doc[1].txt", tmp_path / "out", num_context=16)
+    (record,) = read_records(tmp_path / "out")
+    assert swe.decode(record.y[1 : record.y.tolist().index(EOT)].tolist()) == "括弧の文書\n"
+
+
+def test_a_csv_list_with_brackets_in_its_name_is_a_list(vocab, swe, tmp_path):
+    """`list [v2].csv` was "no file matches"; escaped as a glob it was encoded as a text document, which it
+    still is: a CSV list is named exactly, and the files a glob matches are documents."""
+    write(tmp_path / "data" / "A.txt", "あいうえお\n")
+    listing = write(tmp_path / "list [v2].csv", "filename,fileid\ndata/A.txt,9\n")
+    encode(vocab, listing, tmp_path / "listed", num_context=16)
+    assert [r.i for r in read_records(tmp_path / "listed")] == [9]
+    encode(vocab, tmp_path / "list [[]v2].csv", tmp_path / "globbed", num_context=32)
+    (record,) = read_records(tmp_path / "globbed")
+    assert record.i == 0
+    assert swe.decode(record.y[1 : record.y.tolist().index(EOT)].tolist()) == listing.read_text()
+
+
 # ---- hybrid and mlm -----------------------------------------------------------------------------------
 
 
@@ -322,6 +344,16 @@ def test_glob_matching_nothing(vocab, tmp_path, capsys):
     assert code == 2 and "no file matches" in err and left == []
 
 
+def test_an_empty_vocabulary_is_one_error_naming_it(tmp_path, capsys):
+    """It was a ValueError traceback from the tokenizer's `max()` over no spellings."""
+    write(tmp_path / "a.txt", "あ\n")
+    empty = write(tmp_path / "empty.txt", "")
+    code, err, left = run_cli(str(empty), tmp_path, capsys, "--input_files", str(tmp_path / "a.txt"),
+                              "--emoji", str(shared_path("vocab", "emoji.json")))
+    assert code == 2 and left == []
+    assert err == f"error: {empty}: vocabulary file is empty (expected one token's spellings per line)"
+
+
 def test_non_utf8_file_is_named_and_nothing_is_left(vocab, tmp_path, capsys):
     write(tmp_path / "in" / "good.txt", "よい文章です。\n" * 50)
     bad = tmp_path / "in" / "bad.txt"
@@ -386,6 +418,14 @@ def test_encoding_again_with_fewer_files_removes_the_earlier_surplus(vocab, tmp_
     assert capsys.readouterr().err.strip() == (
         f"warning: --output_dir {out}: removed 2 file(s) of an earlier lm encoding (lm_0001.tfrecord, "
         "lm_0002.tfrecord) so that lm_*.tfrecord there is this corpus only")
+
+
+def test_encoding_again_into_a_folder_with_brackets_removes_the_earlier_surplus(vocab, tmp_path):
+    """The earlier files were found with a glob of the folder, which matched nothing in `out[1]`."""
+    out = tmp_path / "out[1]"
+    encode(vocab, corpus(tmp_path / "old", files=2), out, num_context=64, num_process=2)
+    encode(vocab, corpus(tmp_path / "new", files=1), out, num_context=64, num_process=2)
+    assert sorted(p.name for p in out.iterdir()) == ["lm_0000.tfrecord"]
 
 
 def test_encoding_again_into_a_remote_folder_removes_the_earlier_surplus(vocab, tmp_path):

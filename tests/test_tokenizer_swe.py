@@ -113,6 +113,27 @@ def test_a_vocabulary_with_windows_line_ends_reads_the_same(tmp_path):
     assert read_vocabulary(str(crlf)) == read_vocabulary(str(original))
 
 
+def test_an_empty_vocabulary_is_a_user_error_naming_it(tmp_path):
+    """It was a ValueError traceback from `max()` over no spellings."""
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    with pytest.raises(UserError) as caught:
+        SWETokenizer(str(empty), emoji_file=str(shared_path("vocab", "emoji.json")))
+    assert str(caught.value) == f"{empty}: vocabulary file is empty (expected one token's spellings per line)"
+
+
+def test_a_vocabulary_with_a_byte_order_mark_reads_the_same(tmp_path):
+    """The BOM used to stay in id 0's spelling, so `して` (id 0) became two other ids with no warning."""
+    from gptsan.tokenizer.swe import read_vocabulary
+
+    original = shared_path("vocab", "ja-swe36k.txt")
+    with_bom = tmp_path / "ja-swe36k.txt"
+    with_bom.write_bytes(b"\xef\xbb\xbf" + original.read_bytes())
+    assert read_vocabulary(str(with_bom)) == read_vocabulary(str(original))
+    tokenizer = SWETokenizer(str(with_bom), emoji_file=str(shared_path("vocab", "emoji.json")))
+    assert tokenizer.encode("して") == [0]
+
+
 def test_missing_emoji_file_is_a_user_error(tmp_path):
     vocab = tmp_path / "ja-swe36k.txt"
     vocab.write_text(shared_path("vocab", "ja-swe36k.txt").read_text(encoding="utf-8"), encoding="utf-8")
@@ -170,3 +191,5 @@ def test_cli_count_is_what_the_encoder_writes(capsys, tmp_path):
 def test_cli_bad_ids_are_one_line_errors(capsys):
     code, _, err = tokenize_cli(capsys, "--decode", "--text", "hello")
     assert code == 2 and err == "error: --text: expected a JSON list of integer ids, got 'hello'\n"
+    code, _, err = tokenize_cli(capsys, "--decode", "--text", "[true, 454]")  # a bool is an int to Python
+    assert code == 2 and err == "error: --text: expected a JSON list of integer ids, got '[true, 454]'\n"

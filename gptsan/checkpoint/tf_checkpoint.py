@@ -27,49 +27,73 @@ PREFIX = "model"
 
 
 def is_tf_dir(path: str) -> bool:
-    return storage.exists(storage.join(path, STATE_FILE)) or bool(storage.glob(storage.join(path, "*.index")))
+    return storage.exists(storage.join(path, STATE_FILE)) or bool(_index_files(path))
+
+
+def _index_files(path: str) -> list[str]:
+    """The names of the `*.index` files in the folder `path` (listed, not globbed: `[` `]` in a folder name
+    are literal)."""
+    fs, folder = storage.filesystem(path)
+    return sorted(name for name in _file_names(fs, folder) if name.endswith(".index"))
+
+
+def _file_names(fs, folder: str) -> list[str]:
+    """The names (last parts) of the files in `folder` of the fsspec filesystem `fs`."""
+    return [posixpath.basename(entry["name"].rstrip("/")) for entry in fs.ls(folder, detail=True)
+            if entry.get("type") == "file"]
 
 
 def _checkpoint_prefix(path: str) -> str:
-    """The checkpoint prefix named by the `checkpoint` state file, else the directory's only `*.index`."""
-    tf = tensorflow()
-    if storage.exists(storage.join(path, STATE_FILE)):
-        prefix = tf.train.latest_checkpoint(str(path))
-        if prefix:
-            return prefix
-    return _only_index(path)
-
-
-def _only_index(path: str) -> str:
-    indexes = storage.glob(storage.join(path, "*.index"))
+    """The prefix of the checkpoint in the folder `path`: the one the `checkpoint` state file names, when its
+    `.index` is there, else the folder's only `*.index`. The state file is read here rather than by TensorFlow
+    (`tf.train.latest_checkpoint`), which logged a line of its own for a prefix without its index or for a
+    garbled state file. Only the named path's last part counts (the original's named the folder it was trained
+    in), and a state file naming nothing here matters only when it would have to choose between index files."""
+    indexes = _index_files(path)
+    named = _named_in_state_file(path)
+    if named and f"{named}.index" in indexes:
+        return storage.join(path, named)
     if len(indexes) != 1:
         raise UserError(f"{path}: expected one TF checkpoint (`checkpoint` file or a single *.index), "
                         f"found {len(indexes)} index files")
-    return indexes[0][: -len(".index")]
+    return storage.join(path, indexes[0][: -len(".index")])
+
+
+def _named_in_state_file(path: str) -> str | None:
+    """The last part of the `model_checkpoint_path` the `checkpoint` state file names, if it names one."""
+    state = storage.join(path, STATE_FILE)
+    if not storage.exists(state):
+        return None
+    try:
+        named = re.search(r'^model_checkpoint_path:\s*"([^"]+)"', storage.read_text(state), re.M)
+    except UnicodeDecodeError:
+        return None
+    return re.split(r"[/\\]", named.group(1))[-1] if named else None
 
 
 def read(path: str, expected: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-    """GPTSAN-named float32 arrays from the TF checkpoint in `path`, checked against `expected` shapes.
-    On gs:// the checkpoint's files are copied to a temporary folder first (through gcsfs, like every other
-    gs:// file: TensorFlow's own GCS client cannot be pointed at an emulator)."""
-    if not storage.is_remote(path):
-        return _read(_checkpoint_prefix(path), expected)
+    """GPTSAN-named float32 arrays from the TF checkpoint in `path`, checked against `expected` shapes."""
+    prefix = _checkpoint_prefix(path)
+    if storage.is_remote(path) or any(ch in prefix for ch in "*?[\\"):
+        return _read_through_a_local_folder(path, prefix, expected)
+    return _read(prefix, expected)
+
+
+def _read_through_a_local_folder(path: str, prefix: str, expected: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """The checkpoint's files put in a temporary folder as `model.*`, and read from there: on gs:// copied
+    (through gcsfs, like every other gs:// file: TensorFlow's own GCS client cannot be pointed at an emulator),
+    locally linked, when the prefix has characters TensorFlow would take as a file pattern (`[`, `*`, `?`)."""
+    name = posixpath.basename(prefix)
+    fs, folder = storage.filesystem(path)
     with tempfile.TemporaryDirectory(prefix="gptsan-tf-") as local:
-        prefix = _remote_prefix(path)
-        fs, remote = storage.filesystem(prefix)
-        for name in fs.glob(remote + ".index") + fs.glob(remote + ".data-*"):
-            fs.get(name, os.path.join(local, posixpath.basename(name)))
-        return _read(os.path.join(local, posixpath.basename(remote)), expected, shown=prefix)
-
-
-def _remote_prefix(path: str) -> str:
-    """The prefix the `checkpoint` state file names (its last path part, in `path`), else the only *.index."""
-    state = storage.join(path, STATE_FILE)
-    if storage.exists(state):
-        named = re.search(r'^model_checkpoint_path:\s*"([^"]+)"', storage.read_text(state), re.M)
-        if named:
-            return storage.join(path, posixpath.basename(named.group(1)))
-    return _only_index(path)
+        for file in _file_names(fs, folder):
+            if file == f"{name}.index" or file.startswith(f"{name}.data-"):
+                source, target = posixpath.join(folder, file), os.path.join(local, PREFIX + file[len(name):])
+                if storage.is_remote(path):
+                    fs.get(source, target)
+                else:
+                    os.symlink(source, target)
+        return _read(os.path.join(local, PREFIX), expected, shown=prefix)
 
 
 def _read(prefix: str, expected: dict[str, tuple[int, ...]], shown: str | None = None) -> dict[str, np.ndarray]:

@@ -1,8 +1,10 @@
 """Encode text corpora into GPTSAN tfrecords (`gptsan-encode`, `tools/make_tfrecord_simple.py`).
 
 Inputs: a glob of UTF-8 text files (local or gs://), or a CSV list (a `.csv` file, or any file whose first
-line starts with `filename,`) with header `filename,fileid` naming files (relative names are looked up
-beside the list first, then from the working directory) and their class ids. One file is one document;
+line starts with `filename,`; named exactly, not matched by a glob) with header `filename,fileid` naming files
+(relative names are looked up beside the list first, then from the working directory) and their class ids.
+The name of an existing file is taken literally, `[`, `*` or `?` in it or not (`doc[1].txt`, `list [v2].csv`):
+a glob only when no file has that exact name (`storage.glob`). One file is one document;
 `i` is its CSV `fileid`, else its position in the sorted list of inputs (the original numbered records
 instead; one number per file keeps a document's records together, e.g. for `stateless_uniform` spouts).
 How a document becomes records: `gptsan.data.layout`.
@@ -90,8 +92,9 @@ def list_inputs(spec: str) -> list[InputFile]:
 
 
 def _is_csv_list(spec: str) -> bool:
-    """A `.csv` file, or any existing file whose first line starts with `filename,` (the original's test)."""
-    if any(ch in spec for ch in "*?[") or not storage.exists(spec) or storage.isdir(spec):
+    """A file named exactly `spec` (glob characters and all, as `storage.glob` takes it) that is a `.csv`, or
+    whose first line starts with `filename,` (the original's test). The files a glob matches are documents."""
+    if not storage.exists(spec) or storage.isdir(spec):
         return False
     if spec.lower().endswith(".csv"):
         return True
@@ -342,13 +345,14 @@ def _missing_folders(path: str) -> list[str]:
 def _remove_earlier_encoding(output_dir: str, mode: str, finals: list[str]) -> None:
     """Removes `{mode}_NNNN.tfrecord` files beyond `finals` that an earlier encoding left in `output_dir` (with
     fewer workers now, or fewer files that gave records), so that `{mode}_*.tfrecord` there is this corpus only:
-    a training glob used to read the earlier corpus's surplus files with the new ones."""
-    earlier = [path for path in storage.glob(storage.join(output_dir, f"{mode}_*.tfrecord"))
-               if re.fullmatch(rf"{re.escape(mode)}_\d{{4}}\.tfrecord", os.path.basename(path))
-               and os.path.basename(path) not in finals]
+    a training glob used to read the earlier corpus's surplus files with the new ones. The folder is listed, not
+    globbed, so that a folder name with `[` `]` in it is taken literally."""
+    fs, folder = storage.filesystem(output_dir)
+    earlier = sorted(path for path in fs.ls(folder, detail=False)
+                     if re.fullmatch(rf"{re.escape(mode)}_\d{{4}}\.tfrecord", os.path.basename(path))
+                     and os.path.basename(path) not in finals)
     if not earlier:
         return
-    fs, _ = storage.filesystem(output_dir)
     for path in earlier:
         fs.rm(path)
     names = [os.path.basename(path) for path in earlier]

@@ -55,15 +55,19 @@ _BYTE_PREFIX = "<|byte"
 
 
 def read_vocabulary(path: str) -> list[list[str]]:
-    """The spellings of each id, one line per id; a line that is just `,` is the comma itself."""
+    """The spellings of each id, one line per id; a line that is just `,` is the comma itself. A leading
+    UTF-8 BOM (an editor's) is dropped: kept, it made id 0 a spelling nothing matches."""
     try:
-        lines = storage.read_text(path).split("\n")  # universal newlines, as open() in text mode
+        text = storage.read_text(path)  # universal newlines, as open() in text mode
     except FileNotFoundError:
         raise UserError(f"{path}: vocabulary file not found") from None
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: vocabulary is not UTF-8 ({err.reason} at byte {err.start})") from None
+    lines = text.removeprefix("\ufeff").split("\n")
     if lines and lines[-1] == "":
         lines.pop()
+    if not lines:
+        raise UserError(f"{path}: vocabulary file is empty (expected one token's spellings per line)")
     return [[line] if line == "," or "," not in line else line.split(",") for line in lines]
 
 
