@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import logging
 import os
 import signal
 import sys
@@ -216,6 +217,7 @@ class StopFlag:
         self.requested = False  # save and stop after the current step
         self.interrupted = False  # a first Ctrl-C came
         self._previous = {}
+        self._absl_level = None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -226,6 +228,11 @@ class StopFlag:
     def _handle(self, signum, frame):
         if signum == signal.SIGINT:
             if self.interrupted:
+                # The run is abandoned: a save in flight is cut short (its folder is removed when the next run
+                # starts), and Orbax's report of that, with a traceback, would be noise before `interrupted`.
+                absl_logger = logging.getLogger("absl")
+                self._absl_level = absl_logger.level
+                absl_logger.setLevel(logging.CRITICAL)
                 raise KeyboardInterrupt
             self.interrupted = True
             print("\ninterrupt: saving a checkpoint after this step, then stopping (Ctrl-C again: stop without "
@@ -247,9 +254,11 @@ class StopFlag:
             self.requested = multihost_utils.reached_preemption_sync_point(step)
         return self.requested
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
+        if self._absl_level is not None and exc_type is not KeyboardInterrupt:  # the run went on (a test)
+            logging.getLogger("absl").setLevel(self._absl_level)
 
 
 # ---- the run --------------------------------------------------------------------------------------------
