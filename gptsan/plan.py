@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptsan-plan", description=__doc__.split("\n\n")[0])
     p.add_argument("--parameter_file", required=True, help="parameters.json (model_params, train_params)")
     p.add_argument("--devices", type=int, required=True, help="number of devices (chips or cores)")
-    p.add_argument("--mesh", default=None, help="data,expert,model sizes (default: model = gcd(num_pallarelizm, devices), expert 1)")
+    p.add_argument("--mesh", default=None,
+                   help="data,expert,model sizes (default: model = gcd(num_pallarelizm, devices), expert 1)")
     p.add_argument("--batch", type=int, default=None, help="global batch (default: train_params.batch_size)")
     p.add_argument("--trainable", default="all", help=TRAINABLE_CHOICES)
     p.add_argument("--accumulate_steps", type=int, default=1)

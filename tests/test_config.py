@@ -82,3 +82,6 @@ def test_unreadable_parameter_file_is_named(tmp_path):
         load_config(path)
     with pytest.raises(UserError, match="parameter file not found"):
         load_config(tmp_path / "missing.json")
+    path.write_bytes(b"\xff{}")  # was a UnicodeDecodeError traceback
+    with pytest.raises(UserError, match=r"parameters.json: not UTF-8 text \(invalid start byte at byte 0\)$"):
+        load_config(path)

@@ -71,8 +71,14 @@ def test_clip_gradients_rescales_to_the_global_norm():
 def test_adamw_cosine_needs_a_length_and_bad_names_are_user_errors():
     with pytest.raises(UserError, match="--max_training_step"):
         make_optimizer("adamw_cosine", 1e-3, 10, total_steps=-1)
+    with pytest.raises(UserError, match=r"^--optimizer adamw_cosine: --max_training_step 10 leaves no steps for the "
+                                        r"cosine after train_params.num_warmup_steps 10$"):  # optax's ValueError
+        make_optimizer("adamw_cosine", 1e-3, 10, total_steps=10)
     with pytest.raises(UserError, match="--optimizer"):
         make_optimizer("sgd", 1e-3, 10)
+    for norm in (0.0, -1.0, float("nan"), float("inf")):  # nan skipped every step's update
+        with pytest.raises(UserError, match=rf"^--clip_gradients: expected a finite positive norm, got {norm}$"):
+            make_optimizer("adam", 1e-3, 10, clip_norm=norm)
     with pytest.raises(UserError, match="--use_bfloat16 and --use_mixed_precision"):
         compute_dtype(True, True)
 

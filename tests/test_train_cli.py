@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from gptsan.errors import UserError
 from gptsan.train.cli import main
+from gptsan.train.loop import read_ignore_list
 from tests.train_support import counting_corpus, write_mini_parameters, write_records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +78,10 @@ def test_eval_files_with_less_than_one_batch(inputs, capsys):
     (["--accumulate_steps", "0"], "error: --accumulate_steps 0: must be a positive divisor of the batch size 8"),
     (["--expert_parallelism", "0"], "error: mesh: the expert (0) and model (1) axes need at least one device each"),
     (["--eval_batches", "-1"], "error: --eval_batches: expected a positive count, got -1"),
+    (["--log_every", "0"], "error: --log_every: expected a positive count, got 0"),
+    (["--optimizer", "adamw_cosine", "--max_training_step", "2"],
+     "error: --optimizer adamw_cosine: --max_training_step 2 leaves no steps for the cosine after "
+     "train_params.num_warmup_steps 10"),
     (["--expert_parallelism", "4"],
      "error: --expert_parallelism 4: an expert axis of 4 devices must divide the model's 2 experts"),
 ])
@@ -95,6 +101,29 @@ def test_a_batch_the_devices_do_not_split_evenly_stops_before_the_output_dir_is_
     assert status == 2 and err == [f"error: {parameters}: train_params.batch_size 12: must be a multiple of 8, the "
                                    "devices of the data (8) and expert (1) axes that split the batch"]
     assert not (inputs / "out").exists()
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("num_warmup_steps", 2**31, "must be an integer from 0 to 2147483647, got 2147483648"),
+    ("base_lr", 1e39, "must be a positive float32 number, got 1e+39"),
+])
+def test_train_params_past_what_the_step_holds_stop_before_the_output_dir_is_made(inputs, capsys, field, value,
+                                                                                   expected):
+    """num_warmup_steps of 2**31 ended in jax's OverflowError traceback with output_dir made; a base_lr of 1e39
+    was trained with as float32 infinity."""
+    parameters = write_mini_parameters(inputs / "model", inputs / "out", **{field: value})
+    status, err = call(capsys, "--input_files", str(inputs / "good.tfrecord"), "--parameter_file", str(parameters))
+    assert status == 2 and err == [f"error: {parameters}: train_params.{field} {expected}"]
+    assert not (inputs / "out").exists()
+
+
+def test_an_ignore_list_that_is_not_utf8_is_one_error(inputs):
+    from tests.train_support import mini_config
+
+    binary = inputs / "ignore.json"
+    binary.write_bytes(b"\xff\xfe[]")  # was a UnicodeDecodeError traceback
+    with pytest.raises(UserError, match=r"ignore.json: not UTF-8 text \(invalid start byte at byte 0\)$"):
+        read_ignore_list(str(binary), mini_config())
 
 
 def test_an_ignore_list_of_every_parameter_is_a_warning(inputs, capsys):

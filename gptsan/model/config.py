@@ -217,6 +217,8 @@ def read_parameters_json(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: parameter file not found") from None
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     if not isinstance(data, dict) or "model_params" not in data:
         raise UserError(f"{path}: expected a JSON object with model_params (and train_params)")
     data.setdefault("train_params", {})

@@ -44,6 +44,10 @@ class TrainParams:
         return values
 
 
+LARGEST_FLOAT32 = 3.4028234663852886e38  # the learning rate is a float32 in the step
+LARGEST_STEP = 2**31 - 1  # steps count in int32 in the step
+
+
 def _is_integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -56,8 +60,9 @@ def _is_number(value: Any) -> bool:
 TRAIN_PARAMS_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "output_dir": (lambda value: isinstance(value, str) and value != "", "a path"),
     "batch_size": (lambda value: _is_integer(value) and value >= 1, "a positive integer"),
-    "base_lr": (lambda value: _is_number(value) and value > 0, "a positive number"),
-    "num_warmup_steps": (lambda value: _is_integer(value) and value >= 0, "a non-negative integer"),
+    "base_lr": (lambda value: _is_number(value) and 0 < value <= LARGEST_FLOAT32, "a positive float32 number"),
+    "num_warmup_steps": (lambda value: _is_integer(value) and 0 <= value <= LARGEST_STEP,
+                         f"an integer from 0 to {LARGEST_STEP}"),
     "max_to_keep_save": (lambda value: _is_integer(value) and value >= 1, "a positive integer"),
     "checkpoint_per_hours": (lambda value: _is_number(value) and value >= 0, "a non-negative number"),
     "checkpoint_per_steps": (lambda value: _is_integer(value) and value >= 0, "a non-negative integer"),

@@ -59,6 +59,8 @@ def read_ignore_list(path: str | None, config: ModelConfig) -> frozenset[str]:
         raise UserError(f"{path}: ignore-parameters file not found") from None
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not valid JSON ({err.msg})") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     if not isinstance(names, list):
         raise UserError(f"{path}: expected a JSON list of parameter names")
     frozen = check_frozen_names(names, config, source=path)
@@ -291,6 +293,8 @@ def check_run(cfg: RunConfig) -> CheckedRun:
     check_accumulate_steps(cfg.accumulate_steps, train.batch_size)
     if cfg.eval_batches < 1:
         raise UserError(f"--eval_batches: expected a positive count, got {cfg.eval_batches}")
+    if cfg.log_every < 1:
+        raise UserError(f"--log_every: expected a positive count, got {cfg.log_every}")
     mesh = make_mesh(config.num_pallarelizm, cfg.expert_parallelism)
     check_batch_split(train.batch_size, dict(mesh.shape), f"{cfg.parameter_file}: train_params.batch_size")
     check_expert_axis(config.num_experts, cfg.expert_parallelism, f"--expert_parallelism {cfg.expert_parallelism}")
@@ -431,7 +435,7 @@ def run(cfg: RunConfig) -> TrainState:
                 interval_steps += 1
                 interval_applied.append(metrics["update_applied"])  # read at the log step (no wait per step)
                 writer.advance()
-                if step % max(cfg.log_every, 1) == 0 or step == last_step:
+                if step % cfg.log_every == 0 or step == last_step:
                     metrics = jax.device_get(metrics)
                     elapsed = time.perf_counter() - interval_start
                     tokens = interval_steps * train.batch_size * config.num_contexts

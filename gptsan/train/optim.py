@@ -9,6 +9,7 @@ only the names containing "bias". We keep exactly that.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -80,6 +81,9 @@ def make_optimizer(kind: str, base_lr: float, warmup_steps: int, *, clip_norm: f
     elif kind == "adamw_cosine":
         if not total_steps or total_steps <= 0:
             raise UserError("--optimizer adamw_cosine: needs --max_training_step (the cosine's length)")
+        if total_steps <= warmup_steps:
+            raise UserError(f"--optimizer adamw_cosine: --max_training_step {total_steps} leaves no steps for the "
+                            f"cosine after train_params.num_warmup_steps {warmup_steps}")
         schedule = cosine_schedule(base_lr, warmup_steps, total_steps)
         core = [optax.scale_by_adam(0.9, 0.999, 1e-8),
                 optax.add_decayed_weights(WEIGHT_DECAY, weight_decay_mask),
@@ -87,7 +91,7 @@ def make_optimizer(kind: str, base_lr: float, warmup_steps: int, *, clip_norm: f
     else:
         raise UserError(f"--optimizer: expected one of {', '.join(OPTIMIZERS)}, got {kind!r}")
     if clip_norm is not None:
-        if clip_norm <= 0:
-            raise UserError(f"--clip_gradients: expected a positive norm, got {clip_norm}")
+        if not 0 < clip_norm < math.inf:  # nan too: every step's update was skipped
+            raise UserError(f"--clip_gradients: expected a finite positive norm, got {clip_norm}")
         core.insert(0, optax.clip_by_global_norm(clip_norm))
     return optax.chain(*core), schedule
