@@ -197,3 +197,34 @@ def test_vocabulary_size_counts_ids_not_a_final_newline(tmp_path):
     (tmp_path / "v.txt").write_text("<|endoftext|>\n猫\n,\n犬,いぬ\n", encoding="utf-8")  # 4 ids, a final newline
     (tmp_path / "w.txt").write_text("<|endoftext|>\n猫\n,\n犬,いぬ", encoding="utf-8")  # the same ids, none
     assert vocabulary_size(str(tmp_path / "v.txt")) == vocabulary_size(str(tmp_path / "w.txt")) == 4
+
+
+def test_a_starting_model_that_does_not_load_leaves_no_output_dir(inputs, capsys):
+    """The parameters.json beside `params/` was edited (num_hidden 64): the model is refused, and the new
+    output_dir used to be left holding parameters.json and the lock file."""
+    from gptsan.checkpoint import native
+    from gptsan.model import flatten, init_params
+    from tests.train_support import MINI_MODEL_PARAMS, mini_config
+
+    config = mini_config()
+    native.save(str(inputs / "model"), config, flatten(init_params(config, 0)))
+    parameters = write_mini_parameters(inputs / "model", inputs / "out")
+    data = json.loads(parameters.read_text())
+    data["model_params"] = {**MINI_MODEL_PARAMS, "num_hidden": 2 * MINI_MODEL_PARAMS["num_hidden"]}
+    parameters.write_text(json.dumps(data))
+    status, err = call(capsys, "--input_files", str(inputs / "good.tfrecord"), "--parameter_file", str(parameters))
+    assert status == 2 and len(err) == 1 and err[0].startswith(f"error: {inputs / 'model'}")
+    assert not (inputs / "out").exists()
+
+
+def test_a_corrupt_record_before_the_first_step_leaves_no_output_dir(inputs, capsys):
+    """The start-up check reads one batch; the reader, filling its shuffle buffer, meets the corrupt record
+    before the first step. parameters.json, tb/ and the lock file used to stay in the new output_dir."""
+    corrupt = write_records(inputs / "corrupt.tfrecord", counting_corpus(30, 16, 128))
+    corrupt.write_bytes(corrupt.read_bytes()[:-40])
+    parameters = write_mini_parameters(inputs / "model", inputs / "out")
+    status, err = call(capsys, "--input_files", str(corrupt), "--parameter_file", str(parameters), "--no_progress")
+    assert status == 2 and len(err) == 1 and err[0].startswith(f"error: {corrupt}: record 29 is corrupt")
+    assert err[0].endswith("the run stopped before its first step (mend or remove the file, then run the same "
+                           "command to go on)")
+    assert not (inputs / "out").exists()

@@ -8,12 +8,14 @@ converter writes, or another model format gptsan.checkpoint reads) -> fresh init
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
 import json
 import logging
 import os
+import posixpath
 import signal
 import sys
 import threading
@@ -100,6 +102,23 @@ def prepare_output_dir(output_dir: str, parameters: dict) -> None:
         storage.write_text_atomic(storage.join(output_dir, "parameters.json"), text)
     except OSError as err:
         raise UserError(f"train_params.output_dir {output_dir}: cannot write there ({err})") from None
+
+
+@contextlib.contextmanager
+def removed_if_nothing_saved(output_dir: str, made_here: bool):
+    """A run that made output_dir and stops with an error or a Ctrl-C before any checkpoint is there (a bad
+    starting model, a corrupt first record, a Ctrl-C while compiling) removes it again, so that a refused run
+    leaves nothing (it used to leave parameters.json, tb/ and the lock file). A run's checkpoint folders, even
+    a save in flight (`STEP.orbax-checkpoint-tmp`), keep it."""
+    try:
+        yield
+    except BaseException:
+        if made_here:
+            fs, path = storage.filesystem(output_dir)
+            with contextlib.suppress(OSError):
+                if not any(posixpath.basename(name.rstrip("/"))[:1].isdigit() for name in fs.ls(path, detail=False)):
+                    fs.rm(path, recursive=True)
+        raise
 
 
 def check_same_model(output_dir: str, model_params: dict) -> None:
@@ -342,7 +361,9 @@ def run(cfg: RunConfig) -> TrainState:
     checked = check_run(cfg)
     config, train, options, mesh = checked.config, checked.train, checked.options, checked.mesh
     local_batch, on_corrupt, skip_warnings = checked.local_batch, checked.on_corrupt, checked.skip_warnings
-    with output_dir_lock(train.output_dir, take=jax.process_index() == 0) as busy:
+    made_here = jax.process_index() == 0 and not storage.exists(train.output_dir)
+    with output_dir_lock(train.output_dir, take=jax.process_index() == 0) as busy, \
+            removed_if_nothing_saved(train.output_dir, made_here):
         if busy := first_problem(busy):  # the same error in every process
             raise UserError(busy)
         prepare_output_dir(train.output_dir, checked.parameters)
