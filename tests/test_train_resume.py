@@ -556,3 +556,18 @@ def test_change_trainable_set_carries_the_optimizer_state_by_parameter(tmp_path)
     counts = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(changed.opt_state)[0]
               if "count" in jax.tree_util.keystr(path)]
     assert counts and all(int(count) == 3 for count in counts)  # the learning-rate schedule goes on
+
+
+def test_resuming_with_another_optimizer_or_clipping_names_the_flags(tmp_path):
+    """It said the checkpoint was truncated or corrupt and to move it aside, though every checkpoint of the run
+    would fail the same way: their optimizer state is the other optimizer's."""
+    out = tmp_path / "out"
+    common = dict(parameter_file=str(write_mini_parameters(tmp_path / "model", out)),
+                  input_files=corpus_files(tmp_path), progress=False)
+    run(RunConfig(max_training_step=1, **common))
+    with pytest.raises(UserError) as caught:
+        run(RunConfig(max_training_step=20, optimizer="adamw_cosine", clip_gradients=0.01, **common))
+    assert str(caught.value) == (f"{out}: its step-1 checkpoint holds the optimizer state of --optimizer adam (now "
+                                 "adamw_cosine) and --clip_gradients off (now 0.01); resume with the flags that "
+                                 "saved it, or give another output_dir")
+    assert int(run(RunConfig(max_training_step=2, **common)).step) == 2

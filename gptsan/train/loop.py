@@ -139,6 +139,20 @@ def check_same_model(output_dir: str, model_params: dict) -> None:
 RESUMED_SETTINGS = ("input_files", "spout_vector", "mode", "seed", "processes")
 
 
+def check_same_optimizer(output_dir: str, step: int, saved_run: dict, run_record: dict) -> None:
+    """A checkpoint holds its optimizer's state, which another --optimizer or --clip_gradients cannot take up:
+    resuming with either changed used to be reported as a corrupt checkpoint ("move N/ aside"), though every
+    checkpoint of the run would fail alike. Checkpoints that do not record them (older ones) are not compared."""
+    def shown(value) -> str:
+        return "off" if value is None else str(value)
+
+    changed = [f"--{key} {shown(saved_run[key])} (now {shown(run_record[key])})"
+               for key in ("optimizer", "clip_gradients") if key in saved_run and saved_run[key] != run_record[key]]
+    if changed:
+        raise UserError(f"{output_dir}: its step-{step} checkpoint holds the optimizer state of "
+                        f"{' and '.join(changed)}; resume with the flags that saved it, or give another output_dir")
+
+
 def warn_of_changed_settings(output_dir: str, state: TrainState, saved_run: dict, run_record: dict) -> None:
     """One warning line when a resumed run reads other data or trains otherwise than the run that saved the
     checkpoint. Allowed (going on with a new corpus, say) but not silent: the data position then counts
@@ -336,6 +350,7 @@ def initial_state(cfg: RunConfig, checked: CheckedRun, checkpointer: Checkpointe
     config, mesh, frozen_names = checked.config, checked.mesh, checked.frozen_names
     if checkpointer.latest_step() is not None:
         saved_run = checkpointer.saved_run()
+        check_same_optimizer(checked.train.output_dir, checkpointer.latest_step(), saved_run, run_record)
         saved_frozen = frozenset(saved_run.get("ignore_parameters", frozen_names))
         if saved_frozen == frozen_names:
             state = checkpointer.restore(restore_target(abstract, shardings))
@@ -382,7 +397,8 @@ def run(cfg: RunConfig) -> TrainState:
             time_check_every=cfg.log_every)
         run_record = {"parameters": checked.parameters, "ignore_parameters": sorted(checked.frozen_names),
                       "spout_vector": cfg.spout_vector, "mode": options.mode, "seed": cfg.seed,
-                      "input_files": cfg.input_files, "processes": jax.process_count()}
+                      "input_files": cfg.input_files, "processes": jax.process_count(), "optimizer": cfg.optimizer,
+                      "clip_gradients": cfg.clip_gradients}
         state = initial_state(cfg, checked, checkpointer, run_record, init, abstract, shardings)
 
         # The step: pure, jitted, state donated.
