@@ -223,6 +223,10 @@ def test_a_second_ctrl_c_stops_without_saving(capsys, caplog):
         logging.getLogger("absl").error("Save Finalize thread (save_finalize) failed.")  # as Orbax reports it
         assert caplog.records == []
     assert signal.getsignal(signal.SIGINT) is previous
+    with StopFlag(progress=False):  # no progress bar to end the line of: the notice has no empty line before it
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+    assert capsys.readouterr().err.startswith("interrupt: saving a checkpoint")
     logging.getLogger("absl").error("a run that goes on logs again")
     assert [record.getMessage() for record in caplog.records] == ["a run that goes on logs again"]
 
@@ -571,3 +575,23 @@ def test_resuming_with_another_optimizer_or_clipping_names_the_flags(tmp_path):
                                  "adamw_cosine) and --clip_gradients off (now 0.01); resume with the flags that "
                                  "saved it, or give another output_dir")
     assert int(run(RunConfig(max_training_step=2, **common)).step) == 2
+
+
+def test_a_run_stopped_on_request_logs_its_last_step(tmp_path, monkeypatch):
+    """--log_every N writes metrics every N steps and at the last; a run stopped by SIGTERM or Ctrl-C saved its
+    last step but logged only up to the last multiple of N (stopped after step 1471, last row 1400)."""
+    from gptsan.train import loop
+
+    def stopped_at_step_6(*args, **kwargs):
+        for index, batch in enumerate(real_dataset(*args, **kwargs)):
+            if index == 5:  # the batch of step 6: a preemption notice comes while it trains
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    real_dataset = loop.make_dataset
+    monkeypatch.setattr(loop, "make_dataset", stopped_at_step_6)
+    out = tmp_path / "out"
+    run(RunConfig(parameter_file=str(write_mini_parameters(tmp_path / "model", out)),
+                  input_files=corpus_files(tmp_path), progress=False, log_every=100))
+    assert logged_steps(out) == [6]
+    assert ocp.CheckpointManager(out).all_steps() == [6]

@@ -247,8 +247,9 @@ class StopFlag:
     preemption service, which tells every process and makes them agree on the step; a first Ctrl-C is passed to
     it as a SIGTERM to this process."""
 
-    def __init__(self, processes: int = 1):
+    def __init__(self, processes: int = 1, progress: bool = True):
         self.shared = processes > 1
+        self.line_start = "\n" if progress else ""  # the notice starts a line of its own after the progress bar
         self.requested = False  # save and stop after the current step
         self.interrupted = False  # a first Ctrl-C came
         self._previous = {}
@@ -270,8 +271,8 @@ class StopFlag:
                 absl_logger.setLevel(logging.CRITICAL)
                 raise KeyboardInterrupt
             self.interrupted = True
-            print("\ninterrupt: saving a checkpoint after this step, then stopping (Ctrl-C again: stop without "
-                  "saving)", file=sys.stderr, flush=True)
+            print(f"{self.line_start}interrupt: saving a checkpoint after this step, then stopping (Ctrl-C again: "
+                  "stop without saving)", file=sys.stderr, flush=True)
         self.request()
 
     def request(self) -> None:
@@ -453,7 +454,7 @@ def run(cfg: RunConfig) -> TrainState:
         data_error = eval_error = None
         warned_of_divergence = False
         idle_batch = targetless_batch(local_batch, config.num_contexts)
-        with StopFlag(jax.process_count()) as stop:
+        with StopFlag(jax.process_count(), cfg.progress) as stop:
             interval_start, interval_steps, interval_applied = time.perf_counter(), 0, []
             first_step, started = step, time.perf_counter()
             while last_step is None or step < last_step:
@@ -472,7 +473,8 @@ def run(cfg: RunConfig) -> TrainState:
                 interval_steps += 1
                 interval_applied.append(metrics["update_applied"])  # read at the log step (no wait per step)
                 writer.advance()
-                if step % cfg.log_every == 0 or step == last_step:
+                stopping = stop.reached(step)  # a stop's last step is logged too, as the run's last step is
+                if step % cfg.log_every == 0 or step == last_step or stopping:
                     metrics = jax.device_get(metrics)
                     elapsed = time.perf_counter() - interval_start
                     tokens = interval_steps * train.batch_size * config.num_contexts
@@ -493,7 +495,7 @@ def run(cfg: RunConfig) -> TrainState:
                     if not cfg.eval_every:
                         eval_error = evaluate()
                     writer.flush()
-                if stop.reached(step) or eval_error:
+                if stopping or eval_error:
                     break
             if step not in (checkpointer.last_saved_step, first_step):  # the final save (unless saved, or no step)
                 checkpointer.save(step, state, run_record)
