@@ -228,3 +228,16 @@ def test_a_corrupt_record_before_the_first_step_leaves_no_output_dir(inputs, cap
     assert err[0].endswith("the run stopped before its first step (mend or remove the file, then run the same "
                            "command to go on)")
     assert not (inputs / "out").exists()
+
+
+def test_an_output_dir_under_the_home_folder_is_one_folder(inputs, capsys, monkeypatch):
+    """`output_dir: "~/run"`: parameters.json went to the home folder (fsspec expands ~), the checkpoints, the
+    metrics and the lock to ./~/run (Orbax and the lock take it literally)."""
+    monkeypatch.setenv("HOME", str(inputs / "home"))
+    monkeypatch.chdir(inputs)
+    parameters = write_mini_parameters(inputs / "model", "~/run")
+    status, err = call(capsys, "--input_files", str(inputs / "good.tfrecord"), "--parameter_file", str(parameters),
+                       "--max_training_step", "1", "--no_progress")
+    assert status == 0 and err[-1].endswith(f"; step 1 saved in {inputs / 'home' / 'run'}")
+    assert not (inputs / "~").exists()
+    assert {"parameters.json", "metrics.jsonl", "1"} <= {path.name for path in (inputs / "home" / "run").iterdir()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +30,9 @@ class TrainParams:
         missing = [name for name in names if name not in values]
         if missing:
             raise UserError(f"{source}: train_params lacks {', '.join(missing)}")
-        return cls(**{name: values[name] for name in names})
+        # A leading ~ is the home folder, for every writer alike: fsspec expanded it (parameters.json went to
+        # /root/x) while Orbax and the lock took it literally (checkpoints in ./~/x).
+        return cls(**{**{name: values[name] for name in names}, "output_dir": os.path.expanduser(values["output_dir"])})
 
     @staticmethod
     def check_fields(values: Any, source: str = "parameters.json") -> dict[str, Any]:
