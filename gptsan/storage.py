@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import posixpath
 import re
 import stat
 import uuid
 from contextlib import contextmanager
+from typing import Any
 
 import fsspec
 
@@ -71,6 +73,17 @@ def isdir(path: str) -> bool:
 def read_text(path: str) -> str:
     with fsspec.open(checked(path), "r", encoding="utf-8") as f:
         return f.read()
+
+
+def read_json(path: str) -> Any:
+    """A JSON file's value. Text that is not UTF-8, or not JSON, is a UserError naming the file (a missing file
+    raises FileNotFoundError, for the caller to name what it expected)."""
+    try:
+        return json.loads(read_text(path))
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
 
 
 def read_bytes(path: str) -> bytes:

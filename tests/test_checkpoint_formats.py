@@ -91,6 +91,14 @@ def test_hf_untied_head_is_refused(tmp_path, tiny_hf_dir):
         load_flat(str(tmp_path))
 
 
+def test_an_hf_config_that_is_not_utf8_is_one_error(tmp_path, tiny_hf_dir):
+    """It was a UnicodeDecodeError traceback (bad JSON was already one error line)."""
+    shutil.copy(tiny_hf_dir / "model.safetensors", tmp_path)
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(UserError, match=r"config.json: not UTF-8 text \(invalid start byte at byte 0\)$"):
+        load_flat(str(tmp_path))
+
+
 def test_pytorch_bin_without_torch_is_a_clear_error(tmp_path, tiny_hf_dir, monkeypatch):
     shutil.copy(tiny_hf_dir / "config.json", tmp_path)
     (tmp_path / "pytorch_model.bin").write_bytes(b"not read")

@@ -32,10 +32,7 @@ def is_hf_dir(path: str) -> bool:
 
 def read_config(path: str, **runtime: Any) -> ModelConfig:
     source = storage.join(path, CONFIG)
-    try:
-        hf = json.loads(storage.read_text(source))
-    except json.JSONDecodeError as err:
-        raise UserError(f"{source}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    hf = storage.read_json(source)  # not UTF-8 was a UnicodeDecodeError traceback
     if not isinstance(hf, dict):
         raise UserError(f"{source}: expected a JSON object")
     dtype = hf.get("dtype", hf.get("torch_dtype", "float32"))

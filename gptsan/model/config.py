@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -209,16 +208,12 @@ def warn_once(message: str) -> None:
 
 def read_parameters_json(path: str | Path) -> dict[str, Any]:
     """Read a parameters.json (local or gs://) into a dict with `model_params` and `train_params`."""
-    from gptsan.storage import read_text
+    from gptsan.storage import read_json
 
     try:
-        data = json.loads(read_text(str(path)))
+        data = read_json(str(path))
     except FileNotFoundError:
         raise UserError(f"{path}: parameter file not found") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     if not isinstance(data, dict) or "model_params" not in data:
         raise UserError(f"{path}: expected a JSON object with model_params (and train_params)")
     data.setdefault("train_params", {})

@@ -56,13 +56,9 @@ def read_ignore_list(path: str | None, config: ModelConfig) -> frozenset[str]:
     if not path:
         return frozenset()
     try:
-        names = json.loads(storage.read_text(path))
+        names = storage.read_json(path)
     except FileNotFoundError:
         raise UserError(f"{path}: ignore-parameters file not found") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON ({err.msg})") from None
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     if not isinstance(names, list):
         raise UserError(f"{path}: expected a JSON list of parameter names")
     frozen = check_frozen_names(names, config, source=path)
