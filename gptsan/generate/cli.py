@@ -163,8 +163,10 @@ def check_room(config, prompts: list[Prompt], args: argparse.Namespace, has_spou
     """A prompt that fills the model's context is an error naming where it came from (the flag, and the line of
     --input_file); one that leaves less room than --max_generate is one warning line (its texts stop there,
     shorter than asked)."""
+    from gptsan.generate.decode import room_after
+
     slot = " and the spout slot" if has_spout else ""
-    room = config.num_contexts - int(has_spout) - np.asarray([len(p.ids) for p in prompts])
+    room = room_after(config, [len(p.ids) for p in prompts], has_spout)
     if (room <= 0).any():
         row = int(np.argmin(room))
         source = f"--input_file {args.input_file}: line {row + 1}" if args.input_file else \

@@ -47,9 +47,15 @@ class Generated:
     lengths: np.ndarray  # [B] generated tokens per row, the end token excluded
 
 
+def room_after(config: ModelConfig, lengths: np.ndarray, has_spout: bool) -> np.ndarray:
+    """How many tokens each row may generate (0 or less: none): prompt + spout slot + generated tokens fit
+    num_contexts."""
+    return config.num_contexts - int(has_spout) - np.asarray(lengths)
+
+
 def room_left(config: ModelConfig, lengths: np.ndarray, has_spout: bool) -> np.ndarray:
-    """How many tokens each row may generate: prompt + spout slot + generated tokens fit num_contexts."""
-    room = config.num_contexts - int(has_spout) - np.asarray(lengths)
+    """`room_after`, where every row has room."""
+    room = room_after(config, lengths, has_spout)
     if (room <= 0).any():
         longest = int(np.max(lengths))
         raise UserError(f"prompt: {longest} tokens leave no room to generate in the model's "
