@@ -144,6 +144,14 @@ def check_output_file(path: str, flag: str) -> None:
         raise UserError(f"{flag} {path}: no permission to write in {folder}")
 
 
+def folder_names(path: str, files_only: bool = False) -> list[str]:
+    """The sorted names (last parts) of what the folder `path` holds, or of its files only. Listed, not
+    globbed: `[` `]` in the folder's name are literal."""
+    fs, folder = filesystem(path)
+    return sorted(posixpath.basename(entry["name"].rstrip("/")) for entry in fs.ls(folder, detail=True)
+                  if not files_only or entry.get("type") == "file")
+
+
 def glob(pattern: str) -> list[str]:
     """Sorted files matching a glob (folders left out), with the protocol kept for remote paths. A file whose
     name is exactly `pattern` is that file alone, glob characters and all (`doc[1].txt`, `list [v2].csv`):

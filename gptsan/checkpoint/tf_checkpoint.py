@@ -33,14 +33,7 @@ def is_tf_dir(path: str) -> bool:
 def _index_files(path: str) -> list[str]:
     """The names of the `*.index` files in the folder `path` (listed, not globbed: `[` `]` in a folder name
     are literal)."""
-    fs, folder = storage.filesystem(path)
-    return sorted(name for name in _file_names(fs, folder) if name.endswith(".index"))
-
-
-def _file_names(fs, folder: str) -> list[str]:
-    """The names (last parts) of the files in `folder` of the fsspec filesystem `fs`."""
-    return [posixpath.basename(entry["name"].rstrip("/")) for entry in fs.ls(folder, detail=True)
-            if entry.get("type") == "file"]
+    return [name for name in storage.folder_names(path, files_only=True) if name.endswith(".index")]
 
 
 def _checkpoint_prefix(path: str) -> str:
@@ -86,7 +79,7 @@ def _read_through_a_local_folder(path: str, prefix: str, expected: dict[str, tup
     name = posixpath.basename(prefix)
     fs, folder = storage.filesystem(path)
     with tempfile.TemporaryDirectory(prefix="gptsan-tf-") as local:
-        for file in _file_names(fs, folder):
+        for file in storage.folder_names(path, files_only=True):
             if file == f"{name}.index" or file.startswith(f"{name}.data-"):
                 source, target = posixpath.join(folder, file), os.path.join(local, PREFIX + file[len(name):])
                 if storage.is_remote(path):

@@ -347,15 +347,13 @@ def _remove_earlier_encoding(output_dir: str, mode: str, finals: list[str]) -> N
     fewer workers now, or fewer files that gave records), so that `{mode}_*.tfrecord` there is this corpus only:
     a training glob used to read the earlier corpus's surplus files with the new ones. The folder is listed, not
     globbed, so that a folder name with `[` `]` in it is taken literally."""
-    fs, folder = storage.filesystem(output_dir)
-    earlier = sorted(path for path in fs.ls(folder, detail=False)
-                     if re.fullmatch(rf"{re.escape(mode)}_\d{{4}}\.tfrecord", os.path.basename(path))
-                     and os.path.basename(path) not in finals)
-    if not earlier:
+    names = [name for name in storage.folder_names(output_dir)
+             if re.fullmatch(rf"{re.escape(mode)}_\d{{4}}\.tfrecord", name) and name not in finals]
+    if not names:
         return
-    for path in earlier:
-        fs.rm(path)
-    names = [os.path.basename(path) for path in earlier]
+    fs, _ = storage.filesystem(output_dir)
+    for name in names:
+        fs.rm(storage.join(output_dir, name))
     warn(f"--output_dir {output_dir}: removed {len(names)} file(s) of an earlier {mode} encoding "
          f"({', '.join(names[:3])}{' ...' if len(names) > 3 else ''}) so that {mode}_*.tfrecord there is this "
          f"corpus only")

@@ -15,7 +15,6 @@ import itertools
 import json
 import logging
 import os
-import posixpath
 import signal
 import sys
 import threading
@@ -110,9 +109,9 @@ def removed_if_nothing_saved(output_dir: str, made_here: bool):
         yield
     except BaseException:
         if made_here:
-            fs, path = storage.filesystem(output_dir)
             with contextlib.suppress(OSError):
-                if not any(posixpath.basename(name.rstrip("/"))[:1].isdigit() for name in fs.ls(path, detail=False)):
+                if not any(name[:1].isdigit() for name in storage.folder_names(output_dir)):
+                    fs, path = storage.filesystem(output_dir)
                     fs.rm(path, recursive=True)
         raise
 
