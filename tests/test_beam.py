@@ -124,3 +124,36 @@ def test_beam_on_the_model_is_sorted_and_scored_right(tiny, tiny_cases):
     normalised = [total / n for total, (_, n) in zip(totals, spans, strict=True)]
     np.testing.assert_allclose(result.scores.reshape(-1), normalised[:8], atol=1e-3)
     assert result.logprobs[0, 0] >= totals[8] - 1e-4  # at least as likely as the greedy continuation
+
+
+def test_beam_with_spout_and_prefix_is_scored_right(tiny, tiny_cases):
+    """A 6-token prompt with a 4-token bidirectional prefix (left-padded by 7) and a 13-token one with 9, each
+    with its spout vector; 335 (frequent here) as the end token, so hypotheses end early and late; 92 and 233
+    fed back as the separator (the input map). Every hypothesis's log-probability and score (length penalty
+    0.5) is what a full forward over prompt + fed tokens, with that spout and prefix, gives it."""
+    config, params = tiny
+    ids, spout = tiny_cases["input_ids"], jnp.asarray(tiny_cases["spout"])
+    special = swe_layout(config.num_vocabulary)
+    prompts = [Prompt(tuple(int(t) for t in ids[0, :6]), 4), Prompt(tuple(int(t) for t in ids[1, :13]), 9)]
+    width, steps = 3, 8
+    input_map = np.arange(config.num_vocabulary, dtype=np.int32)
+    input_map[[92, 233]] = special.separator
+    decoder = BeamDecoder(config, width=width, end_id=335, length_penalty=0.5, banned_ids=never_sampled(special),
+                          input_map=input_map)
+    result = decoder.generate(to_inference_layout(params), left_pad(prompts, special.nottoken), steps, spout=spout)
+    forward = jax.jit(lambda x, n, s: GPTSAN(config).apply({"params": params}, x, num_precontext=n, spout=s).logits)
+    assert result.lengths.min() < steps - 1 and result.lengths.max() == steps  # ended early, and at the limit
+    assert np.isin(result.tokens, [92, 233]).any()
+    for row, prompt in enumerate(prompts):
+        assert np.all(np.diff(result.scores[row]) <= 0)
+        for hyp in range(width):
+            tokens = [int(t) for t in result.tokens[row, hyp, :min(result.lengths[row, hyp] + 1, steps)]]
+            sequence = np.zeros((1, len(prompt.ids) + steps), np.int32)  # right-padded: one compile per prompt
+            sequence[0, :len(prompt.ids) + len(tokens)] = list(prompt.ids) + input_map[tokens].tolist()
+            logits = np.asarray(forward(sequence, jnp.asarray([prompt.num_precontext]), spout[row:row + 1]),
+                                np.float64)[0]
+            logits[:, list(never_sampled(special))] = -np.inf
+            logprobs = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+            total = logprobs[len(prompt.ids) - 1 + np.arange(len(tokens)), tokens].sum()
+            np.testing.assert_allclose(result.logprobs[row, hyp], total, atol=1e-3)
+            np.testing.assert_allclose(result.scores[row, hyp], total / len(tokens) ** 0.5, atol=1e-3)

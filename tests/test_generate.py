@@ -154,3 +154,27 @@ def test_decoding_compiles_once_per_shape(tiny, tiny_cases):
         decoder = Decoder(config, sampler, end_id=int(ids[0, offset + 12]))
         decoder.generate(weights, left_pad(prompts_of(ids[:, offset:offset + 10]), 0), max_new=16, seed=offset)
     assert decoder.compiled["generate"]._cache_size() == 1
+
+
+def test_every_seed_the_flag_takes_samples_reproducibly(tiny, tiny_cases):
+    """--seed takes 0..2**32-1: a seed from 2**31 reached the jitted loop as a Python int (int32) and ended in an
+    OverflowError. Each seed gives the tokens of the uncached reference keyed by it, twice the same, and
+    different seeds different tokens."""
+    config, params = tiny
+    weights = to_inference_layout(params)
+    special = swe_layout(config.num_vocabulary)
+    prompt = tiny_cases["greedy_prompt"]
+    sampler = Sampler(temperature=1.0, banned_ids=never_sampled(special))
+    decoder = Decoder(config, sampler, special.end)
+    batch = left_pad(prompts_of(prompt), special.nottoken)
+    results = {}
+    for seed in (7, 2**31, 2**32 - 1):
+        results[seed] = decoder.generate(weights, batch, max_new=8, seed=seed).tokens
+        reference = recompute_reference(config, params, prompt, 8, sampler, special.end, seed=seed)
+        np.testing.assert_array_equal(results[seed], reference)
+    np.testing.assert_array_equal(decoder.generate(weights, batch, max_new=8, seed=2**32 - 1).tokens,
+                                  results[2**32 - 1])
+    assert not np.array_equal(results[2**31], results[2**32 - 1])
+    assert not np.array_equal(results[7], results[2**31])
+    with pytest.raises(UserError, match="--seed"):
+        decoder.generate(weights, batch, max_new=8, seed=2**32)

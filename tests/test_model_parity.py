@@ -4,7 +4,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gptsan.generate.decode import Decoder
+from gptsan.generate.prompt import Prompt, left_pad, swe_layout
+from gptsan.generate.sampling import Sampler
 from gptsan.model import GPTSAN, expected_shapes
+from gptsan.model.inference import to_inference_layout
 
 TOLERANCE = 1e-4
 
@@ -54,3 +58,30 @@ def test_bfloat16_compute_stays_near_float32(tiny, tiny_cases):
     assert error < 1.5
     agree = (np.asarray(out.logits).argmax(-1) == tiny_cases["logits_causal"].argmax(-1)).mean()
     assert agree >= 0.9
+
+
+@pytest.mark.parametrize("length, num_precontext, spout", [(13, 9, None), (13, 0, "spout"), (6, 0, "spout_onehot")],
+                         ids=["prefix", "spout", "onehot_spout"])
+def test_greedy_decoding_matches_the_hf_port(tiny, tiny_cases, tiny_hf_dir, length, num_precontext, spout):
+    """10 greedy tokens from the cached decoder equal the HF port's, recomputed without its cache (its cached
+    path has the bugs the spec lists; spout with token_type_ids crashes it, so one or the other)."""
+    torch = pytest.importorskip("torch", reason="torch is an optional peer dependency ([peer] extra)")
+    transformers = pytest.importorskip("transformers", reason="transformers is an optional peer dependency")
+    config, params = tiny
+    hf = transformers.GPTSanJapaneseForConditionalGeneration.from_pretrained(tiny_hf_dir).eval()
+    prompt = [int(t) for t in tiny_cases["input_ids"][1, :length]]
+    vector = None if spout is None else tiny_cases[spout][1:2]
+    sequence = list(prompt)
+    for _ in range(10):
+        ids = torch.tensor([sequence])
+        extra = {} if vector is None else {"spout": torch.tensor(vector)}
+        if num_precontext:
+            extra["token_type_ids"] = (torch.arange(len(sequence)) < num_precontext).long()[None]
+        with torch.no_grad():
+            logits = hf(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, **extra).logits
+        sequence.append(int(logits[0, -1].argmax()))
+    special = swe_layout(config.num_vocabulary)
+    decoder = Decoder(config, Sampler(temperature=0.0), special.end)
+    result = decoder.generate(to_inference_layout(params), left_pad([Prompt(tuple(prompt), num_precontext)], 0), 10,
+                              spout=None if vector is None else jnp.asarray(vector))
+    np.testing.assert_array_equal(result.tokens[0], sequence[length:])

@@ -106,3 +106,65 @@ def test_seeded_and_reproducible(logits):
 def test_bad_sampler_settings_are_user_errors(kwargs, flag):
     with pytest.raises(UserError, match=flag):
         Sampler(**kwargs)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (0, 0.9), (400, 1.0)])  # two-stage draws, nucleus, top-k
+@pytest.mark.parametrize("temperature", [1e-8, 1e-20, 2e-38])
+def test_a_tiny_temperature_samples_the_argmax(top_k, top_p, temperature):
+    """As T -> 0 sampling becomes greedy. Unshifted, logits / T reached 1e9 and more, where XLA's fused
+    `exp(s - max)` (a multiply-add that skips the rounding of s) gave draw blocks a mass of inf or 0: up to
+    half of these draws (depending on the shape XLA compiled for) left the argmax, and at T 2e-38 every draw
+    (logit inf, nan probabilities: token 0)."""
+    rng = np.random.default_rng(4)
+    sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, banned_ids=BANNED)
+    for batch, vocab in [(1, 768), (4, 768), (4, 512)]:  # over 2 draw blocks (DRAW_BLOCK 256)
+        rows = rng.normal(0, 3, (batch, vocab)).astype(np.float32) + 30
+        masked = rows.copy()
+        masked[:, list(BANNED)] = -np.inf
+        for seed in range(8):
+            np.testing.assert_array_equal(sample(rows, sampler, seed), masked.argmax(-1), err_msg=f"{batch}x{vocab}")
+
+
+def test_a_subnormal_temperature_is_a_user_error():
+    """float32 flushes a subnormal divisor to 0 (every logit nan, token 0): refused, like the other settings."""
+    with pytest.raises(UserError, match="--temperature: expected 0 .greedy. or at least 1.175e-38"):
+        Sampler(temperature=1e-40)
+    assert Sampler(temperature=float(np.finfo(np.float32).tiny)).temperature > 0
+
+
+def claimed_distribution(row, sampler):
+    """What `sampler` claims to sample from for logits `row`: softmax(row / T) over the top_k likeliest
+    (banned ids excluded), cut to the smallest prefix reaching top_p, renormalised. float64."""
+    values = row.astype(np.float64)
+    values[list(sampler.banned_ids)] = -np.inf
+    order = np.argsort(-values, kind="stable")[: sampler.top_k or len(row)]
+    probs = np.exp((values[order] - values[order[0]]) / sampler.temperature)
+    probs /= probs.sum()
+    keep = np.cumsum(probs) - probs < sampler.top_p
+    claimed = np.zeros(len(row))
+    claimed[order[keep]] = probs[keep] / probs[keep].sum()
+    return claimed
+
+
+@pytest.mark.parametrize("sampler", [
+    Sampler(temperature=0.8, top_p=0.8, banned_ids=BANNED),  # nucleus in place, two-stage draw
+    Sampler(temperature=1.3, top_k=4, banned_ids=BANNED),  # top-k, one-stage draw
+    Sampler(top_k=300, top_p=0.95, banned_ids=BANNED),  # sorted nucleus of 300, two-stage draw
+    Sampler(temperature=1.5, banned_ids=BANNED),  # no cut: 600 candidates, two-stage draw
+], ids=["top_p", "top_k", "top_k_top_p", "temperature"])
+def test_cut_sampling_follows_the_renormalised_softmax(sampler):
+    """600 logits (over 2 draw blocks), the likely ones spread over both: the draws have exactly the claimed
+    support, and the frequencies of the likely tokens, and of the rest together, match the claimed
+    probabilities within 4 standard errors."""
+    row = np.random.default_rng(5).normal(-3, 1, 600).astype(np.float32)
+    likely = [10, 270, 300, 520, 599, 100, 400, 255, 256]
+    row[likely] = [3.0, 2.6, 2.3, 2.0, 1.5, 1.0, 0.6, 0.3, 0.1]
+    row[BANNED[0]] = 50.0
+    claimed = claimed_distribution(row, sampler)
+    tokens = sample(np.tile(row, (TRIALS, 1)), sampler, seed=6)
+    assert set(np.unique(tokens)) <= set(np.flatnonzero(claimed))
+    counts = np.bincount(tokens, minlength=len(row))
+    rest = np.setdiff1d(np.arange(len(row)), likely)
+    freq = np.append(counts[likely], counts[rest].sum()) / TRIALS
+    probs = np.append(claimed[likely], claimed[rest].sum())
+    np.testing.assert_array_less(np.abs(freq - probs), 4 * np.sqrt(probs * (1 - probs) / TRIALS) + 1e-12)

@@ -24,6 +24,7 @@ from gptsan.errors import UserError
 from gptsan.generate.prompt import PromptBatch
 from gptsan.generate.sampling import Sampler, next_token, row_keys
 from gptsan.model import GPTSAN, KVCache, ModelConfig
+from gptsan.seed import LARGEST_SEED
 
 
 @flax.struct.dataclass
@@ -147,8 +148,12 @@ class Decoder:
         limit = np.minimum(room_left(self.config, batch.lengths, spout is not None), max_new)
         rows = np.arange(len(limit)) if rows is None else np.asarray(rows)
         spout = None if spout is None else jnp.asarray(spout, jnp.float32)
+        if not 0 <= seed <= LARGEST_SEED:
+            raise UserError(f"--seed: expected an integer from 0 to {LARGEST_SEED}, got {seed}")
+        # uint32: a Python int reaches jit as int32, and --seed 2**31..2**32-1 ended in an OverflowError
         inputs = (jnp.asarray(batch.ids), jnp.asarray(batch.pad), jnp.asarray(batch.num_precontext), spout,
-                  jnp.asarray(limit, jnp.int32), jnp.asarray(rows, jnp.int32), seed, self.end_id, self.input_map)
+                  jnp.asarray(limit, jnp.int32), jnp.asarray(rows, jnp.int32), np.uint32(seed), self.end_id,
+                  self.input_map)
         return inputs, int(limit.max())
 
     def start(self, params, batch: PromptBatch, max_new: int, spout=None, seed: int = 0,

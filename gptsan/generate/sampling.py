@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from gptsan.errors import UserError
 
 NEG_INF = -jnp.inf
+NEGLIGIBLE = 104.0  # exp(-104) is 0 in float32 (below its smallest subnormal, about exp(-103.3))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +31,9 @@ class Sampler:
     def __post_init__(self):
         if not 0 <= self.temperature <= float(jnp.finfo(jnp.float32).max):  # float32 logits are divided by it
             raise UserError(f"--temperature: expected a finite number >= 0, got {self.temperature}")
+        if 0 < self.temperature < float(jnp.finfo(jnp.float32).tiny):  # a subnormal divisor is flushed to 0: nan
+            raise UserError(f"--temperature: expected 0 (greedy) or at least {float(jnp.finfo(jnp.float32).tiny):.4g} "
+                            f"(float32's smallest normal number), got {self.temperature}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise UserError(f"--top_k: expected an integer >= 0 (0 = no cut), got {self.top_k}")
         if not 0 < self.top_p <= 1:
@@ -80,12 +84,20 @@ def nucleus_in_place(logits: jax.Array, top_p: float) -> jax.Array:
 
 
 def candidates(logits: jax.Array, sampler: Sampler) -> tuple[jax.Array, jax.Array]:
-    """The tokens sampling may pick and their scaled logits (-inf = excluded): best first after a top-k cut,
+    """The tokens sampling may pick and their scaled logits, shifted so that the best is 0 (-inf = excluded,
+    as is anything float32 gives no probability): best first after a top-k cut,
     else all V in id order (the vocabulary is never sorted: a sort of it doubled a bench-small decode step).
 
     logits [B, V] -> (scaled logits [B, K], token ids [B, K]) with K = top_k (or V without a top-k cut).
     """
-    scaled = ban(logits.astype(jnp.float32), sampler.banned_ids) / sampler.temperature
+    logits = ban(logits.astype(jnp.float32), sampler.banned_ids)
+    # The best shifted to exactly 0, and what float32 gives no probability (below -NEGLIGIBLE) to -inf: every
+    # value later exponentiated stays in [-NEGLIGIBLE, 0]. Unbounded, logits / T reached 1e9 and more at small
+    # temperatures, where XLA's fused `exp(s - max)` recomputes s without rounding it as the max saw it (a
+    # multiply-add, it appears; off by hundreds: block masses of inf and 0, draws away from the argmax at
+    # T 1e-8; tests/test_sampling.py), and inf (nan) below T ~1e-37.
+    scaled = (logits - logits.max(axis=-1, keepdims=True)) / sampler.temperature
+    scaled = jnp.where(scaled >= -NEGLIGIBLE, scaled, NEG_INF)
     vocab = scaled.shape[-1]
     if sampler.top_k and sampler.top_k < vocab:
         values, ids = jax.lax.top_k(scaled, sampler.top_k)  # [B, K] descending
