@@ -58,6 +58,36 @@ def test_native_round_trip_gives_identical_params_and_logits(tmp_path, tiny_tf_d
     assert [p.name for p in tmp_path.iterdir()] == ["native"]  # no temp directories left behind
 
 
+def test_one_step_of_a_training_run_is_a_model_directory(tmp_path, tiny_tf_dir, tiny_names):
+    """`--model out/2` was 'not a model directory': only the run's newest step could be read (`--model out`)."""
+    import orbax.checkpoint as ocp
+
+    from gptsan.convert.export import export
+    from gptsan.model import unflatten
+
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(tiny_tf_dir / "parameters.json", out)
+    steps = {2: tiny_names, 4: {name: value + 1 for name, value in tiny_names.items()}}
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
+    with ocp.CheckpointManager(out, options=options) as manager:  # as gptsan/train/checkpoint.py saves
+        for step, flat in steps.items():
+            trained = {name: value for name, value in flat.items() if name.startswith("pasts/")}
+            frozen = {name: value for name, value in flat.items() if name not in trained}
+            state = {"step": np.int32(step), "params": unflatten(trained), "frozen": unflatten(frozen)}
+            manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+    assert_same_params(load_flat(str(out))[1], steps[4])  # the newest
+    for path in (out / "2", f"{out / '2'}/"):
+        assert detect_format(str(path)) == "native"
+        assert_same_params(load_flat(str(path))[1], steps[2])
+    export(str(out / "2"), "gptsan-tf", str(tmp_path / "tf"))  # with the run's train_params
+    parameters = json.loads((tmp_path / "tf" / "parameters.json").read_text())
+    source = json.loads((tiny_tf_dir / "parameters.json").read_text())
+    assert parameters == {**source, "train_params": {**source["train_params"], "output_dir": str(tmp_path / "tf")}}
+    with pytest.raises(UserError, match="not a model directory"):
+        detect_format(str(out / "2" / "state"))
+
+
 def test_native_bfloat16_storage_loads_as_float32(tmp_path, tiny_tf_dir):
     config, flat = load_flat(str(tiny_tf_dir))
     native.save(str(tmp_path / "bf16"), config, flat, dtype="bfloat16")
@@ -99,6 +129,22 @@ def test_an_hf_config_that_is_not_utf8_is_one_error(tmp_path, tiny_hf_dir):
         load_flat(str(tmp_path))
 
 
+@pytest.mark.parametrize("key, value, shown", [("d_model", "abc", '"abc"'), ("num_heads", None, "null"),
+                                               ("vocab_size", 511.5, "511.5"), ("d_spout", True, "true"),
+                                               ("layer_norm_epsilon", "1e-5", '"1e-5"')])
+def test_an_hf_config_field_of_the_wrong_type_is_one_error(tmp_path, tiny_hf_dir, key, value, shown):
+    """A string or null was a ValueError/TypeError traceback, 511.5 was read as 511 and true as 1."""
+    shutil.copy(tiny_hf_dir / "model.safetensors", tmp_path)
+    hf_config = json.loads((tiny_hf_dir / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**hf_config, key: value}))
+    kind = "a small positive number" if key == "layer_norm_epsilon" else "an integer"
+    with pytest.raises(UserError) as caught:
+        load_flat(str(tmp_path))
+    assert str(caught.value) == f"{tmp_path / 'config.json'}: {key} must be {kind}, got {shown}"
+    (tmp_path / "config.json").write_text(json.dumps({**hf_config, "d_model": 64.0}))
+    assert load_flat(str(tmp_path))[0].num_hidden == 64  # an integer written as a float is still one
+
+
 def test_pytorch_bin_without_torch_is_a_clear_error(tmp_path, tiny_hf_dir, monkeypatch):
     shutil.copy(tiny_hf_dir / "config.json", tmp_path)
     (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
@@ -115,6 +161,46 @@ def test_pytorch_bin_loads_with_torch_weights_only(tmp_path, tiny_hf_dir, tiny_n
     shutil.copy(tiny_hf_dir / "config.json", tmp_path)
     _, flat = load_flat(str(tmp_path))
     assert_same_params(flat, tiny_names)
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "torch"])
+def test_sharded_hf_folders_load(tmp_path, tiny_hf_dir, tiny_names, kind):
+    """save_pretrained shards a model over 5 GB (GPTSAN-2.8B in float32): the folder was 'not a model
+    directory'."""
+    tensors = load_file(tiny_hf_dir / "model.safetensors")
+    shutil.copy(tiny_hf_dir / "config.json", tmp_path)
+    stem, ext = ("model", "safetensors") if kind == "safetensors" else ("pytorch_model", "bin")
+    weight_map = {}
+    for n, part in enumerate((sorted(tensors)[::2], sorted(tensors)[1::2])):
+        shard = f"{stem}-0000{n + 1}-of-00002.{ext}"
+        weight_map.update(dict.fromkeys(part, shard))
+        if kind == "safetensors":
+            save_file({key: tensors[key] for key in part}, tmp_path / shard)
+        else:
+            torch = pytest.importorskip("torch", reason="torch is an optional peer dependency ([peer] extra)")
+            torch.save({key: torch.from_numpy(tensors[key]) for key in part}, tmp_path / shard)
+    index = tmp_path / f"{stem}.{ext}.index.json"
+    index.write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    assert detect_format(str(tmp_path)) == "hf"
+    assert_same_params(load_flat(str(tmp_path))[1], tiny_names)
+    (tmp_path / f"{stem}-00002-of-00002.{ext}").unlink()
+    with pytest.raises(UserError) as caught:
+        load_flat(str(tmp_path))
+    assert str(caught.value) == f"{index}: shard {stem}-00002-of-00002.{ext} is missing from the folder"
+
+
+@pytest.mark.parametrize("dtype", ["int64", "bool"])
+def test_hf_weights_that_are_not_floating_point_are_refused(tmp_path, tiny_hf_dir, dtype):
+    """They were cast to float32 silently (a LayerNorm gain of 0.98 read as 0)."""
+    tensors = load_file(tiny_hf_dir / "model.safetensors")
+    key = "model.blocks.0.self_attn.norm.weight"
+    tensors[key] = tensors[key].astype(dtype)
+    save_file(tensors, tmp_path / "model.safetensors")
+    shutil.copy(tiny_hf_dir / "config.json", tmp_path)
+    with pytest.raises(UserError) as caught:
+        load_flat(str(tmp_path))
+    assert str(caught.value) == (f"{tmp_path / 'model.safetensors'}: {key} is {dtype}; expected floating-point "
+                                 "weights (float32, float16, bfloat16)")
 
 
 def test_tf_checkpoint_without_parameters_json_is_refused(tmp_path, tiny_tf_dir):

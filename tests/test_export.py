@@ -133,3 +133,27 @@ def test_a_source_train_params_that_is_not_an_object_is_one_error_line(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     hf_args = ["--model", str(model), "--format", "hf", "--output", str(tmp_path / "hf")]
     assert export_main(hf_args) == 0  # an HF folder has no train_params
+
+
+@pytest.mark.skipif(not PEER_INSTALLED, reason="needs the [peer] extra (torch, transformers 4.40)")
+def test_transformers_drops_no_token_of_a_long_input(tmp_path):
+    """The HF config said expert_capacity 128: HF dropped every token past the 128th routed to an expert in a
+    row, which gptsan's default (dropless) routing keeps, so a 1280-token GPTSAN input gave other logits there."""
+    import torch
+    from transformers import GPTSanJapaneseForConditionalGeneration
+
+    from gptsan.checkpoint import native
+    from gptsan.model import ModelConfig, flatten, init_params
+
+    config = ModelConfig(num_contexts=160, num_switch_layers=1, num_ext_layers=0, num_hidden=16, num_header=2,
+                         num_experts=1, num_vocabulary=32, num_spout=4)  # one expert: every token goes there
+    flat = {name: np.asarray(value) for name, value in flatten(init_params(config, 0)).items()}
+    native.save(str(tmp_path / "native"), config, flat)
+    assert export_main(["--model", str(tmp_path / "native"), "--format", "hf", "--output", str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["expert_capacity"] >= 160
+    model = GPTSanJapaneseForConditionalGeneration.from_pretrained(str(tmp_path / "hf")).eval()
+    ids = np.random.default_rng(0).integers(0, 28, (1, 160))
+    with torch.no_grad():
+        theirs = model(input_ids=torch.from_numpy(ids), attention_mask=torch.ones(ids.shape, dtype=torch.long))
+    ours = compute_logits(config, unflatten(flat), ids)
+    np.testing.assert_allclose(theirs.logits.numpy(), ours, rtol=0, atol=1e-4)

@@ -2,7 +2,7 @@
 
 Formats (one module each; name tables in names.py):
 - native (native.py): `parameters.json` + `params/` (Orbax), what gptsan writes, or a training run's
-  `output_dir` (`parameters.json` + `<step>/state`), read from its newest finished step;
+  `output_dir` (`parameters.json` + `<step>/state`), read from its newest finished step, or one step of it;
 - original TF1 checkpoint (tf_checkpoint.py): `checkpoint` + `model.index` + `model.data-*`, with the
   `parameters.json` of the original in the same directory;
 - Hugging Face GPTSanJapanese folder (hf.py): `config.json` + `model.safetensors` (or `pytorch_model.bin`).

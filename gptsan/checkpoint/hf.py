@@ -1,4 +1,5 @@
-"""Hugging Face GPTSanJapanese folders: `config.json` + `model.safetensors` (or `pytorch_model.bin`).
+"""Hugging Face GPTSanJapanese folders: `config.json` + `model.safetensors` (or `pytorch_model.bin`, or the
+shards a `*.index.json` of either names).
 
 Reading accepts float16, bfloat16 or float32 weights and always yields float32; `lm_head.weight` may be
 present (it must equal the tied embedding) or absent. Writing produces the folder that transformers 4.40's
@@ -8,6 +9,7 @@ present (it must equal the tied embedding) or absent. Writing produces the folde
 from __future__ import annotations
 
 import json
+import posixpath
 from typing import Any
 
 import jax
@@ -22,12 +24,26 @@ from gptsan.model.config import ModelConfig
 CONFIG = "config.json"
 SAFETENSORS = "model.safetensors"
 TORCH_BIN = "pytorch_model.bin"
+INDEX_SUFFIX = ".index.json"  # save_pretrained's sharded weights: `model.safetensors.index.json` + shards
+# The weights looked for, in this order: one file, else an index of shards (what save_pretrained writes for
+# a model over max_shard_size, 5 GB by default: GPTSAN-2.8B in float32).
+WEIGHT_FILES = (SAFETENSORS, SAFETENSORS + INDEX_SUFFIX, TORCH_BIN, TORCH_BIN + INDEX_SUFFIX)
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+# The config.json fields that set the model's sizes (ModelConfig.from_hf_config).
+INTEGER_FIELDS = ("d_model", "d_ff", "d_ext", "d_spout", "num_switch_layers", "num_ext_layers", "num_heads",
+                  "num_experts", "vocab_size", "max_position_embeddings")
+
+
+def weights_file(path: str) -> str | None:
+    """The folder's weights file (or shard index), the first of WEIGHT_FILES there."""
+    for name in WEIGHT_FILES:
+        if storage.exists(file := storage.join(path, name)):
+            return file
+    return None
 
 
 def is_hf_dir(path: str) -> bool:
-    return storage.exists(storage.join(path, CONFIG)) and (
-        storage.exists(storage.join(path, SAFETENSORS)) or storage.exists(storage.join(path, TORCH_BIN)))
+    return storage.exists(storage.join(path, CONFIG)) and weights_file(path) is not None
 
 
 def read_config(path: str, **runtime: Any) -> ModelConfig:
@@ -35,6 +51,13 @@ def read_config(path: str, **runtime: Any) -> ModelConfig:
     hf = storage.read_json(source)  # not UTF-8 was a UnicodeDecodeError traceback
     if not isinstance(hf, dict):
         raise UserError(f"{source}: expected a JSON object")
+    for key in INTEGER_FIELDS:  # int() took "abc" or null with a traceback, 64.5 as 64 and true as 1
+        value = hf.get(key, 0)
+        if isinstance(value, bool) or not (isinstance(value, int) or isinstance(value, float) and value.is_integer()):
+            raise UserError(f"{source}: {key} must be an integer, got {json.dumps(value)}")
+    epsilon = hf.get("layer_norm_epsilon", 1e-5)
+    if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not 0 < epsilon < 1:
+        raise UserError(f"{source}: layer_norm_epsilon must be a small positive number, got {json.dumps(epsilon)}")
     dtype = hf.get("dtype", hf.get("torch_dtype", "float32"))
     if dtype not in STORAGE_DTYPES:
         raise UserError(f"{source}: dtype {dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
@@ -60,9 +83,21 @@ def _read_safetensors(file: str) -> dict[str, np.ndarray]:
 
     try:  # a local file is memory-mapped; a remote one is read whole
         tensors = load(storage.read_bytes(file)) if storage.is_remote(file) else load_file(file)
-    except (SafetensorError, ValueError, OSError) as err:
+    except (SafetensorError, ValueError, TypeError, OSError) as err:  # TypeError: a dtype numpy lacks
         raise UserError(f"{file}: not a readable safetensors file (truncated or corrupt?): {err}") from None
+    _refuse_not_floating(file, {key: str(value.dtype) for key, value in tensors.items()
+                                if not jax.numpy.issubdtype(value.dtype, jax.numpy.floating)})
     return tensors
+
+
+def _refuse_not_floating(file: str, bad: dict[str, str]) -> None:
+    """Weights are floating point: integer or boolean tensors (`bad`: name -> dtype; cast silently before) are
+    refused."""
+    if bad:
+        first = min(bad)
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise UserError(f"{file}: {first}{more} is {bad[first]}; expected floating-point weights "
+                        f"({', '.join(STORAGE_DTYPES)})")
 
 
 def _read_torch_bin(file: str) -> dict[str, np.ndarray]:
@@ -76,15 +111,36 @@ def _read_torch_bin(file: str) -> dict[str, np.ndarray]:
             state = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for corrupt or unsafe (pickled-code) files
         raise UserError(f"{file}: not a readable weights-only torch file: {type(err).__name__}") from None
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise UserError(f"{file}: expected a state dict of tensor name -> tensor")
+    _refuse_not_floating(file, {key: str(value.dtype).removeprefix("torch.") for key, value in state.items()
+                                if not value.is_floating_point()})
     return {key: value.float().numpy() for key, value in state.items()}
+
+
+def _read_shards(index: str, read_one) -> dict[str, np.ndarray]:
+    """The tensors of every shard `index` (save_pretrained's `*.index.json`) names, from its folder."""
+    weight_map = storage.read_json(index)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+        raise UserError(f"{index}: expected a JSON object whose weight_map maps tensor names to shard files")
+    folder = index[: -len(posixpath.basename(index))]
+    tensors: dict[str, np.ndarray] = {}
+    for shard in sorted(set(weight_map.values())):
+        if shard != posixpath.basename(shard) or "\\" in shard or shard in ("", ".", ".."):
+            raise UserError(f"{index}: shard {shard!r} is not a file name in the folder")
+        if not storage.exists(folder + shard):
+            raise UserError(f"{index}: shard {shard} is missing from the folder")
+        tensors.update(read_one(folder + shard))
+    return tensors
 
 
 def read(path: str, **runtime: Any) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """(config, GPTSAN-named float32 arrays) from an HF folder; names and shapes validated."""
     config = read_config(path, **runtime)
-    file = storage.join(path, SAFETENSORS)
-    tensors = _read_safetensors(file) if storage.exists(file) else _read_torch_bin(
-        file := storage.join(path, TORCH_BIN))
+    file = weights_file(path)
+    read_one = _read_safetensors if posixpath.basename(file).startswith(SAFETENSORS) else _read_torch_bin
+    tensors = _read_shards(file, read_one) if file.endswith(INDEX_SUFFIX) else read_one(file)
     head = tensors.pop(HF_TIED_HEAD, None)
     check_tensors(file, {key: value.shape for key, value in tensors.items()}, expected_hf_shapes(config))
     tensors = {key: np.asarray(value, np.float32) for key, value in tensors.items()}

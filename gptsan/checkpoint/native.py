@@ -1,5 +1,6 @@
 """gptsan's native model directory: `parameters.json` + `params/`, an Orbax PyTree checkpoint; or a training
-run's output_dir (`parameters.json` + `<step>/state/`), whose newest checkpoint's parameters are read.
+run's output_dir (`parameters.json` + `<step>/state/`), whose newest checkpoint's parameters are read, or
+one `<step>/` of it (with the run's parameters.json in the folder above).
 
 `params/` is written by `orbax.checkpoint.PyTreeCheckpointer` (OCDBT/tensorstore, so local paths and gs://
 work alike) and holds the parameter tree under GPTSAN's names (`model/att0/qkv/kernel` is
@@ -46,9 +47,27 @@ def latest_training_checkpoint(path: str) -> str | None:
     return storage.join(path, str(max(steps)), TRAIN_STATE_ITEM) if steps else None
 
 
+def training_step(path: str) -> str | None:
+    """`path/state` when `path` is one finished step of a training run (`<output_dir>/<step>`, whose run's
+    parameters.json is in the folder above it), else None."""
+    name = str(path).rstrip("/").rsplit("/", 1)[-1]
+    if not name.isdigit() or not storage.exists(storage.join(path, TRAIN_STATE_ITEM, "commit_success.txt")):
+        return None
+    return storage.join(path, TRAIN_STATE_ITEM)
+
+
+def parameters_file(path: str) -> str:
+    """The parameters.json of the native model directory `path`: its own, or for one step of a training run
+    the run's, in the folder above."""
+    own = storage.join(path, PARAMETERS)
+    if storage.exists(own) or training_step(path) is None:
+        return own
+    return storage.join(storage.parent(str(path).rstrip("/")), PARAMETERS)
+
+
 def is_native_dir(path: str) -> bool:
     if not storage.exists(storage.join(path, PARAMETERS)):
-        return False
+        return training_step(path) is not None and storage.exists(parameters_file(path))
     return storage.isdir(storage.join(path, PARAMS_DIR)) or latest_training_checkpoint(path) is not None
 
 
@@ -91,8 +110,9 @@ def drop_late_orbax_reads() -> None:
 
 def read_params(path: str, config: ModelConfig) -> dict[str, np.ndarray]:
     """GPTSAN-named float32 arrays, checked against `config`'s names and shapes: from the newest training
-    checkpoint in `path` when training has saved one (a run's output_dir), else from `path/params`."""
-    trained = latest_training_checkpoint(path)
+    checkpoint in `path` when training has saved one (a run's output_dir), else from `path/params`; from that
+    step when `path` is one step of a run (`<output_dir>/<step>`)."""
+    trained = training_step(path) or latest_training_checkpoint(path)
     if trained is not None:
         return _restore_params(trained, config, TRAINED_SUBTREES)
     return _restore_params(storage.join(path, PARAMS_DIR), config)
@@ -146,7 +166,7 @@ def _merged(tree: dict, subtrees: tuple[str, ...] | None) -> dict[str, Any]:
 
 
 def read(path: str, **runtime: Any) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-    config = load_config(storage.join(path, PARAMETERS), **runtime)
+    config = load_config(parameters_file(path), **runtime)
     return config, read_params(path, config)
 
 

@@ -181,7 +181,10 @@ class ModelConfig:
             "num_layers": self.num_layers,
             "num_heads": self.num_header,
             "num_experts": self.num_experts,
-            "expert_capacity": 128,
+            # The port drops a row's tokens beyond expert_capacity per expert (128 in GPTSAN-2.8B's config), which
+            # gptsan's default (dropless) routing never does: room for a whole context drops none, so the two give
+            # the same logits at every input length.
+            "expert_capacity": self.num_contexts,
             "vocab_size": self.num_vocabulary,
             "max_position_embeddings": self.num_contexts,
             "layer_norm_epsilon": self.layer_norm_eps,
