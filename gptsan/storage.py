@@ -41,6 +41,33 @@ def checked(path: str) -> str:
     return path
 
 
+GCS_ENDPOINT_VARIABLES = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")  # gcsfs's, tensorstore's
+
+
+def check_gcs_endpoints(path: str, flag: str) -> None:
+    """For a gs:// `path` that Orbax (tensorstore) reads or writes as well as gcsfs: both are pointed at an
+    emulator or neither is. With one variable of the two set, files went to the emulator and checkpoints to
+    real GCS (or the other way round): offline, the first save retried for minutes, then failed with pages of
+    tracebacks, the run's steps lost."""
+    if not str(path).startswith("gs://"):
+        return
+    given = [name for name in GCS_ENDPOINT_VARIABLES if os.environ.get(name)]
+    if len(given) == 1:
+        other = next(name for name in GCS_ENDPOINT_VARIABLES if name not in given)
+        raise UserError(f"{flag} {path}: {given[0]} is set but {other} is not, so gcsfs and tensorstore (Orbax) would "
+                        f"reach different servers; set {other} to the same URL for an emulator, or unset {given[0]} "
+                        "for real GCS (docs/gcs.md)")
+
+
+def check_orbax_folder(path: str, flag: str) -> None:
+    """A folder that Orbax saves a checkpoint in has no `[` in its path: Orbax finds the parts it has just
+    written by globbing the folder, where `out[1]` matches `out1`, not itself, so it left the checkpoint
+    unmerged (no manifest) and unreadable, after reporting it saved."""
+    if "[" in str(path) if is_remote(path) else "[" in os.path.abspath(os.path.expanduser(str(path))):
+        raise UserError(f"{flag} {path}: a path with '[' is not supported (Orbax saves unreadable checkpoints "
+                        "under it); give one without '['")
+
+
 def filesystem(path: str):
     """The fsspec filesystem for `path` and the path as that filesystem names it (no glob expansion)."""
     return fsspec.core.url_to_fs(checked(path))
@@ -156,14 +183,30 @@ def glob(pattern: str) -> list[str]:
     """Sorted files matching a glob (folders left out), with the protocol kept for remote paths. A file whose
     name is exactly `pattern` is that file alone, glob characters and all (`doc[1].txt`, `list [v2].csv`):
     `pattern` is a glob only when no file has that name."""
+    return [path for path, _ in glob_sizes(pattern)]
+
+
+def glob_sizes(pattern: str) -> list[tuple[str, int]]:
+    """`glob(pattern)` with each file's size in bytes (from the same listing). A bucket that does not exist
+    holds no file; one that may not be listed is a UserError (gcsfs raised both without a file name, so they
+    reached the user as tracebacks)."""
     fs, p = filesystem(pattern)
-    if fs.isfile(p):
-        matches = [p]
-    else:
-        matches = sorted(path for path, info in fs.glob(p, detail=True).items() if info.get("type") != "directory")
+    try:
+        if fs.isfile(p):
+            matches = [(p, int(fs.size(p) or 0))]
+        else:
+            matches = sorted((path, int(info.get("size") or 0)) for path, info in fs.glob(p, detail=True).items()
+                             if info.get("type") != "directory")
+    except FileNotFoundError:  # gcsfs: no such bucket
+        matches = []
+    except OSError as err:
+        if err.filename is not None or not is_remote(pattern):
+            raise
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__  # gcsfs: "Forbidden: b/NAME/o"
+        raise UserError(f"{pattern}: cannot list the files it names ({reason})") from None
     if is_remote(pattern):
         protocol = str(pattern).split("://", 1)[0]
-        return [f"{protocol}://{m}" for m in matches]
+        return [(f"{protocol}://{m}", size) for m, size in matches]
     return matches
 
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from gptsan import storage
 from gptsan.errors import UserError, cli_main
 from gptsan.tokenizer import KINDS, Tokenizer, load_tokenizer
+from gptsan.tokenizer.base import check_utf8_text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +77,8 @@ def count_tokens(tokenizer: Tokenizer, args) -> dict[str, int]:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.text is not None:
+        check_utf8_text("--text", args.text)
     tokenizer = load_tokenizer(
         args.tokenizer, args.vocabulary, emoji_file=args.emoji, clean_text=args.clean_text
     )

@@ -156,7 +156,7 @@ def _listing(path):
     return sorted(p.name for p in path.iterdir())
 
 
-@pytest.mark.parametrize("case", ["negative", "existing", "missing_tensor", "no_source", "bad_bucket"])
+@pytest.mark.parametrize("case", ["negative", "existing", "missing_tensor", "no_source", "bad_bucket", "bracket"])
 def test_bad_conversions_fail_and_write_nothing(tmp_path, tiny_hf_dir, capsys, case):
     from safetensors.numpy import load_file, save_file
 
@@ -175,13 +175,16 @@ def test_bad_conversions_fail_and_write_nothing(tmp_path, tiny_hf_dir, capsys, c
         src = tmp_path / "nowhere"
     if case == "bad_bucket":  # GCS bucket names have 3 characters at least: refused before any request
         dst = "gs://b/model"
+    if case == "bracket":  # Orbax globs the folder it saves in: it wrote params/ unreadable, and "wrote" was said
+        dst = tmp_path / "dst[1]"
     before = _listing(tmp_path)
     assert main(["--checkpoint", str(src), "--output", str(dst), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     expected = {"negative": "--add_extra_stage", "existing": "already exists",
                 "missing_tensor": "missing model.blocks.0.self_attn.norm.bias", "no_source": "not found",
-                "bad_bucket": "gs://b/model: 'b' is not a GCS bucket name"}
+                "bad_bucket": "gs://b/model: 'b' is not a GCS bucket name",
+                "bracket": "a path with '[' is not supported"}
     assert expected[case] in err
     assert _listing(tmp_path) == before  # nothing written, no temp directory left
 

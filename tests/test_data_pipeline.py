@@ -208,6 +208,31 @@ def test_start_step_resumes_the_same_batches(corpus_dir):
         np.testing.assert_array_equal(next(resumed)["x"], expected["x"])
 
 
+@pytest.mark.parametrize("shuffle_buffer", [10_000, 7], ids=["buffer past the corpus", "small buffer"])
+def test_every_record_is_read_once_an_epoch(corpus_dir, shuffle_buffer):
+    """Shuffled and repeated, each epoch's worth of records holds every record once, in a new order. The
+    shuffle buffer used to run over the endless stream, mixing epochs: with the default buffer, larger than
+    this corpus, the first epoch's worth held some records twice and missed others."""
+    files = sorted(corpus_dir.glob("part_*.tfrecord"))
+    everything = sorted(r["x"].astype(np.int32).tobytes() for r in python_records(files))
+    count = len(everything)
+    iterator = make_dataset(str(corpus_dir / "part_*.tfrecord"), T, 1, seed=3, shuffle_buffer=shuffle_buffer)
+    seen = [next(iterator)["x"][0].tobytes() for _ in range(3 * count)]
+    epochs = [seen[k * count:(k + 1) * count] for k in range(3)]
+    for epoch in epochs:
+        assert sorted(epoch) == everything
+    assert epochs[0] != epochs[1] != epochs[2]
+
+
+def test_start_record_resumes_the_same_records_at_another_batch_size(corpus_dir):
+    """A run resumed with another batch size reads on from the record the first run stopped at."""
+    pattern = str(corpus_dir / "part_*.tfrecord")
+    straight = make_dataset(pattern, T, 4, seed=5, shuffle_buffer=50)
+    rows = np.concatenate([next(straight)["x"] for _ in range(20)])  # past the first epoch
+    resumed = make_dataset(pattern, T, 3, seed=5, shuffle_buffer=50, start_record=24)
+    np.testing.assert_array_equal(np.concatenate([next(resumed)["x"] for _ in range(18)]), rows[24:78])
+
+
 def test_reads_through_fsspec_urls(corpus_dir):
     fs = fsspec.filesystem("memory")
     for path in sorted(corpus_dir.glob("part_*.tfrecord")):

@@ -54,3 +54,39 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path):
             records = [json.loads(line) for line in
                        (workdir / f"samples_{stage}_{name}.jsonl").read_text(encoding="utf-8").splitlines()]
             assert len(records) == 4 and all(isinstance(r["text"], str) and r["tokens"] for r in records)
+
+
+def test_a_workdir_the_demo_cannot_finish_in_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    """`--workdir ""` (an unset shell variable) is not the default folder, and a path with `[` would end in
+    training checkpoints that Orbax saved unreadable (it globs the folder it saves in): one error line each,
+    before the pipeline starts and with nothing written."""
+    from gptsan.demo import run
+
+    def started(self):
+        raise AssertionError("the pipeline started")
+
+    monkeypatch.setattr(run.Pipeline, "run", started)
+    monkeypatch.chdir(tmp_path)
+    assert run.main(["--quick", "--workdir", ""]) == 2
+    assert capsys.readouterr().err == ("error: --workdir: empty; give a folder, or leave the flag out for "
+                                       "demo_output/<date-time>\n")
+    workdir = tmp_path / "run[1]"
+    assert run.main(["--quick", "--workdir", str(workdir)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (f"error: --workdir {workdir}: a path with '[' is not supported (Orbax saves unreadable "
+                            "checkpoints under it); give one without '['\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_training_glob_takes_the_workdir_literally(tmp_path):
+    """`*` and `?` in --workdir match only themselves in the records glob the demo trains on: a sibling folder
+    they would also match as a pattern is left out."""
+    from gptsan import storage
+    from gptsan.demo.run import tfrecord_glob
+
+    for name in ("demo*?", "demo-x"):
+        (tmp_path / name / "data").mkdir(parents=True)
+        (tmp_path / name / "data" / "lm_0000.tfrecord").write_bytes(b"")
+    own = tmp_path / "demo*?" / "data"
+    assert storage.glob(tfrecord_glob(own)) == [str(own / "lm_0000.tfrecord")]

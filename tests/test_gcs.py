@@ -168,3 +168,54 @@ def test_original_tf_checkpoints_read_and_written_on_gs(emulator, tmp_path):
     _, again = load_flat(f"gs://{BUCKET}/exported")
     for name, value in local.items():
         np.testing.assert_array_equal(again[name], value, err_msg=name)
+
+
+@pytest.mark.parametrize("given, missing", [("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL"),
+                                            ("TENSORSTORE_GCS_HTTP_URL", "STORAGE_EMULATOR_HOST")])
+def test_an_emulator_given_to_gcsfs_or_tensorstore_alone_is_one_error_before_training(tmp_path, monkeypatch, given,
+                                                                                      missing):
+    """docs/gcs.md's emulator needs both variables. With one of them, files went to the emulator and checkpoints
+    to real GCS (or the other way round): offline, the first save retried for minutes and ended in pages of
+    tracebacks, the steps trained lost. Now one error line, before anything is read or written."""
+    from gptsan.errors import UserError
+    from gptsan.train.config import RunConfig
+    from gptsan.train.loop import run
+    from tests.train_support import write_mini_parameters
+
+    monkeypatch.setenv(given, "http://127.0.0.1:9")  # nothing listens there: the error must come first
+    monkeypatch.delenv(missing, raising=False)
+    parameter_file = write_mini_parameters(tmp_path / "model", f"gs://{BUCKET}/run")
+    with pytest.raises(UserError) as caught:
+        run(RunConfig(parameter_file=str(parameter_file), input_files=str(tmp_path / "none-*.tfrecord"),
+                      progress=False))
+    assert str(caught.value) == (
+        f"train_params.output_dir gs://{BUCKET}/run: {given} is set but {missing} is not, so gcsfs and tensorstore "
+        f"(Orbax) would reach different servers; set {missing} to the same URL for an emulator, or unset {given} "
+        "for real GCS (docs/gcs.md)")
+    with pytest.raises(UserError, match=rf"^--parameter_file gs://{BUCKET}/model/parameters.json: {given} is set"):
+        run(RunConfig(parameter_file=f"gs://{BUCKET}/model/parameters.json", input_files="x", progress=False))
+
+
+def test_a_bucket_that_does_not_exist_or_may_not_be_listed_is_one_error(emulator, monkeypatch):
+    """A glob in a bucket that does not exist (a typo) matches no file, as one in an empty folder does; one that
+    may not be listed (403) is one error naming the glob. gcsfs raises both without a file name, so they ended
+    training's start with a traceback."""
+    import gcsfs
+
+    from gptsan import storage
+    from gptsan.data.pipeline import process_share
+    from gptsan.errors import UserError
+
+    with pytest.raises(UserError, match=r"^gs://no-such-bucket/lm_\*\.tfrecord: no tfrecord file matches$"):
+        process_share("gs://no-such-bucket/lm_*.tfrecord", 16)
+
+    def forbidden(path, **kwargs):  # gcsfs's answer to a 403
+        raise OSError(f"Forbidden: {path}\nanonymous caller does not have storage.objects.list access")
+
+    fs, _ = storage.filesystem(f"gs://{BUCKET}/corpus")  # the cached instance gptsan's calls get
+    assert isinstance(fs, gcsfs.GCSFileSystem)
+    monkeypatch.setattr(fs, "glob", forbidden)
+    with pytest.raises(UserError) as caught:
+        process_share(f"gs://{BUCKET}/corpus/lm_*.tfrecord", 16)
+    assert str(caught.value) == (f"gs://{BUCKET}/corpus/lm_*.tfrecord: cannot list the files it names (Forbidden: "
+                                 f"{BUCKET}/corpus/lm_*.tfrecord)")

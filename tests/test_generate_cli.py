@@ -1,6 +1,7 @@
 """gptsan-generate and gptsan-languagemodel end to end on a small native model with the SWE vocabulary:
 the CLI's tokens equal the library's, JSONL output, --spout handling, one-line errors, no TensorFlow."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -236,3 +237,20 @@ def test_an_empty_mask_is_the_only_line_before_the_model_loads(vocabulary, tmp_p
     proc = run_cli("gptsan.generate.languagemodel", "--model", tmp_path / "no-model", "--vocabulary", vocabulary,
                    "--context", "x", "--mask", "")
     assert proc.returncode == 2 and proc.stderr == "error: --mask: must not be empty\n"
+
+
+@pytest.mark.parametrize("tool, args, line", [
+    ("gptsan.generate.cli", ["--context", "天気は\udcff"],
+     "error: --context: not UTF-8 text (byte 0xff at character 3)"),
+    ("gptsan.generate.cli", ["--prefix", "\udce3\udc81", "--context", "x"],
+     "error: --prefix: not UTF-8 text (byte 0xe3 at character 0)"),
+    ("gptsan.tokenize_cli", ["--text", "a\udcffb"], "error: --text: not UTF-8 text (byte 0xff at character 1)"),
+])
+def test_command_line_text_that_is_not_utf8_is_one_error_line(vocabulary, tmp_path, capsys, tool, args, line):
+    """Bytes that are not UTF-8 on the command line reach Python as lone surrogates: gptsan-generate ended in a
+    traceback after loading the model, and gptsan-tokenize gave SWE's byte tokens of the surrogates
+    ([35645, 35975, 35917, 35929, 35646] for a\\xffb, which decode to 'a���b')."""
+    main = importlib.import_module(tool).main
+    model = ["--model", str(tmp_path / "no-model")] if tool == "gptsan.generate.cli" else []
+    assert main([*model, "--vocabulary", str(vocabulary), *args]) == 2
+    assert capsys.readouterr() == ("", line + "\n")

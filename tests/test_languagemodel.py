@@ -58,3 +58,29 @@ def test_the_context_is_fed_as_written_like_a_training_prefix():
     assert ids == [special.start, *tokenizer.encode("明日の"), special.mask, *tokenizer.encode("は晴れです。"),
                    special.segmenter]
     assert special.separator not in ids and tokenizer.encode("。")[0] in ids
+
+
+def test_text_flags_that_are_not_utf8_are_one_error_line_before_the_model_loads(capsys):
+    """Bytes that are not UTF-8 on the command line reach Python as lone surrogates; the tokenizer (a pybind11
+    traceback for SentencePiece) or the JSON output could not take them."""
+    from gptsan.generate.languagemodel import main
+
+    base = ["--model", "no-such-model", "--vocabulary", "no-such-vocabulary.txt"]
+    assert main([*base, "--context", "天気は\udcff\udcfe[MASK]"]) == 2
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", "error: --context: not UTF-8 text (byte 0xff at character 3)\n")
+    assert main([*base, "--context", "天気は＿", "--mask", "\udce3\udc81"]) == 2
+    assert capsys.readouterr().err == "error: --mask: not UTF-8 text (byte 0xe3 at character 0)\n"
+
+
+def test_jax_loads_inside_the_tool_where_a_ctrl_c_is_interrupted():
+    """The console script imports the module before cli_main's Ctrl-C handling starts: JAX and Flax (over a
+    second to import) load inside main, so a Ctrl-C then ends in `interrupted` and exit status 130, not a
+    KeyboardInterrupt traceback (or, dropped in JAX's garbage-collection callback, in nothing)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, gptsan.generate.languagemodel; "
+            "print(sorted(n for n in ('jax', 'flax') if n in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout == "[]\n"

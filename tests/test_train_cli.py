@@ -241,3 +241,14 @@ def test_an_output_dir_under_the_home_folder_is_one_folder(inputs, capsys, monke
     assert status == 0 and err[-1].endswith(f"; step 1 saved in {inputs / 'home' / 'run'}")
     assert not (inputs / "~").exists()
     assert {"parameters.json", "metrics.jsonl", "1"} <= {path.name for path in (inputs / "home" / "run").iterdir()}
+
+
+def test_an_output_dir_orbax_cannot_save_in_stops_before_anything_is_written(inputs, capsys):
+    """Orbax globs the folder it saves in, where `out[1]` matches `out1`: training said `step 1 saved` and left a
+    checkpoint without its manifest, which nothing could read."""
+    parameters = write_mini_parameters(inputs / "model", inputs / "out[1]")
+    status, err = call(capsys, "--input_files", str(inputs / "good.tfrecord"), "--parameter_file", str(parameters),
+                       "--max_training_step", "1", "--no_progress")
+    assert status == 2 and err == [f"error: train_params.output_dir {inputs / 'out[1]'}: a path with '[' is not "
+                                   "supported (Orbax saves unreadable checkpoints under it); give one without '['"]
+    assert not (inputs / "out[1]").exists()

@@ -106,6 +106,69 @@ def test_resuming_on_other_data_says_so_in_one_line(tmp_path, capsys):
         "reading goes on from batch 2 of the data given now"]
 
 
+def test_resuming_with_another_batch_size_reads_on_from_the_same_record(tmp_path, monkeypatch, capsys):
+    """train_params.batch_size changed between runs: the resumed run reads on from the record the first stopped
+    at (it used to skip as many batches of the new size: 2 steps of 16, resumed at 8, re-read records 16-31)."""
+    import gptsan.train.loop as loop
+    from gptsan.train.checkpoint import Checkpointer
+
+    files = corpus_files(tmp_path)
+    out = tmp_path / "out"
+    run(RunConfig(parameter_file=str(write_mini_parameters(tmp_path / "m", out, batch_size=16)), input_files=files,
+                  max_training_step=2, progress=False))
+    starts = []
+
+    def recording(*args, **kwargs):
+        starts.append(kwargs.get("start_record", 0) + kwargs.get("start_step", 0) * args[2])
+        return make_dataset(*args, **kwargs)
+
+    make_dataset = loop.make_dataset
+    monkeypatch.setattr(loop, "make_dataset", recording)
+    capsys.readouterr()
+    state = run(RunConfig(parameter_file=str(write_mini_parameters(tmp_path / "m", out, batch_size=8)),
+                          input_files=files, max_training_step=4, progress=False))
+    assert int(state.step) == 4 and starts == [2 * 16]
+    assert "warning:" not in capsys.readouterr().err
+    checkpointer = Checkpointer(str(out), max_to_keep=3, every_steps=0, every_hours=0)
+    try:
+        assert checkpointer.latest_step() == 4 and checkpointer.saved_run()["records_read"] == 2 * 16 + 2 * 8
+    finally:
+        checkpointer.close()
+
+
+def test_resuming_on_a_glob_that_now_matches_other_files_says_so(tmp_path, capsys):
+    """The same --input_files, but a file added to what it matches: the data position now counts through other
+    data, which was as silent as a changed --input_files was not."""
+    files = corpus_files(tmp_path)
+    parameter_file = write_mini_parameters(tmp_path / "m", tmp_path / "out")
+    common = dict(parameter_file=str(parameter_file), input_files=files, progress=False)
+    run(RunConfig(max_training_step=2, **common))
+    write_records(tmp_path / "train-2.tfrecord", counting_corpus(40, 16, 128, seed=2, period=8))
+    capsys.readouterr()
+    assert int(run(RunConfig(max_training_step=3, **common)).step) == 3
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and re.fullmatch(
+        rf"warning: {re.escape(str(tmp_path / 'out'))}: resuming step 2 with other settings than the run that saved "
+        r"it \(input_data '2 files, \d+ bytes, #\w{8}' -> '3 files, \d+ bytes, #\w{8}'\); reading goes on from "
+        r"batch 2 of the data given now", warnings[0]), warnings
+
+
+def test_resuming_adamw_cosine_with_another_length_says_so_in_one_line(tmp_path, capsys):
+    """--max_training_step is adamw_cosine's length: resumed with another, the cosine is stretched and its
+    learning rate jumps at the resumed step, which it did without a word."""
+    parameter_file = write_mini_parameters(tmp_path / "m", tmp_path / "out", num_warmup_steps=1)
+    common = dict(parameter_file=str(parameter_file), input_files=corpus_files(tmp_path), optimizer="adamw_cosine",
+                  progress=False)
+    run(RunConfig(max_training_step=2, **common))
+    capsys.readouterr()
+    assert int(run(RunConfig(max_training_step=3, **common)).step) == 3
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: {tmp_path / 'out'}: resuming step 2 with other settings than the run that saved it "
+        "(max_training_step (adamw_cosine's length: the learning rate jumps) 2 -> 3); reading goes on from batch 2 "
+        "of the data given now"]
+
+
 def test_lm_training_on_records_with_prefixes_says_so_in_one_line(tmp_path, capsys):
     corpus = counting_corpus(16, 16, 128, period=8)
     corpus["num_input"] = np.arange(16) % 5  # as --mode hybrid encodes: some records with a prefix

@@ -14,6 +14,7 @@ import pytest
 from gptsan.errors import UserError
 from gptsan.model import load_config, unflatten
 from gptsan.model.params import flatten, init_params
+from gptsan.train.metrics import eval_summary
 from gptsan.train.optim import make_optimizer
 from gptsan.train.precision import LossScale
 from gptsan.train.state import check_frozen_names, create_state
@@ -199,3 +200,16 @@ def test_tensorboard_events_hold_each_steps_scalars_and_expert_loads(tmp_path, m
                     ("train/loss", 2): 2.0, ("train/accuracy", 2): 0.5,
                     ("train/expert_load/layer0/expert0", 2): 0.5, ("train/expert_load/layer0/expert1", 2): 0.5,
                     ("eval/loss", 2): 2.25}
+
+
+def test_eval_metrics_weigh_each_target_token_once():
+    """An evaluation over batches of 100 and 20 target tokens: the per-token means of the whole (a plain mean of
+    the batch means gave the short batch the weight of the full one: loss 3.0, accuracy 0.25, tokens 60)."""
+    rows = [{"loss": 2.0, "cross_entropy": 1.5, "accuracy": 0.5, "tokens": 100.0},
+            {"loss": 4.0, "cross_entropy": 3.0, "accuracy": 0.0, "tokens": 20.0}]
+    summary = eval_summary(rows)
+    assert summary == pytest.approx({"loss": 280 / 120, "cross_entropy": 210 / 120, "accuracy": 50 / 120,
+                                     "tokens": 120.0})
+    # batches with no targets at all (every eval record without any): the plain mean, not a division by zero
+    empty = eval_summary([{"loss": 1.0, "tokens": 0.0}, {"loss": 3.0, "tokens": 0.0}])
+    assert empty == {"loss": 2.0, "tokens": 0.0}

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 def source_train_params(src: str, dst: str) -> dict[str, Any]:
     """SRC's train_params (or the defaults when SRC has no parameters.json) with output_dir = DST; a
     train_params that training would refuse (not an object, a field of the wrong type) is refused here."""
-    parameters = storage.join(src, native.PARAMETERS)
+    parameters = native.parameters_file(src)  # one step of a training run: the run's, in the folder above
     if not storage.exists(parameters):
         train_params = dict(DEFAULT_TRAIN_PARAMS)
     else:
@@ -90,6 +90,7 @@ def convert(src: str, dst: str, add_extra_stage: int = 0, num_spout: int | None 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    storage.check_orbax_folder(args.output, "--output")
     lists = convert(args.checkpoint, args.output, args.add_extra_stage, args.num_spout,
                     "spout" in args.freeze, args.dtype, args.seed)
     print(f"wrote {args.output}: {len(lists['all-params.json'])} parameters, "

@@ -4,7 +4,7 @@
     batch = next(batches)  # {"x": int32 [16, 1280], "y": int32 [16, 1280], "i": int32 [16], "num_input": ...}
 
 - Records are read in Python (TFRecord frames through fsspec, checksums verified, Examples parsed with
-  protobuf) and handed to tf.data, which shuffles, batches and prefetches. One code path serves local
+  protobuf), shuffled, and handed to tf.data, which batches and prefetches. One code path serves local
   files and gs:// (gcsfs honours STORAGE_EMULATOR_HOST; TensorFlow's own GCS client does not), and every
   problem names its file and record index.
 - Each record's `x`/`y` length must equal `num_contexts`, and with `num_vocabulary` its ids must be below it; a
@@ -14,12 +14,15 @@
   `"skip"` skips them and counts them in `iterator.skipped`, with a warning the first time each is met (a frame
   whose length is unreadable loses the rest of its file, counted as one). A repeating reader with no records
   to read raises UserError.
-- Order: per epoch the file list is shuffled with `(seed, epoch)`, then records pass a seeded shuffle
-  buffer. Everything is deterministic for a given seed, file list and process layout.
+- Order: per epoch the file list is shuffled with `(seed, epoch)`, then the epoch's records pass a shuffle
+  buffer seeded with `(seed, epoch)` that is emptied at the end of the epoch, so every record is read once per
+  epoch (tf.data's buffer over the endless stream mixed the epochs: the first 30 records read from a corpus of
+  30 were 19 of them, some twice). Everything is deterministic for a given seed, file list and process layout.
 - Processes: with at least as many files as processes, process k reads files k, k+P, ...; otherwise
   every process reads every file and keeps records k, k+P, ... of the stream.
-- Resuming: `start_step=N` skips the first N batches (reading through them), so a run restarted from a
-  checkpoint saved after N steps sees exactly the batches it would have seen. Store the step; that is all.
+- Resuming: `start_record=R` skips the first R records of the stream (reading through them), so a run
+  restarted from a checkpoint saved after R records sees exactly the records it would have seen, whatever its
+  batch size; `start_step=N` skips N batches (N x batch_size records).
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ class RecordSource:
     """A Python generator of validated records over files, which remembers the error it stopped on."""
 
     def __init__(self, files, num_contexts, *, seed, repeat, shuffle_files, keep_every=1, keep_offset=0,
-                 on_corrupt="stop", num_vocabulary=None, warned=None):
+                 on_corrupt="stop", num_vocabulary=None, warned=None, shuffle_buffer=0):
         self.files, self.num_contexts, self.seed, self.repeat = files, num_contexts, seed, repeat
+        self.shuffle_buffer = shuffle_buffer
         self.num_vocabulary = num_vocabulary
         self.shuffle_files, self.keep_every, self.keep_offset = shuffle_files, keep_every, keep_offset
         self.on_corrupt, self.skipped, self.error = on_corrupt, 0, None
@@ -60,17 +64,26 @@ class RecordSource:
 
     def _records(self):
         epoch, position = 0, 0
+
+        def kept_records(order):
+            nonlocal position
+            for k in order:
+                for record in self._file_records(self.files[k]):
+                    if position % self.keep_every == self.keep_offset:
+                        yield record
+                    position += 1
+
         while True:
             order = np.arange(len(self.files))
             if self.shuffle_files:
                 order = np.random.default_rng([self.seed, epoch]).permutation(len(self.files))
+            records = kept_records(order)
+            if self.shuffle_buffer > 1:
+                records = buffer_shuffled(records, self.shuffle_buffer, np.random.default_rng([self.seed, epoch, 1]))
             kept = 0
-            for k in order:
-                for record in self._file_records(self.files[k]):
-                    if position % self.keep_every == self.keep_offset:
-                        kept += 1
-                        yield record
-                    position += 1
+            for record in records:
+                kept += 1
+                yield record
             epoch += 1
             if not self.repeat:
                 return
@@ -152,6 +165,21 @@ class RecordSource:
             warn(f"skipped {message}")
 
 
+def buffer_shuffled(records, size: int, rng: np.random.Generator):
+    """`records` through a shuffle buffer of `size` (each new record takes the place of a random one, which is
+    yielded), emptied in random order at their end: every record once."""
+    buffer = []
+    for record in records:
+        if len(buffer) < size:
+            buffer.append(record)
+            continue
+        slot = int(rng.integers(size))
+        yield buffer[slot]
+        buffer[slot] = record
+    for slot in rng.permutation(len(buffer)):
+        yield buffer[slot]
+
+
 class BatchIterator:
     """Iterates over batches as numpy dicts; `skipped` counts corrupt records passed over so far."""
 
@@ -180,21 +208,23 @@ class BatchIterator:
 def make_dataset(pattern: str, num_contexts: int, batch_size: int, *, seed: int, shuffle: bool = True,
                  repeat: bool = True, process_index: int = 0, process_count: int = 1,
                  on_corrupt: str = "stop", shuffle_buffer: int = 10_000, start_step: int = 0,
-                 drop_remainder: bool = True, num_vocabulary: int | None = None,
+                 start_record: int = 0, drop_remainder: bool = True, num_vocabulary: int | None = None,
                  warned: set[str] | None = None) -> BatchIterator:
     """Batches of `{x, y: int32 [B, T], i, num_input: int32 [B]}`; see the module docstring. With
     `num_vocabulary`, a token id outside the vocabulary stops the stream as a misshapen record does; `warned`
     holds the skip warnings already given (RecordSource._note_skip)."""
     source = process_share(pattern, num_contexts, seed=seed, shuffle=shuffle, repeat=repeat,
                            process_index=process_index, process_count=process_count, on_corrupt=on_corrupt,
-                           num_vocabulary=num_vocabulary, warned=warned)
-    return BatchIterator(_tf_dataset(source, num_contexts, batch_size, shuffle, shuffle_buffer, seed,
-                                     start_step, drop_remainder), source)
+                           num_vocabulary=num_vocabulary, warned=warned,
+                           shuffle_buffer=shuffle_buffer if shuffle else 0)
+    return BatchIterator(_tf_dataset(source, num_contexts, batch_size, start_record + start_step * batch_size,
+                                     drop_remainder), source)
 
 
 def process_share(pattern: str, num_contexts: int, *, seed: int = 0, shuffle: bool = False, repeat: bool = False,
                   process_index: int = 0, process_count: int = 1, on_corrupt: str = "stop",
-                  num_vocabulary: int | None = None, warned: set[str] | None = None) -> RecordSource:
+                  num_vocabulary: int | None = None, warned: set[str] | None = None,
+                  shuffle_buffer: int = 0) -> RecordSource:
     """The records of `pattern` that process `process_index` of `process_count` reads (module docstring)."""
     if on_corrupt not in CORRUPT_POLICIES:
         raise UserError(f"on_corrupt: expected one of {', '.join(CORRUPT_POLICIES)}, got {on_corrupt!r}")
@@ -208,7 +238,7 @@ def process_share(pattern: str, num_contexts: int, *, seed: int = 0, shuffle: bo
         files[process_index::process_count] if by_file else files, num_contexts, seed=seed, repeat=repeat,
         shuffle_files=shuffle, keep_every=1 if by_file else process_count,
         keep_offset=0 if by_file else process_index, on_corrupt=on_corrupt, num_vocabulary=num_vocabulary,
-        warned=warned,
+        warned=warned, shuffle_buffer=shuffle_buffer,
     )
 
 
@@ -219,27 +249,23 @@ def count_records(source: RecordSource, limit: int) -> int:
     return count
 
 
-def record_chunks(source: RecordSource, size: int = RECORDS_PER_CHUNK):
-    """`source`'s records stacked `size` at a time ([n, T] x, y and [n] i, num_input): tf.data calls back into
-    Python once per element of a generator, about 1 ms each on a 2-vCPU host, so filling the 10,000-record
-    shuffle buffer one record at a time took 12 s (1.7 s of it reading the records)."""
-    records = source()
+def record_chunks(source: RecordSource, size: int = RECORDS_PER_CHUNK, start: int = 0):
+    """`source`'s records after the first `start`, stacked `size` at a time ([n, T] x, y and [n] i, num_input):
+    tf.data calls back into Python once per element of a generator, about 1 ms each on a 2-vCPU host, so
+    handing over 10,000 records one at a time took 12 s (1.7 s of it reading the records)."""
+    records = itertools.islice(source(), start, None)
     while chunk := list(itertools.islice(records, size)):
         x, y, i, num_input = zip(*chunk, strict=True)
         yield np.stack(x), np.stack(y), np.array(i, np.int32), np.array(num_input, np.int32)
 
 
-def _tf_dataset(source, num_contexts, batch_size, shuffle, shuffle_buffer, seed, start_step, drop_remainder):
+def _tf_dataset(source, num_contexts, batch_size, start_record, drop_remainder):
     tf = tensorflow()
 
     sequences = tf.TensorSpec([None, num_contexts], tf.int32)
     scalars = tf.TensorSpec([None], tf.int32)
-    dataset = tf.data.Dataset.from_generator(lambda: record_chunks(source), output_signature=(
+    dataset = tf.data.Dataset.from_generator(lambda: record_chunks(source, start=start_record), output_signature=(
         sequences, sequences, scalars, scalars)).unbatch()
-    if shuffle:
-        dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
     dataset = dataset.map(lambda x, y, i, n: {"x": x, "y": y, "i": i, "num_input": n})
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
-    if start_step:
-        dataset = dataset.skip(start_step)
     return dataset.prefetch(tf.data.AUTOTUNE)

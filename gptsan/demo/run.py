@@ -13,6 +13,7 @@ Each step runs the same command a user would type (printed before it runs).
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import shlex
 import subprocess
@@ -21,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from gptsan import storage
 from gptsan.demo.corpus import CLASS_NAMES, classify, write_corpus
 from gptsan.errors import UserError, cli_main
 from gptsan.memory import keep_freed_memory
@@ -55,6 +57,11 @@ def base_parameters(output_dir: Path, vocab_size: int, steps: int) -> dict:
                          "num_hidden": 64, "num_header": 4, "num_experts": 4, "num_pallarelizm": 1,
                          "num_spout": NUM_SPOUT, "num_vocabulary": vocab_size, "train_mode": "lm"},
     }
+
+
+def tfrecord_glob(folder: Path) -> str:
+    """The --input_files glob of the tfrecords in `folder`, whose own `*` and `?` are literal."""
+    return glob.escape(str(folder)) + "/*.tfrecord"
 
 
 class Pipeline:
@@ -94,7 +101,7 @@ class Pipeline:
         self.command("gptsan.data.encode", "--input_files", str(csv_path), "--mode", "lm", *tok,
                      "--num_context", str(NUM_CONTEXT), "--num_process", "1", "--output_dir", str(w / "data"),
                      "--seed", str(self.seed), "--quiet")
-        records = str(w / "data" / "*.tfrecord")
+        records = tfrecord_glob(w / "data")
 
         base = w / "base"
         base.mkdir(exist_ok=True)
@@ -151,7 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()
+    if args.workdir == "":  # `--workdir "$DIR"` with DIR unset: not the default folder, silently
+        raise UserError("--workdir: empty; give a folder, or leave the flag out for demo_output/<date-time>")
     workdir = Path(args.workdir or Path("demo_output") / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    storage.check_orbax_folder(str(workdir), "--workdir")  # its models are saved by Orbax
     if workdir.exists():
         raise UserError(f"--workdir: {workdir} already exists; give a new folder")
     workdir.mkdir(parents=True)

@@ -29,6 +29,7 @@ from gptsan.generate.spout import parse_spout
 from gptsan.memory import keep_freed_memory
 from gptsan.model.config import COMPUTE_DTYPES
 from gptsan.seed import seed_flag
+from gptsan.tokenizer.base import check_utf8_text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +102,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--num_generate: at most --beam_width ({args.beam_width}) hypotheses per context")
     if args.stream and (args.beam_width > 1 or args.input_file or args.num_generate > 1):
         raise UserError("--stream: streams one sampled text (one --context, --num_generate 1, --beam_width 1)")
+    for flag, text in (("--context", args.context), ("--prefix", args.prefix)):
+        if text is not None:
+            check_utf8_text(flag, text)
     Sampler(args.temperature, args.top_k, args.top_p)  # checks the sampling flags before the model loads
     if args.output:
         storage.check_output_file(args.output, "--output")

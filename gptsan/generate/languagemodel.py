@@ -21,11 +21,13 @@ import numpy as np
 
 from gptsan import storage
 from gptsan.errors import UserError, cli_main, warn
-from gptsan.generate.cli import output_text
-from gptsan.model.config import COMPUTE_DTYPES
+from gptsan.tokenizer.base import check_utf8_text
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # JAX and Flax come with it: imported here, under cli_main, a Ctrl-C while they load ends in `interrupted`
+    from gptsan.model.config import COMPUTE_DTYPES
+
     parser = argparse.ArgumentParser(prog="gptsan-languagemodel", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="model directory: native, original TF or HF folder")
     parser.add_argument("--vocabulary", required=True, help="ja-swe36k.txt (swe) or a .model (sentencepiece)")
@@ -81,9 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.mask:  # before the model loads: no warning about the model first
         raise UserError("--mask: must not be empty")
+    for flag, text in (("--context", args.context), ("--mask", args.mask)):
+        check_utf8_text(flag, text)
     if args.output:
         storage.check_output_file(args.output, "--output")
-    from gptsan.generate.cli import load
+    from gptsan.generate.cli import load, output_text
 
     config, params, tokenizer = load(args)
     if config.train_mode == "lm":  # the original ran such a model causally and filled nothing

@@ -14,9 +14,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gptsan.errors import UserError
+
 # Sentence punctuation (the original's set): in a model's inputs it appears as `<|separator|>`, as in the
 # training data's `x`; the text (and the targets) keep the punctuation.
 SENTENCE_PUNCTUATION = "。｡．.？！?!:：;；"
+
+
+def check_utf8_text(flag: str, text: str) -> None:
+    """Command-line text that was not UTF-8 reaches Python as lone surrogates (one per byte), which the
+    tokenizers cannot take (SentencePiece: a traceback; SWE: byte tokens of the surrogates, not of the text) nor
+    the JSON output: one error line naming the flag and the first such byte."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = ord(text[err.start])
+        byte = f"byte {bad - 0xDC00:#04x}" if 0xDC80 <= bad <= 0xDCFF else f"U+{bad:04X}"
+        raise UserError(f"{flag}: not UTF-8 text ({byte} at character {err.start})") from None
 
 
 @dataclass(frozen=True)

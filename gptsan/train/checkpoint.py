@@ -37,6 +37,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(storage.absolute(self.directory), options=options)
         self.last_save = time.monotonic()
         self.last_saved_step = self.manager.latest_step()
+        self._saved_run: tuple[int, dict] | None = None
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -44,10 +45,14 @@ class Checkpointer:
     def saved_run(self) -> dict:
         """The record of the run that saved the latest checkpoint (its settings), without its state."""
         step = self.manager.latest_step()
+        if self._saved_run is not None and self._saved_run[0] == step:  # read once (a gs:// read is slow)
+            return self._saved_run[1]
         try:
-            return self.manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
+            run = self.manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
         except Exception as err:  # orbax raises several types for unreadable data
             raise self.unreadable(step, err) from None
+        self._saved_run = (step, run)
+        return run
 
     def unreadable(self, step: int, err: Exception) -> UserError:
         return UserError(f"{self.directory}: cannot resume from its step-{step} checkpoint (truncated, corrupt or "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import itertools
 import json
 import logging
@@ -39,7 +40,7 @@ from gptsan.train.accumulate import check_accumulate_steps, make_accumulating_tr
 from gptsan.train.checkpoint import Checkpointer
 from gptsan.train.compiler_options import step_compiler_options
 from gptsan.train.config import RunConfig, TrainParams
-from gptsan.train.metrics import MetricsWriter, summarise
+from gptsan.train.metrics import MetricsWriter, eval_summary, summarise
 from gptsan.train.optim import make_optimizer
 from gptsan.train.output_lock import output_dir_lock
 from gptsan.train.precision import LossScale, compute_dtype
@@ -131,7 +132,30 @@ def check_same_model(output_dir: str, model_params: dict) -> None:
                         f"({', '.join(changed)}); give a new output_dir")
 
 
-RESUMED_SETTINGS = ("input_files", "spout_vector", "mode", "seed", "processes")
+RESUMED_SETTINGS = ("input_files", "input_data", "spout_vector", "mode", "seed", "processes", "cosine_steps")
+SETTING_NAMES = {"cosine_steps": "max_training_step (adamw_cosine's length: the learning rate jumps)"}
+
+
+def input_data(pattern: str) -> str:
+    """What `pattern` matches, for the run record: files, bytes and a digest of their names and sizes, so that a
+    resumed run whose glob now matches other files (one added, a corpus encoded anew under the same names) is
+    told, as one whose --input_files changed is."""
+    found = storage.glob_sizes(pattern)
+    digest = hashlib.sha256("".join(f"{path}\t{size}\n" for path, size in found).encode()).hexdigest()[:8]
+    return f"{len(found)} files, {sum(size for _, size in found)} bytes, #{digest}"
+
+
+def records_read(saved_run: dict | None, data_position: int, batch_size: int) -> int:
+    """Records (of all processes) the run read before the checkpoint it resumes from: what the checkpoint's run
+    record says, else (checkpoints from before it said) `data_position` batches of the saving run's batch size.
+    Counting records, not batches, lets a run resumed with another batch size read on from the same record (it
+    used to skip `data_position` batches of the new size: records left out, or read twice)."""
+    if not saved_run:
+        return 0
+    if isinstance(saved_run.get("records_read"), int):
+        return saved_run["records_read"]
+    saved_batch = ((saved_run.get("parameters") or {}).get("train_params") or {}).get("batch_size")
+    return data_position * (saved_batch if isinstance(saved_batch, int) and saved_batch > 0 else batch_size)
 
 
 def check_same_optimizer(output_dir: str, step: int, saved_run: dict, run_record: dict) -> None:
@@ -148,16 +172,23 @@ def check_same_optimizer(output_dir: str, step: int, saved_run: dict, run_record
                         f"{' and '.join(changed)}; resume with the flags that saved it, or give another output_dir")
 
 
-def warn_of_changed_settings(output_dir: str, state: TrainState, saved_run: dict, run_record: dict) -> None:
+def warn_of_changed_settings(output_dir: str, state: TrainState, saved_run: dict, run_record: dict,
+                              batch_size: int) -> None:
     """One warning line when a resumed run reads other data or trains otherwise than the run that saved the
     checkpoint. Allowed (going on with a new corpus, say) but not silent: the data position then counts
-    batches of the data given now. Another number of processes splits the files otherwise (pipeline module
-    docstring), so it reads other data too. Settings a checkpoint does not record (older ones) are not compared."""
-    changed = [f"{key} {saved_run[key]!r} -> {run_record[key]!r}" for key in RESUMED_SETTINGS
-               if key in saved_run and saved_run[key] != run_record[key]]
+    records of the data given now. Another number of processes splits the files otherwise (pipeline module
+    docstring), so it reads other data too. Another --max_training_step of adamw_cosine stretches or shrinks its
+    cosine, so the learning rate jumps at the resumed step. Settings a checkpoint does not record (older ones) are
+    not compared."""
+    keys = [key for key in RESUMED_SETTINGS if key in saved_run and saved_run[key] != run_record[key]]
+    if "input_files" in keys:  # another glob: that its files differ goes without saying
+        keys = [key for key in keys if key != "input_data"]
+    changed = [f"{SETTING_NAMES.get(key, key)} {saved_run[key]!r} -> {run_record[key]!r}" for key in keys]
     if changed:
+        records = records_read(saved_run, int(state.data_position), batch_size)
+        position = f"from batch {records // batch_size}" if records % batch_size == 0 else f"after record {records}"
         warn(f"{output_dir}: resuming step {int(state.step)} with other settings than the run that saved it "
-             f"({'; '.join(changed)}); reading goes on from batch {int(state.data_position)} of the data given now")
+             f"({'; '.join(changed)}); reading goes on {position} of the data given now")
 
 
 def warn_of_changed_trainable_set(output_dir: str, state: TrainState, saved_frozen: frozenset[str],
@@ -311,9 +342,12 @@ class CheckedRun:
 
 
 def check_run(cfg: RunConfig) -> CheckedRun:
+    storage.check_gcs_endpoints(cfg.parameter_file, "--parameter_file")  # the model beside it: read by Orbax
     parameters = read_parameters_json(cfg.parameter_file)
     config = model_config(cfg, parameters["model_params"])
     train = TrainParams.from_dict(parameters["train_params"], cfg.parameter_file)
+    storage.check_gcs_endpoints(train.output_dir, "train_params.output_dir")  # checkpoints: Orbax
+    storage.check_orbax_folder(train.output_dir, "train_params.output_dir")
     frozen_names = read_ignore_list(cfg.ignore_parameters, config)
     options = step_options(cfg, config)
     optimizer, schedule = make_optimizer(cfg.optimizer, train.base_lr, train.num_warmup_steps,
@@ -358,7 +392,8 @@ def initial_state(cfg: RunConfig, checked: CheckedRun, checkpointer: Checkpointe
             resplit = functools.partial(change_trainable_set, frozen_names=frozen_names, optimizer=checked.optimizer)
             state = jax.jit(resplit, out_shardings=shardings, donate_argnums=0)(saved_state)
         if jax.process_index() == 0:
-            warn_of_changed_settings(checked.train.output_dir, state, saved_run, run_record)
+            warn_of_changed_settings(checked.train.output_dir, state, saved_run, run_record,
+                                     checked.train.batch_size)
             warn_of_changed_trainable_set(checked.train.output_dir, state, saved_frozen, frozen_names)
         return state
     model_dir = os.path.dirname(cfg.parameter_file) or "."
@@ -393,9 +428,19 @@ def run(cfg: RunConfig) -> TrainState:
             time_check_every=cfg.log_every)
         run_record = {"parameters": checked.parameters, "ignore_parameters": sorted(checked.frozen_names),
                       "spout_vector": cfg.spout_vector, "mode": options.mode, "seed": cfg.seed,
-                      "input_files": cfg.input_files, "processes": jax.process_count(), "optimizer": cfg.optimizer,
-                      "clip_gradients": cfg.clip_gradients}
+                      "input_files": cfg.input_files, "input_data": input_data(cfg.input_files),
+                      "processes": jax.process_count(), "optimizer": cfg.optimizer,
+                      "clip_gradients": cfg.clip_gradients,
+                      "cosine_steps": cfg.max_training_step if cfg.optimizer == "adamw_cosine" else None}
         state = initial_state(cfg, checked, checkpointer, run_record, init, abstract, shardings)
+        saved_run = checkpointer.saved_run() if checkpointer.latest_step() is not None else None
+        first_record = records_read(saved_run, int(state.data_position), train.batch_size)
+        resumed_step = int(state.step)
+
+        def save(step: int) -> None:
+            """A checkpoint of `step`, with the records read so far (every process reads local_batch a step)."""
+            records = first_record + (step - resumed_step) * train.batch_size
+            checkpointer.save(step, state, {**run_record, "records_read": records})
 
         # The step: pure, jitted, state donated.
         batch_shard = {name: batch_sharding(mesh) for name in FEATURES}
@@ -418,7 +463,7 @@ def run(cfg: RunConfig) -> TrainState:
                  f"is {last_step}: nothing to train (give a larger --max_training_step to go on)")
         stream = make_dataset(cfg.input_files, config.num_contexts, local_batch, seed=cfg.seed,
                               process_index=jax.process_index(), process_count=jax.process_count(),
-                              start_step=int(state.data_position), num_vocabulary=config.num_vocabulary,
+                              start_record=first_record // jax.process_count(), num_vocabulary=config.num_vocabulary,
                               on_corrupt=on_corrupt, warned=skip_warnings)
         writer = MetricsWriter(train.output_dir, enabled=jax.process_index() == 0, total_steps=last_step,
                                first_step=step, progress=cfg.progress)
@@ -440,7 +485,7 @@ def run(cfg: RunConfig) -> TrainState:
                 return problem
             rows = [jax.device_get(eval_step(state, to_global(batch))) for batch in local[:agreed_count(len(local))]]
             if rows:
-                writer.write(step, {name: float(np.mean([row[name] for row in rows])) for name in rows[0]}, "eval")
+                writer.write(step, eval_summary(rows), "eval")
             return None
 
         # A bad record met while training: a checkpoint of the last good step is saved, then every process stops
@@ -486,14 +531,14 @@ def run(cfg: RunConfig) -> TrainState:
                 if cfg.eval_every and step % cfg.eval_every == 0:
                     eval_error = evaluate()
                 if checkpointer.due(step):
-                    checkpointer.save(step, state, run_record)
+                    save(step)
                     if not cfg.eval_every:
                         eval_error = evaluate()
                     writer.flush()
                 if stopping or eval_error:
                     break
             if step not in (checkpointer.last_saved_step, first_step):  # the final save (unless saved, or no step)
-                checkpointer.save(step, state, run_record)
+                save(step)
                 if not cfg.eval_every and not stop.requested and not eval_error:  # a preempted run leaves at once
                     eval_error = evaluate()
             checkpointer.close()

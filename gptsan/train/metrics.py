@@ -35,6 +35,18 @@ def summarise(metrics: dict, tokens_per_second: float, skipped_steps: int) -> di
     return row
 
 
+def eval_summary(rows: list[dict]) -> dict:
+    """One evaluation's metrics from its batches' (each a mean over its target tokens): every mean weighted by
+    the batch's target tokens, so that each token counts once, and `tokens` their total. A plain mean of the
+    batch means let a batch of few targets count as much as a full one, and reported the tokens of an average
+    batch."""
+    tokens = np.array([float(row["tokens"]) for row in rows])
+    weights = tokens / tokens.sum() if tokens.sum() > 0 else np.full(len(rows), 1 / len(rows))
+    summary = {name: float(np.dot(weights, [float(row[name]) for row in rows])) for name in rows[0] if name != "tokens"}
+    summary["tokens"] = float(tokens.sum())
+    return summary
+
+
 def json_value(value):
     """`value` as strict JSON allows: a non-finite float (the loss of a float16 step that overflowed) is null,
     since NaN and Infinity are not JSON and strict parsers (JavaScript's JSON.parse, for one) reject them."""
