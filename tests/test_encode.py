@@ -85,6 +85,16 @@ def test_every_line_ends_with_br_and_runs_become_bag(vocab, swe, tmp_path):
     assert record.x[8:10].tolist() == [BR, EOT]
 
 
+@pytest.mark.parametrize("text", [b"a\r\n\r\nb c\r\n", b"a\r\rb c", b"\xef\xbb\xbfa\n\nb c"])
+def test_every_line_end_style_gives_the_same_record(vocab, swe, tmp_path, text):
+    """CR LF, CR and a final line without its end (and a BOM) give what LF does: <BR> after every line."""
+    (tmp_path / "a.txt").write_bytes(text.replace(b"a", "あい".encode()).replace(b"b c", "う\u3000え".encode()))
+    encode(vocab, tmp_path / "a.txt", tmp_path / "out", num_context=16)
+    (record,) = read_records(tmp_path / "out")
+    ai, u, e = swe.encode("あい") + swe.encode("う") + swe.encode("え")
+    assert record.x[:10].tolist() == [SOT, SEG, ai, BR, BR, u, swe.encode(" ")[0], e, BR, EOT]
+
+
 def test_separator_replaces_sentence_punctuation_in_x_only(vocab, swe, tmp_path):
     write(tmp_path / "in" / "a.txt", "はい。いいえ！本当？\n")
     encode(vocab, tmp_path / "in" / "*.txt", tmp_path / "out", num_context=24)
@@ -185,6 +195,22 @@ def test_hybrid_prefix_has_no_loss_and_segmenter_at_num_input(vocab, tmp_path):
         assert (r.y[: r.num_input] == -1).all()
 
 
+def test_hybrid_rate_and_prefix_length_distribution(vocab, tmp_path):
+    """With probability `hybrid_rate` a record has a prefix, of a length uniform over 0..num_context - 3."""
+    inputs = corpus(tmp_path, files=4, lines=500)
+    encode(vocab, inputs, tmp_path / "out", mode="hybrid", num_context=32, num_mask=0.0, hybrid_rate=0.25, seed=3)
+    records = read_records(tmp_path / "out")
+    full = np.array([r.num_input - 1 for r in records if EOT not in r.y])  # the last record's prefix may be cut
+    room = 32 - 3
+    assert len(full) > 900 and full.max() == room
+    with_prefix = full[full > 0]
+    expected_share = 0.25 * room / (room + 1)  # a drawn length of 0 looks like an lm record
+    assert abs(len(with_prefix) / len(full) - expected_share) < 4 * np.sqrt(0.25 / len(full))
+    assert abs(with_prefix.mean() - (room + 1) / 2) < 4 * np.sqrt((room**2 / 12) / len(with_prefix))
+    first_half = np.count_nonzero(with_prefix <= room // 2) / len(with_prefix)
+    assert abs(first_half - (room // 2) / room) < 0.1
+
+
 def test_hybrid_rate_zero_gives_lm_records(vocab, tmp_path):
     encode(vocab, corpus(tmp_path, files=1), tmp_path / "out", mode="hybrid", hybrid_rate=0.0, num_context=64)
     assert {r.num_input for r in read_records(tmp_path / "out")} == {1}
@@ -225,23 +251,30 @@ def test_mlm_max_mask_caps_and_no_offset_puts_targets_on_the_mask(vocab, tmp_pat
 
 
 def test_nextsent_lead_sentence_and_targets(vocab, swe, tmp_path):
-    encode(vocab, corpus(tmp_path, files=6, lines=12), tmp_path / "out", mode="mlm", num_context=64,
-           num_mask=0.0, use_nextsent=True)
-    line_id = re.compile(r"文書(\d+)の(\d+)行目")
+    """A "continues" lead is the document's next text (the next line, or in a record that continues a document,
+    the rest of the line the previous record cut) and the text after it follows it; an "unrelated" one is a
+    line of another document. Records that continued a document never got a "continues" lead (the text read
+    ahead was in the way): 2 of 66 leads here were "continues", not about half."""
+    encode(vocab, corpus(tmp_path, files=6, lines=40), tmp_path / "out", mode="mlm", num_context=64,
+           num_mask=0.0, use_nextsent=True, seed=1)
+    lines = {(f, k): f"文書{f}の{k}行目は東京と大阪の話です。" for f in range(6) for k in range(40)}
     outcomes, records = [], read_records(tmp_path / "out")
     for r in records:
-        if SEP not in r.x:  # no lead possible: text resumes mid-line and no earlier document yet
+        if SEP not in r.x[: r.num_input]:  # no lead possible: no text after it and no earlier document yet
             continue
         sep_at = int(np.flatnonzero(r.x == SEP)[0])
         assert 1 < sep_at < r.num_input
         outcomes.append(int(r.y[sep_at - 1]))
-        lead = line_id.match(swe.decode(r.x[1:sep_at].tolist())).groups()
-        text = line_id.match(swe.decode(r.x[sep_at + 1 : r.num_input].tolist()))
-        if outcomes[-1] == SEP:  # "continues": the text starts with the line after the lead
-            assert (int(text[1]), int(text[2])) == (int(lead[0]), int(lead[1]) + 1)
-        elif text:  # "unrelated": the lead comes from another document
-            assert text[1] != lead[0]
-    assert set(outcomes) == {SEP, EOT} and len(outcomes) > len(records) / 2
+        lead, text = swe.decode(r.x[1:sep_at].tolist()), swe.decode(r.x[sep_at + 1 : r.num_input].tolist())
+        if outcomes[-1] == SEP:  # "continues": the text starts with the line after the lead's
+            f, k = map(int, re.match(r"文書(\d+)の(\d+)行目", text).groups())
+            assert k > 0 and lines[f, k - 1].endswith(lead)
+        else:
+            assert outcomes[-1] == EOT and lead in lines.values()
+            other = re.search(r"文書(\d+)", text)  # the text may be the end of a line, and the document's
+            assert other is None or other[1] != re.match(r"文書(\d+)", lead)[1]
+    assert len(outcomes) > 0.9 * len(records)
+    assert 0.35 < outcomes.count(SEP) / len(outcomes) < 0.65
 
 
 # ---- determinism and processes --------------------------------------------------------------------------
@@ -254,6 +287,23 @@ def test_same_seed_same_bytes_other_seed_other_bytes(vocab, tmp_path):
     names = ("hybrid_0000.tfrecord", "hybrid_0001.tfrecord")
     a, b, c = ([(tmp_path / d / name).read_bytes() for name in names] for d in "abc")
     assert a == b and a != c
+
+
+def test_process_count_splits_the_records_but_does_not_change_them(vocab, tmp_path):
+    """Workers drew from `seed + p`, so a hybrid or mlm corpus depended on --num_process (by default the
+    machine's core count); each document now draws from its own generator."""
+    inputs = corpus(tmp_path, files=4, lines=20)
+    for processes in (1, 2):
+        encode(vocab, inputs, tmp_path / f"p{processes}", mode="hybrid", num_context=48, num_mask=0.2, seed=7,
+               num_process=processes)
+    one, two = (read_records(tmp_path / f"p{processes}") for processes in (1, 2))
+    assert len(list((tmp_path / "p2").glob("*.tfrecord"))) == 2
+
+    def key(r):
+        return r.i, r.num_input, r.x.tolist(), r.y.tolist()
+
+    assert sorted(map(key, one)) == sorted(map(key, two))
+    assert len({r.num_input for r in one}) > 5 and any((r.x == MASK).any() for r in one)
 
 
 def test_cli_runs_from_any_directory_with_two_processes(vocab, tmp_path):

@@ -10,15 +10,20 @@ instead; one number per file keeps a document's records together, e.g. for `stat
 How a document becomes records: `gptsan.data.layout`.
 
 Parallel and deterministic: the file list is shuffled with `--seed` and split over `--num_process` worker
-processes (at most one per file); worker `p` draws from `seed + p` and writes `{mode}_{p:04d}.tfrecord`
-(a worker that wrote no record, its files all skipped or blank, leaves no file, and the files after it are
-numbered on without a gap). The same inputs, seed and process count give byte-identical files. Each worker
-writes to a temporary name; only when every worker succeeded are the files renamed (or, for a gs://
-`--output_dir`, uploaded with fsspec), so a failed run leaves no tfrecord behind. Files of the same mode that an
-earlier encoding left there beyond the ones written are then removed, with a warning line: the folder's
-`{mode}_*.tfrecord` is this corpus only. Files are read whole, as
-UTF-8 (a leading BOM is dropped); a file that is not UTF-8 stops the run with its name, or is skipped and
-counted with `--skip_bad_files`.
+processes (at most one per file); worker `p` writes `{mode}_{p:04d}.tfrecord` (a worker that wrote no record,
+its files all skipped or blank, leaves no file, and the files after it are numbered on without a gap). Each
+document draws its random choices (hybrid prefixes, masks, leads) from its own generator, seeded with `seed`
+and the document's position in the input list, so its records do not depend on which worker encodes it: the
+process count changes how the records are split into files, not which records there are (but for
+`--use_nextsent`, whose unrelated leads come from the worker's earlier documents). Workers used to draw from
+`seed + p`: the default `--num_process` (the machine's core count, at most 8) changed the corpus a hybrid or
+mlm encoding gave, and worker 1 of seed 0 drew what worker 0 of seed 1 did. The same inputs, seed and
+process count give byte-identical files. Each worker writes to a temporary name; only when every worker
+succeeded are the files renamed (or, for a gs:// `--output_dir`, uploaded with fsspec), so a failed run
+leaves no tfrecord behind. Files of the same mode that an earlier encoding left there beyond the ones
+written are then removed, with a warning line: the folder's `{mode}_*.tfrecord` is this corpus only.
+Files are read whole, as UTF-8 (a leading BOM is dropped); a file that is not UTF-8 stops the run with its
+name, or is skipped and counted with `--skip_bad_files`.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class TokenizerSpec:
 class InputFile:
     path: str
     class_id: int
+    index: int = 0  # position in the list of inputs: seeds the document's random choices
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,7 @@ def list_inputs(spec: str) -> list[InputFile]:
     paths = storage.glob(spec)
     if not paths:
         raise UserError(f"--input_files: no file matches {spec!r}")
-    return [InputFile(path, class_id) for class_id, path in enumerate(paths)]
+    return [InputFile(path, class_id, class_id) for class_id, path in enumerate(paths)]
 
 
 def _is_csv_list(spec: str) -> bool:
@@ -118,7 +124,7 @@ def _inputs_from_csv(csv_path: str) -> list[InputFile]:
         name, class_id = row[name_col].strip(), row[id_col].strip()
         if not re.fullmatch(r"-?[0-9]+", class_id) or not -(2**63) <= int(class_id) < 2**63:
             raise UserError(f"{csv_path}:{line_number}: fileid must be an integer (int64), got {class_id!r}")
-        inputs.append(InputFile(_resolve_listed(csv_path, name, line_number), int(class_id)))
+        inputs.append(InputFile(_resolve_listed(csv_path, name, line_number), int(class_id), len(inputs)))
     if not inputs:
         raise UserError(f"{csv_path}: no files listed")
     return inputs
@@ -163,7 +169,7 @@ def encode_files(job: WorkerJob, report=lambda nbytes: None, tokenizer=None) -> 
     """Encode `job.files` into `job.out_path`; `report(nbytes)` after each file. Removes the file on error."""
     summary = WorkerSummary(job.proc)
     tokenizer = tokenizer or job.tokenizer.load()
-    encoder = DocumentEncoder(tokenizer, job.layout, np.random.default_rng(job.seed + job.proc))
+    encoder = DocumentEncoder(tokenizer, job.layout, np.random.default_rng(job.seed))
     pad_id = encoder.tok.pad_id
     try:
         with open(job.out_path, "wb") as out:
@@ -176,6 +182,7 @@ def encode_files(job: WorkerJob, report=lambda nbytes: None, tokenizer=None) -> 
                     summary.skipped.append(item.path)
                     continue
                 if any(line.strip() for line in lines):
+                    encoder.rng = np.random.default_rng([job.seed, item.index])
                     for x, y, num_input in encoder.records(lines):
                         features = {"x": x, "y": y, "i": [item.class_id], "num_input": [num_input]}
                         out.write(frame(serialize_example(features)))

@@ -26,10 +26,14 @@ on SOT, lead and prefix (except mask and next-sentence targets), from the end of
   shifting the whole of `x` left by one, which also moved SEG inside the bidirectional prefix; we keep
   the layout and move only the targets).
 - Next sentence (`use_nextsent`, records with a prefix): a lead sentence ended by `<|separator|>` goes
-  right after SOT. Half the time it is the document's next line and the record's text continues after it
-  (target `<|separator|>`: "continues"); otherwise it is a line from an earlier document of the same
-  worker (target `<|endoftext|>`: "unrelated"). The target sits at the position before the separator
-  (at the separator with `no_offset_mlm`). Lead length is capped at `num_context // 2 - 2` tokens.
+  right after SOT. Half the time it is the document's next text and the record's text continues after it
+  (target `<|separator|>`: "continues"): the next line, or in a record that continues a document, the rest
+  of the line the previous record cut (its `<BR>` becomes the separator, as a lead line's does); otherwise
+  it is a line from an earlier document of the same worker (target `<|endoftext|>`: "unrelated"). The
+  target sits at the position before the separator (at the separator with `no_offset_mlm`). Lead length is
+  capped at `num_context // 2 - 2` tokens. (Continuation records never had a "continues" lead: the rest of
+  the cut line, or the next line already read ahead, was always in the way, so nearly every lead of a long
+  document was "unrelated".)
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ class LineStream:
     def __init__(self, lines: Sequence[str], tokenizer: Tokenizer):
         self.lines, self.next_line, self.tokenizer = lines, 0, tokenizer
         self.carry: list[int] = []
+        self.carry_whole = False  # the carry is a whole line (peeked), not the rest of one a record cut
         self.plain = tokenizer.plain_token_mask()
 
     def has_line(self) -> bool:
@@ -102,7 +107,7 @@ class LineStream:
         ids = self.tokenizer.encode(self.pop_line(), clean=for_body)
         if for_body:
             ids = compress_runs(ids, self.plain, self.tokenizer.bag_id)
-        self.carry = ids + [self.tokenizer.newline_id]
+        self.carry, self.carry_whole = ids + [self.tokenizer.newline_id], True
         return True
 
     def take(self, count: int, for_body: bool) -> list[int]:
@@ -110,8 +115,28 @@ class LineStream:
         while len(taken) < count and self._refill(for_body):
             room = count - len(taken)
             taken += self.carry[:room]
-            self.carry = self.carry[room:]
+            self.carry, self.carry_whole = self.carry[room:], False
         return taken
+
+    def next_sentence(self, limit: int) -> list[int] | None:
+        """The document's next sentence, taken out of the stream for a "continues" lead (at most `limit` tokens,
+        without its `<BR>`): the rest of the line the previous record cut, else the next line (encoded with
+        clean-text). None, taking nothing, unless text follows it.
+
+        A record that does not end the document ends with a peek at the next token, which encodes the next
+        line when the record ended at a line end: the carry is then a whole line, and is that line."""
+        rest = self.carry[:-1]  # a carry always ends with the line's <BR>
+        if rest and not self.carry_whole:
+            if not self.has_line():
+                return None
+            self.carry = []
+            return rest[:limit]
+        if self.lines_left() < (1 if self.carry_whole else 2):  # the lead line and a line after it
+            return None
+        if not self.carry_whole:
+            self.pop_line()
+        self.carry, self.carry_whole = [], False  # the peeked line, or the <BR> left of a cut line, goes
+        return self.tokenizer.encode(self.lines[self.next_line - 1], clean=True)[:limit]
 
     def peek(self) -> int | None:
         return self.carry[0] if self._refill(for_body=True) else None
@@ -163,15 +188,16 @@ class DocumentEncoder:
 
     def _lead(self, stream: LineStream) -> tuple[list[int], int | None]:
         """A lead sentence and its target (SEP: the text continues it, EOT: it is unrelated)."""
+        limit = self.settings.num_context // 2 - 2
         continues = self.rng.random() < 0.5
-        if (continues or not self.lead_pool) and not stream.carry and stream.lines_left() >= 2:
-            text, target = stream.pop_line(), self.tok.separator_id
-        elif self.lead_pool:
-            text, target = self.lead_pool[int(self.rng.integers(0, len(self.lead_pool)))], self.tok.end_id
-        else:
+        if continues or not self.lead_pool:
+            ids = stream.next_sentence(limit)
+            if ids is not None:
+                return ids + [self.tok.separator_id], self.tok.separator_id
+        if not self.lead_pool:
             return [], None
-        ids = self.tok.encode(text, clean=True)[: self.settings.num_context // 2 - 2]
-        return ids + [self.tok.separator_id], target
+        text = self.lead_pool[int(self.rng.integers(0, len(self.lead_pool)))]
+        return self.tok.encode(text, clean=True)[:limit] + [self.tok.separator_id], self.tok.end_id
 
     def _assemble(self, lead, lead_target, prefix, body_y, following):
         ctx, tok = self.settings.num_context, self.tok
