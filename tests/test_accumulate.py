@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gptsan.errors import UserError
-from gptsan.model.params import init_params
+from gptsan.model.params import flatten, init_params
 from gptsan.model.transformer import GPTSAN
 from gptsan.train.accumulate import make_accumulating_train_step, split_micro_batches
 from gptsan.train.loss import lm_loss
@@ -33,12 +33,15 @@ def comparable_config(**runtime):
     return mini_config(routing="dropless", router_jitter=0.0, group_size=16, **runtime)
 
 
-def run_steps(config, accumulate_steps, steps=3, unequal_targets=False):
+def run_steps(config, accumulate_steps, steps=3, unequal_targets=False, options=None, frozen=frozenset()):
     """`unequal_targets`: rows 0 and 4 (micro-batch 0 of 4) count 3 targets instead of 15 (the rest `y` = -1)."""
     optimizer, schedule = make_optimizer("adam", 3e-3, 0)
-    state = create_state(init_params(config, 0), frozenset(), optimizer, 0, LossScale.for_dtype("float32"))
-    step = jax.jit(make_accumulating_train_step(config, optimizer, schedule, StepOptions(), accumulate_steps))
-    stream = memory_batches(counting_corpus(32, 16, 128, period=8), 8)
+    state = create_state(init_params(config, 0), frozen, optimizer, 0, LossScale.for_dtype("float32"))
+    step = jax.jit(make_accumulating_train_step(config, optimizer, schedule, options or StepOptions(),
+                                                accumulate_steps))
+    corpus = counting_corpus(32, 16, 128, period=8)
+    corpus["num_input"] = np.arange(32) % 7  # prefixes of 0-6 tokens (read in hybrid mode only)
+    stream = memory_batches(corpus, 8)
     losses, norms = [], []
     for _ in range(steps):
         batch = next(stream)
@@ -66,6 +69,23 @@ def test_four_micro_batches_equal_one_batch_four_times_larger(unequal_targets):
     print("loss", whole, accumulated, "max parameter difference", max(differences))
     assert max(differences) < PARAM_ATOL
     assert whole[-1] < whole[0]  # the updates did something
+
+
+def test_accumulated_fine_tune_with_prefixes_and_onehot_spout_equals_one_batch():
+    """The same with the tied table and the first layers frozen (the head's path without the table's gradient),
+    hybrid mode (each micro-batch row keeps its own num_input prefix) and the one-hot spout of each row's class."""
+    options = StepOptions(mode="hybrid", spout="onehot")
+    names = flatten(init_params(comparable_config()))
+    frozen = frozenset(name for name in names if name.startswith(("model/wte", "model/att0")))
+    whole, whole_norms, whole_state = run_steps(comparable_config(), 1, options=options, frozen=frozen)
+    accumulated, accumulated_norms, accumulated_state = run_steps(comparable_config(), 4, options=options,
+                                                                  frozen=frozen)
+    np.testing.assert_allclose(accumulated, whole, rtol=TOLERANCE)
+    np.testing.assert_allclose(accumulated_norms, whole_norms, rtol=TOLERANCE)
+    for a, b in zip(jax.tree_util.tree_leaves(accumulated_state.params), jax.tree_util.tree_leaves(whole_state.params),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=PARAM_ATOL)
+    assert whole[-1] < whole[0]
 
 
 def test_micro_batches_take_strided_rows_and_must_divide_the_batch():

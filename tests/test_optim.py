@@ -1,12 +1,14 @@
 """The original optimizer (Adam without bias correction, decoupled weight decay except biases, warmup then
 inverse square root), clipping, and the dynamic loss scale, against hand-computed references."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from gptsan.errors import UserError
-from gptsan.train.optim import inverse_sqrt_schedule, make_optimizer, weight_decay_mask
+from gptsan.train.optim import inverse_sqrt_schedule, make_optimizer, schedule_count, weight_decay_mask
 from gptsan.train.precision import LossScale, compute_dtype
 
 
@@ -95,3 +97,53 @@ def test_dynamic_loss_scale_shrinks_on_overflow_and_grows_after_good_steps():
     assert float(scale.scale) == 2.0**15 and int(scale.good_steps) == 0
     static = LossScale.for_dtype("bfloat16")
     assert float(static.update(jnp.asarray(False)).scale) == 1.0
+
+
+def _run(optimizer, params, grads):
+    state = optimizer.init(params)
+    for g in grads:
+        updates, state = optimizer.update(g, state, params)
+        params = optax.apply_updates(params, updates)
+    return params
+
+
+@pytest.mark.parametrize("clip_norm", [None, 0.5])
+def test_adamw_cosine_equals_optax_adamw_on_a_warmup_cosine_schedule(clip_norm):
+    """12 updates (3 of warmup, the cosine over 10, then its floor of 0) against optax's own AdamW (bias
+    correction, weight decay 0.01 decoupled and masked off the biases), behind global-norm clipping when asked.
+    Gradients of mixed sizes, so that clipping at 0.5 acts on some steps only."""
+    rng = np.random.default_rng(0)
+    params = {"w": {"kernel": jnp.asarray([1.0, -2.0, 0.5])}, "b": {"bias": jnp.asarray([0.5, 0.1])}}
+    grads = [jax.tree_util.tree_map(lambda p: jnp.asarray(rng.normal(size=p.shape) * rng.choice([1e-3, 1.0]),
+                                                          jnp.float32), params) for _ in range(12)]
+    ours, schedule = make_optimizer("adamw_cosine", 0.1, 3, clip_norm=clip_norm, total_steps=10)
+    np.testing.assert_allclose([float(schedule(s)) for s in (0, 1, 3, 10, 11)],
+                               [0.0, 0.1 / 3, 0.1, 0.0, 0.0], atol=1e-7)
+    reference = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 0.1, 3, 10), 0.9, 0.999, 1e-8,
+                            weight_decay=0.01, mask={"w": {"kernel": True}, "b": {"bias": False}})
+    if clip_norm is not None:
+        reference = optax.chain(optax.clip_by_global_norm(clip_norm), reference)
+    got, want = _run(ours, params, grads), _run(reference, params, grads)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(got["w"]["kernel"], params["w"]["kernel"])
+
+
+def test_adam_warms_up_over_the_update_count():
+    """The original Adam's updates read the warmup by the number of updates applied: lr * t / warmup for update
+    t = 0, 1, ..., (so the first update moves nothing), then base_lr; weight decay scaled by the same rate."""
+    lr, warmup, wd, b1, b2, eps = 0.1, 4, 0.01, 0.9, 0.999, 1e-8
+    optimizer, _ = make_optimizer("adam", lr, warmup)
+    grads = [np.array([0.3, -0.1]), np.array([-0.5, 0.4]), np.array([0.2, 0.2]), np.array([0.1, -0.3]),
+             np.array([0.05, 0.6]), np.array([-0.2, 0.1])]
+    params = {"w": jnp.asarray([1.0, -2.0])}
+    state = optimizer.init(params)
+    expect, m, v = np.array([1.0, -2.0]), np.zeros(2), np.zeros(2)
+    for t, g in enumerate(grads):
+        updates, state = optimizer.update({"w": jnp.asarray(g, jnp.float32)}, state, params)
+        params = optax.apply_updates(params, updates)
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g**2
+        rate = lr * min(t / warmup, 1.0)
+        expect = expect - rate * (m / (np.sqrt(v) + eps) + wd * expect)
+        np.testing.assert_allclose(params["w"], expect, rtol=1e-6, err_msg=f"update {t}")
+    assert int(schedule_count(state)) == len(grads)

@@ -26,6 +26,7 @@ import optax
 from gptsan.errors import UserError
 from gptsan.model.config import ModelConfig
 from gptsan.model.transformer import GPTSAN
+from gptsan.train.optim import schedule_count
 from gptsan.train.state import TrainState
 from gptsan.train.step import Batch, StepOptions, apply_gradients, loss_and_grads, make_train_step
 
@@ -82,8 +83,8 @@ def make_accumulating_train_step(config: ModelConfig, optimizer: optax.GradientT
         grads, per_micro = jax.lax.scan(one, zeros, (jnp.arange(accumulate_steps), shares, micro_batches))
         new_state, applied, grad_norm = apply_gradients(optimizer, state, grads)
         metrics = {name: value.sum(axis=0) for name, value in per_micro.items()}
-        metrics.update(learning_rate=schedule(state.step), grad_norm=grad_norm, loss_scale=state.loss_scale.scale,
-                       update_applied=applied)
+        metrics.update(learning_rate=schedule(schedule_count(state.opt_state)), grad_norm=grad_norm,
+                       loss_scale=state.loss_scale.scale, update_applied=applied)
         return new_state, metrics
 
     return train_step

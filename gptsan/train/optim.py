@@ -70,6 +70,21 @@ def weight_decay_mask(params) -> dict:
     return unflatten({name: "bias" not in name for name in flatten(params)})
 
 
+def schedule_count(opt_state) -> jax.Array:
+    """The step count the optimizer's learning-rate schedule reads (`optax.scale_by_learning_rate`'s state): the
+    updates applied so far. A skipped step (non-finite gradients) leaves it as it was, while `TrainState.step`
+    counts on, so the rate a step applies is `schedule(schedule_count(opt_state))`, not `schedule(step)`."""
+    states = [leaf for leaf in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_schedule_state)
+              if _is_schedule_state(leaf)]
+    if len(states) != 1:
+        raise ValueError(f"expected one learning-rate schedule in the optimizer state, found {len(states)}")
+    return states[0].count
+
+
+def _is_schedule_state(node) -> bool:
+    return isinstance(node, optax.ScaleByScheduleState)
+
+
 def make_optimizer(kind: str, base_lr: float, warmup_steps: int, *, clip_norm: float | None = None,
                    total_steps: int | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer (for the trainable parameters only) and its learning-rate schedule."""

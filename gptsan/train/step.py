@@ -17,6 +17,7 @@ import optax
 from gptsan.model.config import ModelConfig
 from gptsan.model.transformer import GPTSAN, Output
 from gptsan.train.loss import LossTerms, tied_head_loss
+from gptsan.train.optim import schedule_count
 from gptsan.train.spout import spout_vectors
 from gptsan.train.state import TrainState, merge_params
 
@@ -107,7 +108,7 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
             "aux_loss": out.aux_loss,
             "accuracy": terms.accuracy,
             "tokens": terms.tokens,
-            "learning_rate": schedule(state.step),
+            "learning_rate": schedule(schedule_count(state.opt_state)),  # the rate applied (not advanced by a skip)
             "grad_norm": grad_norm,
             "loss_scale": state.loss_scale.scale,
             "update_applied": applied,
