@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -143,6 +144,35 @@ def test_an_hf_config_field_of_the_wrong_type_is_one_error(tmp_path, tiny_hf_dir
     assert str(caught.value) == f"{tmp_path / 'config.json'}: {key} must be {kind}, got {shown}"
     (tmp_path / "config.json").write_text(json.dumps({**hf_config, "d_model": 64.0}))
     assert load_flat(str(tmp_path))[0].num_hidden == 64  # an integer written as a float is still one
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("layer_norm_epsilon", 1e-6,
+     "layer_norm_epsilon is 1e-06, but gptsan uses 1e-05 (GPTSAN's LayerNorm; parameters.json has no field to keep "
+     "another)"),
+    ("router_bias", True, "router_bias is true, but GPTSAN's router has no bias; expected false"),
+])
+def test_an_hf_config_under_which_the_port_computes_another_model_is_refused(tmp_path, tiny_hf_dir, capsys, key,
+                                                                             value, message):
+    """layer_norm_epsilon 1e-6 was read, and lost on conversion (parameters.json has no such field): the
+    converted model silently computed with 1e-5."""
+    from gptsan.convert.cli import main as convert_main
+
+    source = tmp_path / "hf"
+    source.mkdir()
+    shutil.copy(tiny_hf_dir / "model.safetensors", source)
+    hf_config = json.loads((tiny_hf_dir / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**hf_config, key: value}))
+    with pytest.raises(UserError) as caught:
+        load_flat(str(source))
+    assert str(caught.value) == f"{source / 'config.json'}: {message}"
+    assert convert_main(["--checkpoint", str(source), "--output", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"error: {source / 'config.json'}: {message}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    # GPTSAN's own settings load, 1e-5 written through float32 too
+    for same in ({key: False} if key == "router_bias" else {key: 1e-5}, {"layer_norm_epsilon": 9.999999747378752e-06}):
+        (source / "config.json").write_text(json.dumps({**hf_config, **same}))
+        assert load_flat(str(source))[0].num_hidden == 64
 
 
 def test_pytorch_bin_without_torch_is_a_clear_error(tmp_path, tiny_hf_dir, monkeypatch):
@@ -294,6 +324,81 @@ def test_bad_checkpoints_fail_with_one_clear_error(tmp_path, tiny_tf_dir, tiny_h
     assert message.startswith(str(dst)), message
     assert EXPECTED_MESSAGE[how] in message, message
     assert "\n" not in message
+
+
+def _truncate_array_data(native_dir: Path) -> None:
+    """Cut the array data of a native checkpoint (its largest file; the index files are small) in half."""
+    data = max((native_dir / "params").rglob("d/*"), key=lambda file: file.stat().st_size)
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+
+
+PLAIN_TRUNCATED = r"the stored data of model/[a-z0-9_/]+ ends early: a file of the checkpoint is truncated or missing"
+
+
+def test_a_truncated_native_checkpoint_says_what_is_unreadable_in_plain_words(tmp_path, tiny_tf_dir):
+    """It was TensorStore's status: `OUT_OF_RANGE: Error reading "model.mlp2.p1.kernel/0.0" in OCDBT database at
+    local file "/...": Requested byte range [2537717, 2598572) is not valid for value of size 1338246`."""
+    config, flat = load_flat(str(tiny_tf_dir))
+    native.save(str(tmp_path / "native"), config, flat)
+    _truncate_array_data(tmp_path / "native")
+    with pytest.raises(UserError) as caught:
+        load_flat(str(tmp_path / "native"))
+    prefix = re.escape(f"{tmp_path / 'native' / 'params'}: cannot read the checkpoint (truncated or corrupt?): ")
+    assert re.fullmatch(prefix + PLAIN_TRUNCATED, str(caught.value)), str(caught.value)
+
+
+def test_a_truncated_checkpoint_read_as_jax_arrays_hides_the_tensorstore_repr(tmp_path, tiny_tf_dir):
+    """Read as jax.Arrays (as resuming training reads its checkpoint), Orbax wraps TensorStore's error in one
+    whose first line was the summary: `Encountered error while reading array index: (slice(0, 4, 1), ...). See
+    full TensorStore details: <bound method ....spec of TensorStore({`."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from gptsan.checkpoint.validate import error_summary
+
+    config, flat = load_flat(str(tiny_tf_dir))
+    native.save(str(tmp_path / "native"), config, flat)
+    _truncate_array_data(tmp_path / "native")
+    params = tmp_path / "native" / "params"
+    native.drop_late_orbax_reads()
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        tree = checkpointer.metadata(params).item_metadata.tree
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        restore_args = jax.tree.map(lambda meta: ocp.ArrayRestoreArgs(sharding=device, global_shape=meta.shape), tree)
+        with pytest.raises(Exception) as caught:
+            checkpointer.restore(params, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    assert "TensorStore" in str(caught.value)  # what Orbax raises: its wrapper, the repr included
+    assert re.fullmatch(PLAIN_TRUNCATED, error_summary(caught.value)), error_summary(caught.value)
+
+
+SPEC = """ [tensorstore_spec='{\\"driver\\":\\"zarr\\"}'] [tensorstore_spec[1]='{}']"""  # TensorStore's spec
+
+
+@pytest.mark.parametrize("status, summary", [
+    # a training checkpoint with its index file (`state/d/...`) cut in half, or deleted: TensorStore's words
+    ('OUT_OF_RANGE: Error opening "cast" driver: Error opening "zarr" driver: Error reading "data_position/.zarray" '
+     'in OCDBT database at local file "/r/out/2/state/": Error reading Byte range [0, 11220) of local file '
+     '"/r/out/2/state/d/72ae": Requested byte range [0, 11220) is not valid for value of size 5610' + SPEC,
+     "file /r/out/2/state/d/72ae is cut short: 5610 bytes, at least 11220 expected"),
+    ('NOT_FOUND: Error opening "cast" driver: Error opening "zarr" driver: Error reading "data_position/.zarray" '
+     'in OCDBT database at local file "/r/out/2/state/": Error reading Byte range [0, 11107) of local file '
+     '"/r/out/2/state/d/ef76"' + SPEC,
+     "file /r/out/2/state/d/ef76 is missing"),
+    # a data file zeroed, or deleted (read as empty)
+    ('FAILED_PRECONDITION: Error reading "opt_state.0.mu.model.moe0.wi.kernel/0.0.0" in OCDBT database at local '
+     'file "/r/out/2/state/": ZSTD_decompressStream() failed: Data corruption detected; at byte 0; at uncompressed '
+     'byte 0', "the stored data of opt_state/0/mu/model/moe0/wi/kernel is corrupt (it does not decompress)"),
+    ('FAILED_PRECONDITION: Error reading "model.att0.o.kernel/0.0.0" in OCDBT database at local file "/r/params/": '
+     "Truncated Zstd-compressed stream; at byte 0; at uncompressed byte 0",
+     "the stored data of model/att0/o/kernel ends early: a file of the checkpoint is truncated or missing"),
+])
+def test_tensorstore_errors_are_summarised_in_plain_words(status, summary):
+    from gptsan.checkpoint.validate import error_summary
+
+    wrapper = Exception("Encountered error while reading array index: (slice(0, 2, 1),). See full TensorStore "
+                        "details: <bound method spec of TensorStore({\n  'base': {")  # what Orbax raises
+    wrapper.__cause__ = ValueError(status)
+    assert error_summary(wrapper) == summary
 
 
 def test_native_missing_extra_and_misshapen_are_named(tmp_path, tiny_tf_dir):

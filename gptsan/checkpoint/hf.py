@@ -2,13 +2,16 @@
 shards a `*.index.json` of either names).
 
 Reading accepts float16, bfloat16 or float32 weights and always yields float32; `lm_head.weight` may be
-present (it must equal the tied embedding) or absent. Writing produces the folder that transformers 4.40's
-`GPTSanJapaneseForConditionalGeneration.from_pretrained` loads. Keys and layouts: `names.HF_TABLE`.
+present (it must equal the tied embedding) or absent. A config.json under which the port computes other than
+GPTSAN (layer_norm_epsilon other than 1e-5, router_bias) is refused. Writing produces the folder that
+transformers 4.40's `GPTSanJapaneseForConditionalGeneration.from_pretrained` loads. Keys and layouts:
+`names.HF_TABLE`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import posixpath
 from typing import Any
 
@@ -55,13 +58,31 @@ def read_config(path: str, **runtime: Any) -> ModelConfig:
         value = hf.get(key, 0)
         if isinstance(value, bool) or not (isinstance(value, int) or isinstance(value, float) and value.is_integer()):
             raise UserError(f"{source}: {key} must be an integer, got {json.dumps(value)}")
-    epsilon = hf.get("layer_norm_epsilon", 1e-5)
+    epsilon = hf.get("layer_norm_epsilon", ModelConfig.layer_norm_eps)
     if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not 0 < epsilon < 1:
         raise UserError(f"{source}: layer_norm_epsilon must be a small positive number, got {json.dumps(epsilon)}")
+    _refuse_other_numerics(source, hf)
     dtype = hf.get("dtype", hf.get("torch_dtype", "float32"))
     if dtype not in STORAGE_DTYPES:
         raise UserError(f"{source}: dtype {dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
     return ModelConfig.from_hf_config(hf, source, **runtime)
+
+
+def _refuse_other_numerics(source: str, hf: dict[str, Any]) -> None:
+    """Refuse the config.json settings under which the port computes other than GPTSAN does. gptsan's model has
+    no such setting and parameters.json no field to keep one, so a folder read anyway (and converted) would be
+    another model. The port's other fields leave its logits alone: dropout_rate and router_jitter_noise act in
+    training only, initializer_factor at initialisation, the token ids in generation; router_dtype is a compute
+    precision (the router is float32 here); expert_capacity is the port's dropping rule, which gptsan's routing
+    replaces (docs/formats.md); a head untied from the embedding is refused with the weights."""
+    epsilon = hf.get("layer_norm_epsilon", ModelConfig.layer_norm_eps)
+    if not math.isclose(epsilon, ModelConfig.layer_norm_eps, rel_tol=1e-6):
+        raise UserError(f"{source}: layer_norm_epsilon is {json.dumps(epsilon)}, but gptsan uses "
+                        f"{ModelConfig.layer_norm_eps:g} (GPTSAN's LayerNorm; parameters.json has no field to keep "
+                        "another)")
+    if hf.get("router_bias") not in (None, False):
+        raise UserError(f"{source}: router_bias is {json.dumps(hf['router_bias'])}, but GPTSAN's router has no "
+                        "bias; expected false")
 
 
 def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
