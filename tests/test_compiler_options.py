@@ -9,6 +9,7 @@ import pytest
 
 from gptsan.model.params import init_params
 from gptsan.model.transformer import GPTSAN
+from gptsan.train import compiler_options as options_module
 from gptsan.train.compiler_options import ONEDNN_MATMULS, step_compiler_options
 from gptsan.train.optim import make_optimizer
 from gptsan.train.precision import LossScale
@@ -23,6 +24,7 @@ AS_USERS_GET_IT = {**ONEDNN_MATMULS, "xla_backend_optimization_level": 3}
 
 
 def test_onednn_only_for_one_cpu_device_and_without_a_compilation_cache(monkeypatch):
+    monkeypatch.setattr(options_module, "has_avx512", lambda: True)
     assert step_compiler_options("gpu", 1) is None
     assert step_compiler_options("tpu", 1) is None
     assert step_compiler_options("cpu", 1) == (ONEDNN_MATMULS if X86 else None)
@@ -36,6 +38,28 @@ def test_onednn_only_for_one_cpu_device_and_without_a_compilation_cache(monkeypa
         assert step_compiler_options("cpu", 1) is None
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+@pytest.mark.skipif(not X86, reason="oneDNN matmuls are used on x86 CPUs only")
+def test_onednn_is_off_without_avx512_unless_asked_for(monkeypatch):
+    """Without AVX-512 a GPTSAN-shaped step hung in oneDNN's nested `parallel` (compiler_options docstring)."""
+    monkeypatch.setattr(options_module, "has_avx512", lambda: False)
+    monkeypatch.delenv("GPTSAN_ONEDNN_MATMULS", raising=False)
+    assert step_compiler_options("cpu", 1) is None
+    monkeypatch.setenv("GPTSAN_ONEDNN_MATMULS", "1")
+    assert step_compiler_options("cpu", 1) == ONEDNN_MATMULS
+    assert step_compiler_options("cpu", 8) is None
+
+
+def test_avx512_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
+    flags = {"avx2 only": "flags\t\t: fpu sse2 avx avx2 fma\n", "avx512": "flags\t\t: fpu avx2 avx512f avx512bw\n"}
+    for name, line in flags.items():
+        cpuinfo = tmp_path / name
+        cpuinfo.write_text("processor\t: 0\n" + line)
+        monkeypatch.setattr(options_module, "CPUINFO", str(cpuinfo))
+        assert options_module.has_avx512() == (name == "avx512"), name
+    monkeypatch.setattr(options_module, "CPUINFO", str(tmp_path / "missing"))
+    assert options_module.has_avx512() is False
 
 
 @pytest.mark.skipif(not X86, reason="oneDNN matmuls are used on x86 CPUs only")

@@ -23,6 +23,13 @@ where it was and the heap grows by its size: a bench-small step then takes 518,0
 resident memory grows by 2 GB, twice in 40 steps (5.0 GB resident with XLA's defaults; 8.1 GB, then 10.1 GB,
 with oneDNN; jaxlib 0.10.2; another run: 7.9, 10.0, then 12.0 GB within 15 steps after warming up).
 GPTSAN_ONEDNN_MATMULS=0 trades the speed back for the memory.
+
+On x86 CPUs without AVX-512 (AMD Zen 1-3, Intel client CPUs) it is off unless GPTSAN_ONEDNN_MATMULS=1: there a
+train step with num_contexts 1280 and a 36,000-token vocabulary (GPTSAN's own shapes, a small model) hung for good
+at its first step in 4 of 4 runs (2-vCPU AMD EPYC, Zen 1; jaxlib 0.10.2): two of XLA's threads waited inside
+oneDNN's `parallel`, one nested in the other's matmul (`gemm_f32_matmul_t::execute_ref` ->
+`jit_avx_gemm_f32`), and no thread was left to run their work. With ONEDNN_VERBOSE set the same run finished: a
+race. On AVX-512 CPUs, where the suite's benchmarks and tests ran oneDNN steps for months, no step ever hung.
 """
 
 from __future__ import annotations
@@ -33,19 +40,31 @@ import platform
 import jax
 import jax.numpy as jnp
 
+CPUINFO = "/proc/cpuinfo"
 ONEDNN_MATMULS = {"xla_cpu_use_onednn": True,
                   "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
 def step_compiler_options(platform_name: str, local_devices: int) -> dict | None:
     """`jax.jit`'s compiler_options for a train or eval step on `platform_name` ("cpu", "gpu", "tpu") with
-    `local_devices` devices in this process: oneDNN matmuls on one x86 CPU device whose jaxlib accepts the
-    options, else None (XLA's defaults)."""
-    if (platform_name != "cpu" or local_devices != 1 or os.environ.get("GPTSAN_ONEDNN_MATMULS", "1") == "0"
-            or platform.machine().lower() not in ("x86_64", "amd64") or jax.config.jax_compilation_cache_dir):
+    `local_devices` devices in this process: oneDNN matmuls on one x86 CPU device with AVX-512 (or any x86 CPU
+    with GPTSAN_ONEDNN_MATMULS=1) whose jaxlib accepts the options, else None (XLA's defaults)."""
+    chosen = os.environ.get("GPTSAN_ONEDNN_MATMULS", "")
+    if (platform_name != "cpu" or local_devices != 1 or chosen == "0"
+            or platform.machine().lower() not in ("x86_64", "amd64") or jax.config.jax_compilation_cache_dir
+            or (chosen != "1" and not has_avx512())):
         return None
     try:  # a jaxlib without these options refuses them at compile time
         jax.jit(lambda a: a @ a, compiler_options=ONEDNN_MATMULS).lower(jnp.ones((2, 2))).compile()
     except Exception:  # noqa: BLE001 - any refusal means: keep XLA's defaults
         return None
     return dict(ONEDNN_MATMULS)
+
+
+def has_avx512() -> bool:
+    """Whether this CPU has AVX-512 (Linux's /proc/cpuinfo flags; False where that cannot be read)."""
+    try:
+        with open(CPUINFO, encoding="utf-8", errors="replace") as cpuinfo:
+            return any(line.startswith("flags") and " avx512f" in line for line in cpuinfo)
+    except OSError:
+        return False
