@@ -124,3 +124,13 @@ def test_train_tool_refuses_a_tiny_vocabulary(tmp_path):
     (tmp_path / "corpus.txt").write_text("猫\n", encoding="utf-8")
     with pytest.raises(UserError, match="--vocab_size: must exceed"):
         train_sentencepiece([str(tmp_path / "corpus.txt")], str(tmp_path / "m"), vocab_size=100)
+
+
+def test_train_tool_refuses_a_gs_model_prefix_before_training(tmp_path):
+    """SentencePiece writes local files: a gs:// prefix made a local `gs:` folder, then a misleading error."""
+    (tmp_path / "corpus.txt").write_text("\n".join(japanese_lines(50)), encoding="utf-8")
+    cmd = [sys.executable, str(REPO / "tools" / "train_tokenizer.py"), "--input_files", "corpus.txt",
+           "--model_prefix", "gs://bucket/sp", "--vocab_size", "500"]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith("error: --model_prefix: gs://bucket/sp is not a local path")
+    assert len(done.stderr.splitlines()) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt"]

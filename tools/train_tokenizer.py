@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if storage.is_remote(args.model_prefix):  # SentencePiece writes local files only
+        raise UserError(f"--model_prefix: {args.model_prefix} is not a local path; SentencePiece writes its model "
+                        "to local files (copy PREFIX.model and PREFIX.vocab to the bucket afterwards)")
     files = storage.glob(args.input_files)
     if not files:
         raise UserError(f"--input_files: no file matches {args.input_files!r}")

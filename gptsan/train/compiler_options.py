@@ -25,9 +25,9 @@ with oneDNN; jaxlib 0.10.2; another run: 7.9, 10.0, then 12.0 GB within 15 steps
 GPTSAN_ONEDNN_MATMULS=0 trades the speed back for the memory.
 
 On x86 CPUs without AVX-512 (AMD Zen 1-3, Intel client CPUs) it is off unless GPTSAN_ONEDNN_MATMULS=1: there a
-train step with num_contexts 1280 and a 36,000-token vocabulary (GPTSAN's own shapes, a small model) hung for good
-at its first step in 4 of 4 runs (2-vCPU AMD EPYC, Zen 1; jaxlib 0.10.2): two of XLA's threads waited inside
-oneDNN's `parallel`, one nested in the other's matmul (`gemm_f32_matmul_t::execute_ref` ->
+train step with num_contexts 1280 and a 36,000-token vocabulary (GPTSAN's own shapes, a small model) hung for
+good at its first step in 6 of 6 runs, at two model widths (2-vCPU AMD EPYC, Zen 1; jaxlib 0.10.2): two of XLA's
+threads waited inside oneDNN's `parallel`, one nested in the other's matmul (`gemm_f32_matmul_t::execute_ref` ->
 `jit_avx_gemm_f32`), and no thread was left to run their work. With ONEDNN_VERBOSE set the same run finished: a
 race. On AVX-512 CPUs, where the suite's benchmarks and tests ran oneDNN steps for months, no step ever hung.
 """
