@@ -3,13 +3,16 @@ one-line warning."""
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import functools
 import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
+from importlib.machinery import ExtensionFileLoader
 
 
 class UserError(Exception):
@@ -30,11 +33,8 @@ def cli_main(func: Callable[..., int | None]) -> Callable[..., int]:
     @functools.wraps(func)
     def wrapper(*args, **kwargs) -> int:
         try:
-            with ctrl_c_noticed() as noticed:
-                status = func(*args, **kwargs) or 0
-            if noticed():  # a Ctrl-C that Python dropped (raised inside a garbage-collection callback)
-                raise KeyboardInterrupt
-            return status
+            with ctrl_c_interrupts():
+                return func(*args, **kwargs) or 0
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -63,22 +63,69 @@ def cli_main(func: Callable[..., int | None]) -> Callable[..., int]:
 
 
 @contextlib.contextmanager
-def ctrl_c_noticed():
-    """Ctrl-C raises KeyboardInterrupt as Python's own handler does, and is also remembered: the yielded
-    function says whether one came. Python drops an exception raised inside a garbage-collection callback
-    (JAX has one), so a Ctrl-C while JAX is imported could be lost and the tool run on to the end."""
+def ctrl_c_interrupts():
+    """Ctrl-C raises KeyboardInterrupt as Python's own handler does, made sure to stop the tool. While JAX loads
+    a Ctrl-C often lands where Python drops the exception (JAX's garbage-collection callback; also a __del__ or a
+    weakref callback: sys.unraisablehook gets it) and the tool ran on, or in a C extension's initialisation,
+    where it is not raised (see `inside_extension_init`): in both cases the signal is sent again 10 ms later,
+    from a thread (sent from this thread, it would come back at once, still in there). And a Ctrl-C that came
+    wins however the tool ends (normally, or with a UserError)."""
     if threading.current_thread() is not threading.main_thread() \
             or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:  # e.g. ignored in a background job
-        yield lambda: False
+        yield
         return
-    came = threading.Event()
+    came = over = False
+    sending_again = _thread.allocate_lock()
 
     def handle(signum, frame):
-        came.set()
+        nonlocal came
+        came = True
+        if over:  # while the previous handler is put back: the KeyboardInterrupt is raised below
+            return
+        if inside_extension_init(frame):
+            send_again_soon()
+            return
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, handle)
+    def send_again_if_dropped(unraisable):  # sys.unraisablehook: an exception Python drops
+        if issubclass(unraisable.exc_type, KeyboardInterrupt):
+            send_again_soon()
+        else:
+            previous_hook(unraisable)
+
+    def send_again_soon():
+        _thread.start_new_thread(send_again, ())  # not threading's: its locks may be held here
+
+    def send_again():
+        time.sleep(0.01)
+        with sending_again:
+            if not over:
+                _thread.interrupt_main(signal.SIGINT)
+
+    previous, previous_hook = signal.signal(signal.SIGINT, handle), sys.unraisablehook
+    sys.unraisablehook = send_again_if_dropped
     try:
-        yield came.is_set
+        yield
     finally:
+        over = True
+        with sending_again:  # one under way has sent the signal (taken by `handle` at once) or will not
+            pass
+        sys.unraisablehook = previous_hook
         signal.signal(signal.SIGINT, previous)
+        if came:
+            raise KeyboardInterrupt  # over any other ending
+
+
+# A C extension's module initialisation. jaxlib's (C++, nanobind) aborts or crashes the process on an exception
+# raised in the Python code it runs (enum set-up, imports), such as a KeyboardInterrupt.
+EXTENSION_INIT = (ExtensionFileLoader.create_module.__code__, ExtensionFileLoader.exec_module.__code__)
+
+
+def inside_extension_init(frame) -> bool:
+    """Whether `frame` (a signal handler's) runs inside a C extension's module initialisation, or in what it
+    called."""
+    while frame is not None:
+        if frame.f_code in EXTENSION_INIT:
+            return True
+        frame = frame.f_back
+    return False

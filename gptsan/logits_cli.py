@@ -13,18 +13,22 @@ import argparse
 import functools
 import io
 import sys
+from typing import TYPE_CHECKING
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from gptsan import storage
 from gptsan.errors import UserError, cli_main
-from gptsan.model import GPTSAN
-from gptsan.model.config import COMPUTE_DTYPES, ROUTING_MODES, ModelConfig
+
+# JAX, Flax and the model are imported inside the functions that use them (seconds of imports): under cli_main,
+# so a Ctrl-C while they load ends in `interrupted`, not a traceback.
+if TYPE_CHECKING:
+    from gptsan.model.config import ModelConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gptsan.model.config import COMPUTE_DTYPES, ROUTING_MODES  # the gptsan.model package brings JAX and Flax
+
     parser = argparse.ArgumentParser(prog="gptsan-logits", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="model directory: native, original TF or HF folder")
     parser.add_argument("--ids", required=True, help=".npy of token ids [batch, length]")
@@ -76,16 +80,26 @@ def check_inputs(config: ModelConfig, ids: np.ndarray, num_precontext: np.ndarra
             raise UserError("--spout: values must be finite")
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward(config: ModelConfig, params, ids, num_precontext, spout):
-    return GPTSAN(config).apply({"params": params}, ids, num_precontext=num_precontext, spout=spout).logits
+@functools.cache
+def jitted_forward():
+    """The model's forward as one jitted function (`config` static), made on first use: JAX loads then."""
+    import jax
+
+    from gptsan.model import GPTSAN
+
+    def forward(config: ModelConfig, params, ids, num_precontext, spout):
+        return GPTSAN(config).apply({"params": params}, ids, num_precontext=num_precontext, spout=spout).logits
+
+    return jax.jit(forward, static_argnums=0)
 
 
 def compute_logits(config: ModelConfig, params, ids, num_precontext=None, spout=None) -> np.ndarray:
     """Float32 logits [B, T, V] of one full forward (compiled once per config and input shapes)."""
+    import jax.numpy as jnp
+
     optional = [None if a is None else jnp.asarray(a, dtype) for a, dtype in
                 ((num_precontext, jnp.int32), (spout, jnp.float32))]
-    return np.asarray(_forward(config, params, jnp.asarray(ids, jnp.int32), *optional), np.float32)
+    return np.asarray(jitted_forward()(config, params, jnp.asarray(ids, jnp.int32), *optional), np.float32)
 
 
 @cli_main

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import posixpath
 import re
@@ -19,6 +20,7 @@ import fsspec
 from gptsan.errors import UserError
 
 GCS_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*[a-z0-9]")
+EMULATOR_VARIABLE = "STORAGE_EMULATOR_HOST"  # gcsfs's and google-cloud-storage's URL of a GCS emulator
 
 
 def is_remote(path: str) -> bool:
@@ -38,7 +40,44 @@ def checked(path: str) -> str:
                 and all(len(part) <= 63 for part in parts)):
             raise UserError(f"{path}: {bucket!r} is not a GCS bucket name (3-63 characters: lowercase letters, "
                             "digits, '-', '_' and '.', starting and ending with a letter or digit)")
+        anonymous_with_emulator()
     return path
+
+
+_anonymous_set = False  # whether fsspec's default gcsfs token is ours (anonymous_with_emulator)
+
+
+def anonymous_with_emulator() -> None:
+    """With STORAGE_EMULATOR_HOST set, gcsfs filesystems are made with anonymous credentials: gptsan's, and those
+    Orbax makes through etils epath (fsspec's defaults for "gs" serve both), as google-cloud-storage does for an
+    emulator. Without them gcsfs asked google.auth for the default credentials, which probed the GCE metadata
+    server and logged "Compute Engine Metadata server unavailable ..." or "Authentication failed using Compute
+    Engine authentication ..." (and, off GCE, waited for the probe's timeouts) before gcsfs went on anonymously.
+    A token given to fsspec (FSSPEC_GS_TOKEN) is kept; without the variable, real GCS gets the usual credentials.
+    Called before each gs:// access, so it follows the variable."""
+    global _anonymous_set
+    defaults = fsspec.config.conf.setdefault("gs", {})
+    if os.environ.get(EMULATOR_VARIABLE, "") not in ("", "default"):  # gcsfs's test: "default" is real GCS
+        if "token" not in defaults:
+            defaults["token"] = "anon"
+            _anonymous_set = True
+    elif _anonymous_set:
+        defaults.pop("token", None)
+        _anonymous_set = False
+
+
+class RaisedToCaller(logging.Filter):
+    """Drops gcsfs's log of a request that failed for good ("_request out of retries on exception: ..." or
+    "... non-retriable exception: ...", each with a traceback): gcsfs raises the same error to its caller, and
+    gptsan reports that in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (record.exc_info and (" out of retries on exception: " in message
+                                         or " non-retriable exception: " in message))
+
+
+logging.getLogger("gcsfs").addFilter(RaisedToCaller())
 
 
 GCS_ENDPOINT_VARIABLES = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")  # gcsfs's, tensorstore's
@@ -134,7 +173,10 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
     """
     fs, p = filesystem(path)
     if is_remote(path):
-        fs.pipe_file(p, data)
+        try:
+            fs.pipe_file(p, data)
+        except OSError as err:  # gcsfs's errors name no file (a missing bucket's only its upload URL)
+            raise OSError(err.errno, remote_failure(path, err), path) from None
         return
     target = os.path.realpath(p)
     if os.path.exists(target) and not stat.S_ISREG(os.stat(target).st_mode):
@@ -153,6 +195,49 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
         if isinstance(err, OSError):
             raise OSError(err.errno, err.strerror, path) from None
         raise
+
+
+PERMISSION_REFUSED = re.compile(r"\b(401|403)\b|Forbidden|PERMISSION_DENIED|UNAUTHENTICATED")
+UNREACHABLE = re.compile(r"Cannot connect to host|Connect call failed|UNAVAILABLE|Couldn't connect|Connection refused")
+
+
+def remote_failure(path: str, *errors: BaseException) -> str:
+    """What failed gs:// reads or writes under `path` met, in a few words, from the errors gcsfs, tensorstore or
+    Orbax raised or logged (and those they were raised from): permission refused, the server out of reach, or the
+    bucket missing (deleted during a run, say: gcsfs's error then names only an upload URL, and Orbax's later
+    steps fail on what is missing); else the first error's first line."""
+    chain = [cause for err in errors for cause in causes(err)]
+    for err in chain:
+        if isinstance(err, PermissionError) or PERMISSION_REFUSED.search(str(err)):
+            return f"permission refused ({first_line(err)})"
+    for err in chain:
+        if isinstance(err, ConnectionError) or UNREACHABLE.search(str(err)):
+            return f"cannot reach the storage server ({first_line(err)})"
+    bucket = str(path).split("://", 1)[-1].split("/", 1)[0]
+    try:
+        fs, _ = filesystem(path)
+        fs.invalidate_cache()
+        missing = not fs.exists(bucket)
+    except Exception:  # no answer: say what was reported
+        missing = False
+    return f"bucket {bucket} does not exist (deleted?)" if missing else first_line(chain[0])
+
+
+def causes(err: BaseException) -> list[BaseException]:
+    """`err` and the exceptions it was raised from or while handling, outermost first."""
+    chain = []
+    while err is not None and err not in chain and len(chain) < 10:
+        chain.append(err)
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+    return chain
+
+
+def first_line(err: BaseException) -> str:
+    """An error's message as one short line (tensorstore's spec and source locations left out)."""
+    text = str(err).strip()
+    if not text:
+        return type(err).__name__
+    return re.split(r" \[(?:tensorstore_spec|source locations)", text.splitlines()[0], maxsplit=1)[0][:200]
 
 
 def check_output_file(path: str, flag: str) -> None:

@@ -77,6 +77,48 @@ def test_float16_hf_export_loads_as_rounded_float32(extended_model, tmp_path):
         np.testing.assert_array_equal(flat16[name], value.astype(np.float16).astype(np.float32), err_msg=name)
 
 
+@pytest.fixture
+def model_with_weight(tmp_path, tiny_tf_dir):
+    """A native copy of the fixture whose `model/dense/kernel` holds the given values in its first row."""
+    from gptsan.checkpoint import native
+
+    def make(*values: float):
+        config, flat = load_flat(str(tiny_tf_dir))
+        kernel = flat["model/dense/kernel"].copy()
+        kernel[0, : len(values)] = values
+        native.save(str(tmp_path / "model"), config, {**flat, "model/dense/kernel": kernel})
+        return tmp_path / "model"
+
+    return make
+
+
+def test_a_float16_export_of_values_beyond_its_range_is_refused(tmp_path, model_with_weight, capsys):
+    """A weight of -1e5 was written as -inf (float16 ends at 65504), with only numpy's RuntimeWarning."""
+    model = model_with_weight(0.5, -1e5)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for fmt in ("hf", "gptsan-tf"):
+        out = tmp_path / "exports" / fmt
+        assert export_main(["--model", str(model), "--format", fmt, "--output", str(out), "--dtype", "float16"]) == 2
+        assert capsys.readouterr().err == (
+            "error: --dtype float16: model/dense/kernel holds values up to 100000 in magnitude, beyond float16's "
+            "maximum 65504 (they would be stored as inf); export in bfloat16 or float32\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no temp folder, no parent folder
+
+
+def test_a_float16_export_of_values_that_only_round_is_written(tmp_path, model_with_weight):
+    """65519 rounds to float16's 65504 and 1e-9 to 0: precision lost, no overflow, so no refusal."""
+    from safetensors.numpy import load_file
+
+    model = model_with_weight(65519.0, -65519.0, 1e-9, 3.14159)
+    out = tmp_path / "hf16"
+    assert export_main(["--model", str(model), "--format", "hf", "--output", str(out), "--dtype", "float16"]) == 0
+    _, flat = load_flat(str(model))
+    stored = load_file(out / "model.safetensors")["model.last_project.weight"]  # the kernel, transposed
+    assert stored.dtype == np.float16
+    np.testing.assert_allclose(stored.T, flat["model/dense/kernel"].astype(np.float16), rtol=0, atol=0)
+    assert stored[:4, 0].tolist() == [65504.0, -65504.0, 0.0, np.float16(3.14159)]
+
+
 PEER_INSTALLED = all(importlib.util.find_spec(name) for name in ("torch", "transformers"))
 
 

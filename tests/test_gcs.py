@@ -4,15 +4,14 @@ model loads back from gs:// exactly as from a local copy of the same objects."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.gcs_emulator import client_env, serving
 from tests.train_support import (
     MINI_MODEL_PARAMS,
     MINI_TRAIN_PARAMS,
@@ -25,41 +24,16 @@ ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "gptsan-test"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def emulator(monkeypatch):
     pytest.importorskip("gcp_storage_emulator", reason="pip install gcp-storage-emulator (the test extra)")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "gcs_emulator.py"), "start", "--host", "127.0.0.1",
-                               "--port", str(port), "--in-memory", "--default-bucket", BUCKET, "-q"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the GCS emulator did not start"
-                time.sleep(0.1)
-        monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)  # gcsfs, google-cloud-storage
-        monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", url)  # tensorstore (Orbax), for load_flat below
-        monkeypatch.setenv("NO_GCE_CHECK", "true")  # no metadata-server probe for credentials (offline)
-        # gcsfs's experimental bucket-type probe speaks gRPC, which the emulator does not serve.
-        monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    with serving(BUCKET) as url:
+        for name, value in client_env(url).items():
+            monkeypatch.setenv(name, value)
         import fsspec
 
         fsspec.filesystem("gs").invalidate_cache()
         yield url
-    finally:
-        server.kill()
-        server.wait()
 
 
 def test_training_on_gs_paths(emulator, tmp_path, tmp_path_factory):

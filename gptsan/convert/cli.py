@@ -19,13 +19,13 @@ import sys
 from typing import Any
 
 from gptsan import storage
-from gptsan.checkpoint import load_flat, native
-from gptsan.checkpoint.staging import refuse_existing, staged_output
-from gptsan.convert.extend import add_extended_layers, resize_spout
 from gptsan.errors import UserError, cli_main
 from gptsan.model.config import read_parameters_json
 from gptsan.seed import seed_flag
 from gptsan.train.config import TrainParams
+
+# The checkpoint formats and the extension bring JAX and Flax (seconds of imports): they are imported inside the
+# functions, under cli_main, so a Ctrl-C while they load ends in `interrupted`, not a traceback.
 
 SPOUT_PREFIX = "pasts/"
 # train_params for a source without parameters.json (an HF folder): the release's values (spec section 3).
@@ -34,6 +34,8 @@ DEFAULT_TRAIN_PARAMS = {"batch_size": 16, "base_lr": 1e-4, "num_warmup_steps": 2
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gptsan.checkpoint import native
+
     parser = argparse.ArgumentParser(prog="gptsan-convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="source model directory (TF, HF or native)")
     parser.add_argument("--output", required=True, help="new native model directory (must not exist)")
@@ -49,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 def source_train_params(src: str, dst: str) -> dict[str, Any]:
     """SRC's train_params (or the defaults when SRC has no parameters.json) with output_dir = DST; a
     train_params that training would refuse (not an object, a field of the wrong type) is refused here."""
+    from gptsan.checkpoint import native
+
     parameters = native.parameters_file(src)  # one step of a training run: the run's, in the folder above
     if not storage.exists(parameters):
         train_params = dict(DEFAULT_TRAIN_PARAMS)
@@ -61,6 +65,10 @@ def source_train_params(src: str, dst: str) -> dict[str, Any]:
 def convert(src: str, dst: str, add_extra_stage: int = 0, num_spout: int | None = None,
             freeze_spout: bool = False, dtype: str = "float32", seed: int = 0) -> dict[str, list[str]]:
     """Write the converted model to `dst` (all or nothing); returns the name lists written beside it."""
+    from gptsan.checkpoint import load_flat, native
+    from gptsan.checkpoint.staging import refuse_existing, staged_output
+    from gptsan.convert.extend import add_extended_layers, resize_spout
+
     if add_extra_stage < 0:
         raise UserError(f"--add_extra_stage: expected a non-negative number of layers, got {add_extra_stage}")
     if dtype not in native.STORAGE_DTYPES:

@@ -24,15 +24,18 @@ import numpy as np
 from gptsan import storage
 from gptsan.errors import UserError, cli_main, warn
 from gptsan.generate.prompt import Prompt, causal_prompt, left_pad, never_sampled, prefix_prompt
-from gptsan.generate.sampling import Sampler
 from gptsan.generate.spout import parse_spout
 from gptsan.memory import keep_freed_memory
-from gptsan.model.config import COMPUTE_DTYPES
 from gptsan.seed import seed_flag
 from gptsan.tokenizer.base import check_utf8_text
 
+# JAX, Flax, the model and the sampling and decoding modules are imported inside the functions that use them
+# (seconds of imports): under cli_main, so a Ctrl-C while they load ends in `interrupted`, not a traceback.
+
 
 def build_parser() -> argparse.ArgumentParser:
+    from gptsan.model.config import COMPUTE_DTYPES  # the gptsan.model package brings JAX and Flax
+
     parser = argparse.ArgumentParser(prog="gptsan-generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="model directory: native, original TF or HF folder")
     parser.add_argument("--vocabulary", required=True, help="ja-swe36k.txt (swe) or a .model (sentencepiece)")
@@ -105,6 +108,8 @@ def check_args(args: argparse.Namespace) -> None:
     for flag, text in (("--context", args.context), ("--prefix", args.prefix)):
         if text is not None:
             check_utf8_text(flag, text)
+    from gptsan.generate.sampling import Sampler
+
     Sampler(args.temperature, args.top_k, args.top_p)  # checks the sampling flags before the model loads
     if args.output:
         storage.check_output_file(args.output, "--output")
@@ -130,6 +135,7 @@ def generate_texts(args, config, params, tokenizer, contexts) -> list[dict]:
     """`params` in the inference layout (gptsan/model/inference.py), as the decoders read them."""
     from gptsan.generate.beam import BeamDecoder
     from gptsan.generate.decode import Decoder
+    from gptsan.generate.sampling import Sampler
 
     special = tokenizer.special
     prompts = build_prompts(tokenizer, contexts, args.prefix)

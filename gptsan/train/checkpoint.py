@@ -3,10 +3,17 @@
 Saved every `checkpoint_per_steps` steps and every `checkpoint_per_hours` hours (async), on request
 (preemption) and at the end; `max_to_keep_save` kept. A checkpoint holds the whole TrainState (parameters,
 optimizer state, loss scale, step, rng and data position) and the run's parameters.json.
+
+A save that fails (a gs:// bucket deleted during the run, the storage server out of reach, permission refused,
+a full disk) is one UserError naming output_dir, the step and what failed. Orbax reports such a failure of a
+save in flight from its background threads, in pages of logged tracebacks, and may then raise the error at the
+next save, at close, or not at all (it logs "one or more items may not be finalized" and goes on): while a save
+is in flight its error logs are held back, and the save counts as failed when it raised or logged an error.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -37,6 +44,9 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(storage.absolute(self.directory), options=options)
         self.last_save = time.monotonic()
         self.last_saved_step = self.manager.latest_step()
+        self.newest_complete = self.last_saved_step  # the newest step whose save is known to have completed
+        self.in_flight: int | None = None  # the step whose save was started and not yet seen to complete
+        self.held_errors = HeldOrbaxErrors()
         self._saved_run: tuple[int, dict] | None = None
 
     def latest_step(self) -> int | None:
@@ -88,13 +98,64 @@ class Checkpointer:
     def save(self, step: int, state: TrainState, run: dict[str, Any]) -> None:
         if step == self.last_saved_step:  # e.g. the final save right after a periodic one
             return
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(flax.serialization.to_state_dict(state)), run=ocp.args.JsonSave(run)),
-            force=True)
+        self.finish_save_in_flight()
+        self.in_flight = step
+        logging.getLogger("absl").addFilter(self.held_errors)
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(flax.serialization.to_state_dict(state)), run=ocp.args.JsonSave(run)),
+                force=True)
+        except Exception as err:  # orbax/tensorstore/gcsfs raise several types
+            raise self.save_failed(err) from None
         self.last_save = time.monotonic()
         self.last_saved_step = step
 
+    def finish_save_in_flight(self) -> None:
+        """Wait for the save in flight (async) to finish; a UserError when it failed."""
+        if self.in_flight is None:
+            return
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:
+            raise self.save_failed(err) from None
+        if self.held_errors.records:  # failed without raising
+            raise self.save_failed(self.held_errors.first_error())
+        logging.getLogger("absl").removeFilter(self.held_errors)
+        self.newest_complete, self.in_flight = self.in_flight, None
+
+    def save_failed(self, err: BaseException) -> UserError:
+        """The one-line error for the save in flight; Orbax's held error logs are dropped (the save's threads
+        may log more while the process ends: the filter stays)."""
+        logged = [record.exc_info[1] for record in self.held_errors.records if record.exc_info and record.exc_info[1]]
+        self.held_errors.records.clear()
+        reason = storage.remote_failure(self.directory, err, *logged) if storage.is_remote(self.directory) else \
+            error_summary(err)
+        newest = f"the last checkpoint saved is step {self.newest_complete}" if self.newest_complete is not None \
+            else "no checkpoint was saved before it"
+        return UserError(f"{self.directory}: saving the step-{self.in_flight} checkpoint failed: {reason}; {newest}")
+
     def close(self) -> None:
         """Wait for async saves to finish, then release the manager."""
-        self.manager.wait_until_finished()
+        self.finish_save_in_flight()
         self.manager.close()
+
+
+class HeldOrbaxErrors(logging.Filter):
+    """Holds back Orbax's error logs (with their tracebacks) while a save is in flight, instead of printing them."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and "orbax" in record.pathname:
+            self.records.append(record)
+            return False
+        return True
+
+    def first_error(self) -> BaseException:
+        """The exception of the first held log, or its message as one."""
+        record = self.records[0]
+        if record.exc_info and record.exc_info[1] is not None:
+            return record.exc_info[1]
+        return RuntimeError(record.getMessage())

@@ -10,11 +10,15 @@ from gptsan.memory import keep_freed_memory
 from gptsan.seed import seed_flag
 from gptsan.train.config import RunConfig
 from gptsan.train.distributed import initialize_processes
-from gptsan.train.optim import DEFAULT_CLIP_NORM, OPTIMIZERS
-from gptsan.train.spout import SPOUT_KINDS
+
+# JAX, Optax and the training modules (seconds of imports) are imported inside the functions, under cli_main, so
+# a Ctrl-C while they load ends in `interrupted`, not a traceback.
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gptsan.train.optim import DEFAULT_CLIP_NORM, OPTIMIZERS
+    from gptsan.train.spout import SPOUT_KINDS
+
     p = argparse.ArgumentParser(prog="gptsan-train", description="Train a GPTSAN model on tfrecords.")
     p.add_argument("--input_files", required=True, help="tfrecord glob, local or gs://")
     p.add_argument("--parameter_file", required=True,

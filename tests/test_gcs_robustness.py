@@ -1,0 +1,81 @@
+"""gs:// failures and noise, against a GCS emulator on loopback: a checkpoint save that fails on gs:// (the bucket
+deleted during the run) is one error line, and gs:// access through an emulator never asks the GCE metadata
+server for credentials."""
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.gcs_emulator import client_env, serving
+
+ROOT = Path(__file__).resolve().parents[1]
+BUCKET = "gptsan-robust"
+
+
+@pytest.fixture
+def emulator(monkeypatch):
+    pytest.importorskip("gcp_storage_emulator", reason="pip install gcp-storage-emulator (the test extra)")
+    with serving(BUCKET) as url:
+        for name, value in client_env(url).items():
+            monkeypatch.setenv(name, value)
+        yield url
+
+
+def test_a_checkpoint_save_on_a_deleted_bucket_is_one_error(emulator, caplog):
+    """The bucket deleted during a run: Orbax's async save failed in its background threads, which logged pages
+    of tracebacks, then raised a FileNotFoundError that named only an upload URL (a traceback). Now the save is one
+    UserError naming output_dir, the step and the missing bucket, with Orbax's and gcsfs's error logs held back;
+    the metrics file written beside it is one named error too."""
+    import fsspec
+
+    from gptsan import storage
+    from gptsan.errors import UserError
+    from gptsan.train.checkpoint import Checkpointer
+
+    output_dir = f"gs://{BUCKET}/run"
+    absl_filters = list(logging.getLogger("absl").filters)
+    checkpointer = Checkpointer(output_dir, max_to_keep=3, every_steps=1, every_hours=0)  # async, as training's
+    state = {"w": np.arange(4, dtype=np.float32)}
+    checkpointer.save(1, state, {"step": 1})
+    checkpointer.manager.wait_until_finished()
+    fsspec.filesystem("gs", skip_instance_cache=True, token="anon").rm(BUCKET, recursive=True)
+    try:
+        with caplog.at_level(logging.INFO), pytest.raises(UserError) as caught:
+            checkpointer.save(2, state, {"step": 2})
+            checkpointer.close()
+    finally:
+        logging.getLogger("absl").filters[:] = absl_filters  # the failed save's filter stays on in a run
+    assert str(caught.value) == (f"{output_dir}: saving the step-2 checkpoint failed: bucket {BUCKET} does not "
+                                 "exist (deleted?); the last checkpoint saved is step 1")
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == []
+
+    with pytest.raises(OSError) as caught:
+        storage.write_text_atomic(f"{output_dir}/metrics.jsonl", "{}\n")
+    assert (caught.value.filename, caught.value.strerror) == (f"{output_dir}/metrics.jsonl",
+                                                              f"bucket {BUCKET} does not exist (deleted?)")
+
+
+def test_no_metadata_server_probe_against_an_emulator(emulator):
+    """With STORAGE_EMULATOR_HOST set, gcsfs filesystems (gptsan's, and those Orbax makes through etils epath) use
+    anonymous credentials: gcsfs asked google.auth for default credentials, which probed the GCE metadata server and
+    logged "Authentication failed using Compute Engine authentication due to unavailable metadata server." (or,
+    with NO_GCE_CHECK unset off GCE, "Compute Engine Metadata server unavailable ..." after timeouts) in every tool
+    whose logging was set up (Orbax's, training's)."""
+    import fsspec
+
+    fsspec.filesystem("gs", skip_instance_cache=True, token="anon").pipe(f"{BUCKET}/hello.txt", b"hello")
+    command = ("import logging; logging.basicConfig()\n"  # as the tools' logging is set up (absl, Orbax)
+               "from gptsan import storage\n"
+               "from etils import epath\n"
+               f"print(storage.read_text('gs://{BUCKET}/hello.txt'))\n"
+               f"print(epath.Path('gs://{BUCKET}/hello.txt').read_text())\n")  # Orbax's path class
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", command], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["hello", "hello"]
+    assert "metadata server" not in result.stderr.lower(), result.stderr
