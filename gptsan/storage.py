@@ -237,7 +237,13 @@ def first_line(err: BaseException) -> str:
     text = str(err).strip()
     if not text:
         return type(err).__name__
-    return re.split(r" \[(?:tensorstore_spec|source locations)", text.splitlines()[0], maxsplit=1)[0][:200]
+    return without_tensorstore_details(text.splitlines()[0])[:200]
+
+
+def without_tensorstore_details(text: str) -> str:
+    """A tensorstore status message without the ` [tensorstore_spec='...']` and ` [source locations=...]` it ends
+    with."""
+    return re.split(r" \[(?:tensorstore_spec|source locations)", text, maxsplit=1)[0]
 
 
 def check_output_file(path: str, flag: str) -> None:

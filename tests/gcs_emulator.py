@@ -47,6 +47,19 @@ def serving(bucket: str):
         server.wait()
 
 
+@contextlib.contextmanager
+def serving_this_process(bucket: str, monkeypatch):
+    """`serving(bucket)` with this test process's clients pointed at it (`client_env`, set with pytest's
+    monkeypatch) and fsspec's cached gcsfs listings dropped; yields the URL."""
+    import fsspec
+
+    with serving(bucket) as url:
+        for name, value in client_env(url).items():
+            monkeypatch.setenv(name, value)
+        fsspec.filesystem("gs").invalidate_cache()
+        yield url
+
+
 def main(argv: list[str]) -> int:
     from gcp_storage_emulator.handlers import objects
 

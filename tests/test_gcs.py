@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.gcs_emulator import client_env, serving
+from tests.gcs_emulator import serving_this_process
 from tests.train_support import (
     MINI_MODEL_PARAMS,
     MINI_TRAIN_PARAMS,
@@ -27,12 +27,7 @@ BUCKET = "gptsan-test"
 @pytest.fixture
 def emulator(monkeypatch):
     pytest.importorskip("gcp_storage_emulator", reason="pip install gcp-storage-emulator (the test extra)")
-    with serving(BUCKET) as url:
-        for name, value in client_env(url).items():
-            monkeypatch.setenv(name, value)
-        import fsspec
-
-        fsspec.filesystem("gs").invalidate_cache()
+    with serving_this_process(BUCKET, monkeypatch) as url:
         yield url
 
 

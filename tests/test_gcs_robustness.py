@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.gcs_emulator import client_env, serving
+from tests.gcs_emulator import serving_this_process
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "gptsan-robust"
@@ -20,9 +20,7 @@ BUCKET = "gptsan-robust"
 @pytest.fixture
 def emulator(monkeypatch):
     pytest.importorskip("gcp_storage_emulator", reason="pip install gcp-storage-emulator (the test extra)")
-    with serving(BUCKET) as url:
-        for name, value in client_env(url).items():
-            monkeypatch.setenv(name, value)
+    with serving_this_process(BUCKET, monkeypatch) as url:
         yield url
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from gptsan import storage
 from gptsan.errors import UserError
 
 SHOWN = 3  # offending names listed per kind in the error
@@ -41,7 +42,7 @@ def error_summary(err: Exception) -> str:
     """One line for a UserError out of a library's error message (they can be pages long). A TensorStore error
     (what Orbax raises for a truncated, missing or corrupt file of a checkpoint) says in plain words which
     parameter or file is unreadable and why, without Orbax's wrapper or TensorStore's spec."""
-    chain = _causes(err)
+    chain = storage.causes(err)
     status = next((e for e in chain if TENSORSTORE_STATUS.match(str(e))), None)
     if status is not None:
         return _plain_tensorstore_error(str(status))
@@ -60,20 +61,11 @@ TENSORSTORE_FILE = re.compile(r'of local file "([^"]+)"')
 SHORT_READ = re.compile(r"Requested byte range \[\d+, (\d+)\) is not valid for value of size (\d+)")
 
 
-def _causes(err: BaseException) -> list[BaseException]:
-    """`err` and the exceptions it was raised from, outermost first."""
-    chain = []
-    while err is not None and err not in chain:
-        chain.append(err)
-        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
-    return chain
-
-
 def _plain_tensorstore_error(text: str) -> str:
     """TensorStore's status message in plain words: `OUT_OF_RANGE: Error reading "model.wte/0.0" in OCDBT
     database at local file "...": Requested byte range [0, 9) is not valid for value of size 4 [tensorstore_spec=
     '{...}']` is `the stored data of model/wte ends early: a file of the checkpoint is truncated or missing`."""
-    text = re.split(r" \[(?:tensorstore_spec|source locations)", text, maxsplit=1)[0]  # the spec, code lines
+    text = storage.without_tensorstore_details(text)
     file = TENSORSTORE_FILE.search(text)
     short = SHORT_READ.search(text)
     if file is not None and short is not None:  # a file of the database's index, named
