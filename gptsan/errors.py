@@ -88,7 +88,7 @@ def ctrl_c_interrupts():
         raise KeyboardInterrupt
 
     def send_again_if_dropped(unraisable):  # sys.unraisablehook: an exception Python drops
-        if issubclass(unraisable.exc_type, KeyboardInterrupt):
+        if not over and issubclass(unraisable.exc_type, KeyboardInterrupt):
             send_again_soon()
         else:
             previous_hook(unraisable)
@@ -110,7 +110,11 @@ def ctrl_c_interrupts():
         over = True
         with sending_again:  # one under way has sent the signal (taken by `handle` at once) or will not
             pass
-        sys.unraisablehook = previous_hook
+        # A hook installed on top of this one while the tool ran (one that drops the late reads of an Orbax
+        # restore that failed: gptsan/checkpoint/native.py) stays, as it is needed after the error line is
+        # printed too; this one then passes everything on.
+        if sys.unraisablehook is send_again_if_dropped:
+            sys.unraisablehook = previous_hook
         signal.signal(signal.SIGINT, previous)
         if came:
             raise KeyboardInterrupt  # over any other ending
