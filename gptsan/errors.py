@@ -19,6 +19,12 @@ class UserError(Exception):
     """A mistake in the user's input (a flag, a file, a checkpoint). Printed as one line, exit status 2."""
 
 
+class AbandonsBackgroundWork(UserError):
+    """A UserError that leaves work running in background threads nobody will wait for: a checkpoint save that
+    failed (a gs:// bucket deleted mid-run) still has TensorStore writes retrying in Orbax's save thread, which
+    Python's exit waited for (4-14 min after the error line). The tool exits right after the line instead."""
+
+
 def warn(message: str) -> None:
     """One line `warning: MESSAGE` on stderr: something the user should know that does not stop the run."""
     print(f"warning: {message}", file=sys.stderr)
@@ -37,6 +43,8 @@ def cli_main(func: Callable[..., int | None]) -> Callable[..., int]:
                 return func(*args, **kwargs) or 0
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
+            if isinstance(err, AbandonsBackgroundWork):
+                exit_now(2)
             return 2
         except IsADirectoryError as err:  # a folder given where a file belongs: a user's path, in any tool
             print(f"error: {err.filename}: is a folder; expected a file", file=sys.stderr)
@@ -52,14 +60,19 @@ def cli_main(func: Callable[..., int | None]) -> Callable[..., int]:
             return 2
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
-            with contextlib.suppress(OSError):
-                sys.stdout.flush()
-                sys.stderr.flush()
             # At once: Python's own exit while XLA compiled in its threads crashed (SIGSEGV) after a Ctrl-C.
-            # What a tool writes is written to a temp name first and removed on the way out, before here.
-            os._exit(130)
+            exit_now(130)
 
     return wrapper
+
+
+def exit_now(status: int) -> None:
+    """End the process with `status` without waiting for its other threads (nor running atexit hooks). What a
+    tool writes is written to a temp name first and removed on the way out, before here."""
+    with contextlib.suppress(OSError):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(status)
 
 
 @contextlib.contextmanager

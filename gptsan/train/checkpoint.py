@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from gptsan import storage
 from gptsan.checkpoint.native import drop_late_orbax_reads
 from gptsan.checkpoint.validate import error_summary
-from gptsan.errors import UserError
+from gptsan.errors import AbandonsBackgroundWork, UserError
 from gptsan.train.state import TrainState
 
 
@@ -123,16 +123,17 @@ class Checkpointer:
         logging.getLogger("absl").removeFilter(self.held_errors)
         self.newest_complete, self.in_flight = self.in_flight, None
 
-    def save_failed(self, err: BaseException) -> UserError:
+    def save_failed(self, err: BaseException) -> AbandonsBackgroundWork:
         """The one-line error for the save in flight; Orbax's held error logs are dropped (the save's threads
-        may log more while the process ends: the filter stays)."""
+        may log more while the process ends: the filter stays), and so are its writes still retrying."""
         logged = [record.exc_info[1] for record in self.held_errors.records if record.exc_info and record.exc_info[1]]
         self.held_errors.records.clear()
         reason = storage.remote_failure(self.directory, err, *logged) if storage.is_remote(self.directory) else \
             error_summary(err)
         newest = f"the last checkpoint saved is step {self.newest_complete}" if self.newest_complete is not None \
             else "no checkpoint was saved before it"
-        return UserError(f"{self.directory}: saving the step-{self.in_flight} checkpoint failed: {reason}; {newest}")
+        failed = f"{self.directory}: saving the step-{self.in_flight} checkpoint failed"
+        return AbandonsBackgroundWork(f"{failed}: {reason}; {newest}")
 
     def close(self) -> None:
         """Wait for async saves to finish, then release the manager."""
