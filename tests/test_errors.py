@@ -175,3 +175,14 @@ def test_a_hook_for_dropped_errors_installed_by_the_tool_outlives_the_tool():
              "print(seen, sys.unraisablehook is dropping)"]
     done = run_script(lines)
     assert (done.returncode, done.stdout, done.stderr) == (0, "['Event loop is closed'] True\n", "")
+
+
+def test_an_error_that_abandons_background_work_exits_without_waiting_for_it():
+    """A failed gs:// checkpoint save leaves TensorStore writes retrying in Orbax's save thread (not a daemon):
+    Python's exit waited minutes for them after the error line. The tool exits after the line."""
+    body = "\n".join(["import threading, time", "from gptsan.errors import AbandonsBackgroundWork",
+                      "threading.Thread(target=time.sleep, args=(600,)).start()  # a save's retries",
+                      "raise AbandonsBackgroundWork('gs://b/run: saving the step-2 checkpoint failed')"])
+    done = run_entry_point(body)  # a timeout (60 s) if it waited
+    assert (done.returncode, done.stdout, done.stderr) == (
+        2, "", "error: gs://b/run: saving the step-2 checkpoint failed\n")
