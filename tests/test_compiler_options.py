@@ -23,7 +23,20 @@ X86 = platform.machine().lower() in ("x86_64", "amd64")
 AS_USERS_GET_IT = {**ONEDNN_MATMULS, "xla_backend_optimization_level": 3}
 
 
-def test_onednn_only_for_one_cpu_device_and_without_a_compilation_cache(monkeypatch):
+@pytest.fixture
+def no_compilation_cache():
+    """Without the suite's persistent compilation cache (tests/conftest.py), as a user's run has none."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)
+    compilation_cache.reset_cache()
+    yield
+    jax.config.update("jax_compilation_cache_dir", before)
+    compilation_cache.reset_cache()
+
+
+def test_onednn_only_for_one_cpu_device_and_without_a_compilation_cache(monkeypatch, no_compilation_cache):
     monkeypatch.setattr(options_module, "has_avx512", lambda: True)
     assert step_compiler_options("gpu", 1) is None
     assert step_compiler_options("tpu", 1) is None
@@ -32,16 +45,13 @@ def test_onednn_only_for_one_cpu_device_and_without_a_compilation_cache(monkeypa
     monkeypatch.setenv("GPTSAN_ONEDNN_MATMULS", "0")
     assert step_compiler_options("cpu", 1) is None
     monkeypatch.delenv("GPTSAN_ONEDNN_MATMULS")
-    before = jax.config.jax_compilation_cache_dir
-    try:  # the persistent cache cannot store oneDNN thunks: the cached steps keep XLA's defaults
-        jax.config.update("jax_compilation_cache_dir", "/nonexistent-cache")
-        assert step_compiler_options("cpu", 1) is None
-    finally:
-        jax.config.update("jax_compilation_cache_dir", before)
+    jax.config.update("jax_compilation_cache_dir", "/nonexistent-cache")
+    # the persistent cache cannot store oneDNN thunks: the cached steps keep XLA's defaults
+    assert step_compiler_options("cpu", 1) is None
 
 
 @pytest.mark.skipif(not X86, reason="oneDNN matmuls are used on x86 CPUs only")
-def test_onednn_is_off_without_avx512_unless_asked_for(monkeypatch):
+def test_onednn_is_off_without_avx512_unless_asked_for(monkeypatch, no_compilation_cache):
     """Without AVX-512 a GPTSAN-shaped step hung in oneDNN's nested `parallel` (compiler_options docstring)."""
     monkeypatch.setattr(options_module, "has_avx512", lambda: False)
     monkeypatch.delenv("GPTSAN_ONEDNN_MATMULS", raising=False)
@@ -65,7 +75,7 @@ def test_avx512_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
 @pytest.mark.skipif(not X86, reason="oneDNN matmuls are used on x86 CPUs only")
 @pytest.mark.parametrize("mode,dtype", [("lm", "float32"), ("hybrid", "float32"),
                                         pytest.param("lm", "bfloat16", marks=pytest.mark.slow)])  # 50 s on 2 cores
-def test_steps_compiled_as_users_get_them_match_the_suites_compile(mode, dtype):
+def test_steps_compiled_as_users_get_them_match_the_suites_compile(mode, dtype, no_compilation_cache):
     """The same state and batches through steps compiled as a user's (oneDNN matmuls, optimization level 3)
     and as the rest of the suite's (XLA's matmuls, level 0): the same gradients, three train steps' losses and
     an eval loss up to rounding (the causal attention path in lm mode, the masked prefix-LM path in hybrid).

@@ -29,10 +29,6 @@ from tests.train_support import (
 ROOT = Path(__file__).resolve().parents[1]
 # float32 on CPU; the same program over two processes (gloo all-reduces): measured 1.0e-7 relative.
 TOLERANCE = 1e-6
-# One JAX compilation cache (in the session's temporary folder) for the training processes of start_training:
-# they compile the same steps, so the first pair compiles for the others (without oneDNN matmuls then, which the
-# cache cannot store; gptsan.train.compiler_options).
-CACHE = "jax-compilation-cache-two-processes"
 
 
 def free_port() -> int:
@@ -76,9 +72,7 @@ def start_training(tmp_path: Path, *flags: str, **train_params) -> tuple[list[su
     out = tmp_path / "out"
     parameter_file = write_mini_parameters(tmp_path / "model", out, **train_params)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=1"),
-           "JAX_COMPILATION_CACHE_DIR": str(tmp_path.parent / CACHE),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+           "XLA_FLAGS": os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=1")}
     coordinator = f"127.0.0.1:{free_port()}"
     workers = [subprocess.Popen([sys.executable, str(ROOT / "run_training.py"), "--input_files",
                                  str(tmp_path / "train-*.tfrecord"), "--parameter_file", str(parameter_file),

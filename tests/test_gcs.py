@@ -31,7 +31,7 @@ def emulator(monkeypatch):
         yield url
 
 
-def test_training_on_gs_paths(emulator, tmp_path, tmp_path_factory):
+def test_training_on_gs_paths(emulator, tmp_path):
     import fsspec
 
     fs = fsspec.filesystem("gs", skip_instance_cache=True, token="anon")
@@ -45,9 +45,7 @@ def test_training_on_gs_paths(emulator, tmp_path, tmp_path_factory):
 
     env = {key: value for key, value in os.environ.items() if key != "EPATH_USE_TF"}  # the package sets it
     env.update(PYTHONPATH=str(ROOT), STORAGE_EMULATOR_HOST=emulator, TENSORSTORE_GCS_HTTP_URL=emulator,
-               XLA_FLAGS=one_device_xla_flags(), NO_GCE_CHECK="true", GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
-               JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.getbasetemp() / "jax-compilation-cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+               XLA_FLAGS=one_device_xla_flags(), NO_GCE_CHECK="true", GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")
 
     def train(steps: int) -> None:
         result = subprocess.run(

@@ -30,19 +30,10 @@ from tests.train_support import (
     killed_at_exit,
     logged_steps,
     mini_config,
-    persistent_compilation_cache,
     wait_for,
     write_mini_parameters,
     write_records,
 )
-
-pytestmark = pytest.mark.usefixtures("compilation_cache")
-
-
-@pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-    with persistent_compilation_cache(tmp_path_factory.getbasetemp() / "jax-compilation-cache") as path:
-        yield path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -214,22 +205,21 @@ def test_onehot_training_on_class_ids_past_the_spout_says_so_in_one_line(tmp_pat
     assert "has class id -1" in capsys.readouterr().err
 
 
-def start_run_training(tmp_path: Path, compilation_cache: Path, **train_params):
-    """run_training.py in a subprocess on the mini model, with the module's compilation cache:
+def start_run_training(tmp_path: Path, **train_params):
+    """run_training.py in a subprocess on the mini model (with the suite's compilation cache, tests/conftest.py):
     (the process, its output_dir, its parameter file, its input pattern)."""
     files = corpus_files(tmp_path)
     out = tmp_path / "out"
     parameter_file = write_mini_parameters(tmp_path / "model", out, **train_params)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_COMPILATION_CACHE_DIR": str(compilation_cache),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(ROOT / "run_training.py"), "--input_files", files, "--parameter_file",
            str(parameter_file), "--log_every", "1", "--no_progress"]
     process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     return process, out, parameter_file, files
 
 
-def test_sigkill_loses_at_most_the_steps_since_the_last_save(tmp_path, compilation_cache):
-    process, out, parameter_file, files = start_run_training(tmp_path, compilation_cache, checkpoint_per_steps=5)
+def test_sigkill_loses_at_most_the_steps_since_the_last_save(tmp_path):
+    process, out, parameter_file, files = start_run_training(tmp_path, checkpoint_per_steps=5)
     with killed_at_exit([process]):
         # Orbax renames a checkpoint into place once it is complete
         wait_for(lambda: (out / "15").exists(), [process], "checkpoint 15")
@@ -250,10 +240,10 @@ def test_sigkill_loses_at_most_the_steps_since_the_last_save(tmp_path, compilati
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_preemption_or_ctrl_c_saves_the_step_reached_and_exits_0(tmp_path, compilation_cache, signum):
+def test_preemption_or_ctrl_c_saves_the_step_reached_and_exits_0(tmp_path, signum):
     """SIGTERM (a preempted VM) or a first Ctrl-C: the step in flight ends, its checkpoint is saved, exit 0. A
     Ctrl-C used to exit 130 at once, losing every step since the last periodic save."""
-    process, out, _, _ = start_run_training(tmp_path, compilation_cache, checkpoint_per_steps=1000)
+    process, out, _, _ = start_run_training(tmp_path, checkpoint_per_steps=1000)
     with killed_at_exit([process]):
         wait_for(lambda: len(logged_steps(out)) >= 3, [process], "3 steps")
         process.send_signal(signum)

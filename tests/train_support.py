@@ -17,8 +17,9 @@ FIXTURE_PARAMETERS = Path(__file__).resolve().parents[1] / ".." / "shared" / "fi
 
 def one_device_xla_flags() -> str:
     """The suite's XLA_FLAGS (tests/conftest.py) without its 8 simulated devices: for the commands a test runs as
-    a user's CPU run does, on one device, where the mesh is not what it tests. (One device also means oneDNN
-    matmuls, unless the test sets a compilation cache: gptsan/train/compiler_options.py.)"""
+    a user's CPU run does, on one device, where the mesh is not what it tests. (One device would also mean oneDNN
+    matmuls on an AVX-512 CPU, but the suite's compilation cache keeps XLA's: gptsan/train/compiler_options.py;
+    tests/test_compiler_options.py compares the two.)"""
     return re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")).strip()
 
 
@@ -92,25 +93,6 @@ def write_mini_parameters(folder: Path, output_dir, **train_params) -> Path:
     path = folder / "parameters.json"
     path.write_text(json.dumps(parameters))
     return path
-
-
-@contextlib.contextmanager
-def persistent_compilation_cache(directory: Path):
-    """JAX's persistent compilation cache in `directory`, so that runs compiling the same programs (a run
-    and its restart, a subprocess and the test) compile once. Restores the previous settings afterwards."""
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    cc.reset_cache()
-    try:
-        yield directory
-    finally:
-        jax.config.update("jax_compilation_cache_dir", before[0])
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
-        cc.reset_cache()
 
 
 def sharded_training(config, mesh, spout: str = "none", frozen: frozenset[str] = frozenset()):
