@@ -25,6 +25,11 @@ class AbandonsBackgroundWork(UserError):
     Python's exit waited for (4-14 min after the error line). The tool exits right after the line instead."""
 
 
+def path_error(err: OSError) -> str:
+    """The line for an OSError about a named path (one the system refused): `PATH: what went wrong`."""
+    return f"{err.filename}: {err.strerror or err}"
+
+
 def warn(message: str) -> None:
     """One line `warning: MESSAGE` on stderr: something the user should know that does not stop the run."""
     print(f"warning: {message}", file=sys.stderr)
@@ -56,7 +61,7 @@ def cli_main(func: Callable[..., int | None]) -> Callable[..., int]:
         except OSError as err:  # a path the system refused (no such folder, permission, read-only, disk full)
             if err.filename is None:
                 raise
-            print(f"error: {err.filename}: {err.strerror or err}", file=sys.stderr)
+            print(f"error: {path_error(err)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

@@ -58,6 +58,32 @@ def test_a_checkpoint_save_on_a_deleted_bucket_is_one_error(emulator, caplog):
                                                               f"bucket {BUCKET} does not exist (deleted?)")
 
 
+
+def test_an_error_while_a_save_is_in_flight_abandons_it(tmp_path):
+    """With the bucket deleted mid-run, the metrics file's write failed before the checkpoint save did: its error
+    line came, then the process waited 240 s and more (until killed) for Orbax's save thread, which retried its
+    writes. An error that ends the run while a save is in flight now abandons it, with the same line; once no
+    save is in flight, errors pass unchanged."""
+    import errno
+
+    from gptsan.errors import AbandonsBackgroundWork, UserError
+    from gptsan.train.checkpoint import Checkpointer
+
+    checkpointer = Checkpointer(str(tmp_path / "run"), max_to_keep=3, every_steps=1, every_hours=0)
+    metrics_failed = OSError(errno.ENOENT, f"bucket {BUCKET} does not exist (deleted?)", f"gs://{BUCKET}/run/m.jsonl")
+    checkpointer.save(1, {"w": np.arange(4, dtype=np.float32)}, {"step": 1})  # async: in flight
+    for raised, line in [(metrics_failed, f"gs://{BUCKET}/run/m.jsonl: bucket {BUCKET} does not exist (deleted?)"),
+                         (UserError("a data error"), "a data error")]:
+        with pytest.raises(AbandonsBackgroundWork) as caught, checkpointer.errors_abandon_the_save_in_flight():
+            raise raised
+        assert str(caught.value) == line
+    checkpointer.close()
+    for raised in (metrics_failed, UserError("a data error"), OSError("no path")):
+        with pytest.raises(type(raised)) as caught, checkpointer.errors_abandon_the_save_in_flight():
+            raise raised
+        assert caught.value is raised
+
+
 def test_no_metadata_server_probe_against_an_emulator(emulator):
     """With STORAGE_EMULATOR_HOST set, gcsfs filesystems (gptsan's, and those Orbax makes through etils epath) use
     anonymous credentials: gcsfs asked google.auth for default credentials, which probed the GCE metadata server and

@@ -94,7 +94,8 @@ def drop_late_orbax_reads() -> None:
     """When one read of a truncated or corrupt checkpoint fails, Orbax raises (gptsan turns that into one
     error line) and closes its event loop while the checkpoint's other reads are still in flight; each of
     those then reports an unraisable `RuntimeError: Event loop is closed` (105 tracebacks on stderr for the
-    demo's base model). Those and only those are dropped; every other unraisable error reaches the previous
+    demo's base model). A training save that fails (a gs:// bucket deleted mid-run) does the same (17 tracebacks
+    before the error line). Those and only those are dropped; every other unraisable error reaches the previous
     hook. Installed once per process."""
     if getattr(sys.unraisablehook, "drops_late_reads", False):
         return

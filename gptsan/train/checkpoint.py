@@ -13,6 +13,7 @@ is in flight its error logs are held back, and the save counts as failed when it
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -24,7 +25,7 @@ import orbax.checkpoint as ocp
 from gptsan import storage
 from gptsan.checkpoint.native import drop_late_orbax_reads
 from gptsan.checkpoint.validate import error_summary
-from gptsan.errors import AbandonsBackgroundWork, UserError
+from gptsan.errors import AbandonsBackgroundWork, UserError, path_error
 from gptsan.train.state import TrainState
 
 
@@ -47,6 +48,7 @@ class Checkpointer:
         self.newest_complete = self.last_saved_step  # the newest step whose save is known to have completed
         self.in_flight: int | None = None  # the step whose save was started and not yet seen to complete
         self.held_errors = HeldOrbaxErrors()
+        drop_late_orbax_reads()  # a failed restore's or save's other reads, still in flight
         self._saved_run: tuple[int, dict] | None = None
 
     def latest_step(self) -> int | None:
@@ -73,7 +75,6 @@ class Checkpointer:
         """The latest checkpoint's state, laid out as `abstract_state` (shapes, dtypes and shardings)."""
         target = flax.serialization.to_state_dict(abstract_state)
         step = self.manager.latest_step()
-        drop_late_orbax_reads()
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         except Exception as err:  # orbax/tensorstore raise several types for unreadable or mismatched data
@@ -134,6 +135,25 @@ class Checkpointer:
             else "no checkpoint was saved before it"
         failed = f"{self.directory}: saving the step-{self.in_flight} checkpoint failed"
         return AbandonsBackgroundWork(f"{failed}: {reason}; {newest}")
+
+    @contextlib.contextmanager
+    def errors_abandon_the_save_in_flight(self):
+        """An error that ends the run while a save is in flight (a UserError, or an OSError about a path: with a
+        gs:// output_dir failing, the metrics file's write can fail before the save does) becomes an
+        AbandonsBackgroundWork with the same line, so the tool exits after it instead of waiting for Orbax's save
+        thread, not a daemon, while TensorStore retries its writes (a bucket deleted mid-run: 4 min and more)."""
+        try:
+            yield
+        except AbandonsBackgroundWork:
+            raise
+        except UserError as err:
+            if self.in_flight is None:
+                raise
+            raise AbandonsBackgroundWork(str(err)) from err
+        except OSError as err:
+            if self.in_flight is None or err.filename is None:
+                raise
+            raise AbandonsBackgroundWork(path_error(err)) from err
 
     def close(self) -> None:
         """Wait for async saves to finish, then release the manager."""

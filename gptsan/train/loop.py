@@ -494,7 +494,7 @@ def run(cfg: RunConfig) -> TrainState:
         data_error = eval_error = None
         warned_of_divergence = False
         idle_batch = targetless_batch(local_batch, config.num_contexts)
-        with StopFlag(jax.process_count(), cfg.progress) as stop:
+        with StopFlag(jax.process_count(), cfg.progress) as stop, checkpointer.errors_abandon_the_save_in_flight():
             interval_start, interval_steps, interval_applied = time.perf_counter(), 0, []
             first_step, started = step, time.perf_counter()
             while last_step is None or step < last_step:
