@@ -58,7 +58,6 @@ def test_a_checkpoint_save_on_a_deleted_bucket_is_one_error(emulator, caplog):
                                                               f"bucket {BUCKET} does not exist (deleted?)")
 
 
-
 def test_an_error_while_a_save_is_in_flight_abandons_it(tmp_path):
     """With the bucket deleted mid-run, the metrics file's write failed before the checkpoint save did: its error
     line came, then the process waited 240 s and more (until killed) for Orbax's save thread, which retried its
