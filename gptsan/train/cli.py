@@ -8,7 +8,7 @@ import os
 from gptsan.errors import UserError, cli_main
 from gptsan.memory import keep_freed_memory
 from gptsan.seed import seed_flag
-from gptsan.train.config import RunConfig
+from gptsan.train.config import DEFAULT_CLIP_NORM, OPTIMIZERS, SPOUT_KINDS, RunConfig
 from gptsan.train.distributed import initialize_processes
 
 # JAX, Optax and the training modules (seconds of imports) are imported inside the functions, under cli_main, so
@@ -16,9 +16,6 @@ from gptsan.train.distributed import initialize_processes
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gptsan.train.optim import DEFAULT_CLIP_NORM, OPTIMIZERS
-    from gptsan.train.spout import SPOUT_KINDS
-
     p = argparse.ArgumentParser(prog="gptsan-train", description="Train a GPTSAN model on tfrecords.")
     p.add_argument("--input_files", required=True, help="tfrecord glob, local or gs://")
     p.add_argument("--parameter_file", required=True,

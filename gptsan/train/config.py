@@ -72,6 +72,13 @@ TRAIN_PARAMS_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+# RunConfig.optimizer's and .spout_vector's choices and the --clip_gradients value (gptsan/train/optim.py,
+# gptsan/train/spout.py), here, where the command line's parser reads them without loading JAX.
+OPTIMIZERS = ("adam", "adamw_cosine")
+DEFAULT_CLIP_NORM = 0.01
+SPOUT_KINDS = ("none", "uniform", "stateless_uniform", "onehot", "half_onehot")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """One training run: GPTSAN's run_training.py flags plus this suite's additions."""

@@ -18,10 +18,9 @@ import optax
 
 from gptsan.errors import UserError
 from gptsan.model.params import flatten, unflatten
+from gptsan.train.config import OPTIMIZERS
 
-OPTIMIZERS = ("adam", "adamw_cosine")
 WEIGHT_DECAY = 0.01
-DEFAULT_CLIP_NORM = 0.01
 
 
 def inverse_sqrt_schedule(base_lr: float, warmup_steps: int) -> optax.Schedule:

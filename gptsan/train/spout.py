@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from gptsan.errors import UserError
+from gptsan.train.config import SPOUT_KINDS
 
-SPOUT_KINDS = ("none", "uniform", "stateless_uniform", "onehot", "half_onehot")
 _STATELESS_SEED = 0  # stateless_uniform: U(0,1) from a key that depends only on the record's `i`
 
 
