@@ -8,6 +8,7 @@ still compiled and checked at level 3: tests/test_compiler_options.py compares t
 
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -21,6 +22,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _SUITE_CACHE = tempfile.mkdtemp(prefix="gptsan-test-jax-cache-")
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+# The tests send Ctrl-C to the tools they start as a terminal would, and expect them to take it: a suite started
+# with SIGINT ignored (`pytest &` in a script: the shell ignores it for background jobs) would pass that on to every
+# process it starts, and the tools, rightly, keep ignoring it. The suite's processes take it as from a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import pytest  # noqa: E402
 

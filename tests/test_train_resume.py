@@ -284,6 +284,23 @@ def test_a_second_ctrl_c_stops_without_saving(capsys, caplog):
     assert [record.getMessage() for record in caplog.records] == ["a run that goes on logs again"]
 
 
+def test_a_ctrl_c_ignored_when_the_run_starts_stays_ignored():
+    """A run started in the background of a script ignores SIGINT (the shell's doing; cli_main keeps it so): a
+    Ctrl-C meant for the script's foreground command used to stop the run too, as the loop put its own handler in."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopFlag() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+            assert not stop.requested
+            os.kill(os.getpid(), signal.SIGTERM)  # preemption is still caught
+            assert stop.requested
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_a_save_cut_short_is_cleared_away_by_the_next_run(tmp_path):
     """A second Ctrl-C (or a kill) in the middle of a save left `STEP.orbax-checkpoint-tmp` in output_dir for
     good; the next run now removes it."""

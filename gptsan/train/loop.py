@@ -284,7 +284,10 @@ class StopFlag:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             signals = (signal.SIGINT,) if self.shared else (signal.SIGTERM, signal.SIGINT)
-            self._previous = {signum: signal.signal(signum, self._handle) for signum in signals}
+            # A signal ignored when the run starts stays ignored: a run started in the background of a script
+            # ignores Ctrl-C (the shell's doing), which is meant for the script's foreground command.
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in signals
+                              if signal.getsignal(signum) is not signal.SIG_IGN}
         return self
 
     def _handle(self, signum, frame):
