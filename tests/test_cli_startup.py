@@ -74,11 +74,16 @@ def test_importing_the_tool_loads_no_jax_flax_or_tensorflow(tool):
     assert result.stdout.strip() == "[]"
 
 
-def test_the_training_flags_are_read_without_loading_jax():
-    """gptsan-train's parser (its --help, its flag errors) took 2.8 s on a 2-vCPU host: it loaded JAX and Optax
-    for the choices of --optimizer and --spout_vector."""
-    code = ("import sys; from gptsan.train.cli import build_parser; build_parser().parse_args(['--input_files', "
-            f"'x', '--parameter_file', 'p']); print([m for m in {HEAVY!r} if m in sys.modules])")
+@pytest.mark.parametrize("module, flags", [
+    ("gptsan.train.cli", ["--input_files", "x", "--parameter_file", "p"]),
+    ("gptsan.convert.cli", ["--checkpoint", "a", "--output", "b", "--dtype", "bfloat16"]),
+    ("gptsan.convert.export", ["--model", "a", "--format", "hf", "--output", "b", "--dtype", "float16"]),
+])
+def test_the_flags_are_read_without_loading_jax(module, flags):
+    """A parser (a --help, a flag error) took 2.3-2.8 s on a 2-vCPU host when it loaded JAX for the choices of
+    a flag: gptsan-train's --optimizer and --spout_vector, gptsan-convert's and gptsan-export's --dtype."""
+    code = (f"import sys; from {module} import build_parser; build_parser().parse_args({flags!r}); "
+            f"print([m for m in {HEAVY!r} if m in sys.modules])")
     result = run_python(code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

@@ -12,21 +12,26 @@ place them on devices as they need).
 
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from gptsan import storage
-from gptsan.checkpoint import hf, native, tf_checkpoint
 from gptsan.errors import UserError
-from gptsan.model.config import ModelConfig, load_config
-from gptsan.model.params import expected_shapes, unflatten
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from gptsan.model.config import ModelConfig
+
+# The format modules bring JAX and Flax (seconds of imports): they are imported where they are used, so that a
+# command-line parser reads what it needs from this package (gptsan/checkpoint/dtypes.py) without them.
 
 FORMATS = ("native", "gptsan-tf", "hf")
 
 
 def detect_format(path: str) -> str:
     """'native', 'gptsan-tf' or 'hf' for the model directory `path`; a UserError when it is none of them."""
+    from gptsan.checkpoint import hf, native, tf_checkpoint
+
     path = str(path)
     if not storage.isdir(path):
         if storage.exists(path):
@@ -47,6 +52,10 @@ def detect_format(path: str) -> str:
 
 def load_flat(path: str, **runtime: Any) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """(config, {GPTSAN name: float32 array}) from a model directory of any format."""
+    from gptsan.checkpoint import hf, native, tf_checkpoint
+    from gptsan.model.config import load_config
+    from gptsan.model.params import expected_shapes
+
     path = str(path)
     fmt = detect_format(path)
     if fmt == "native":
@@ -63,6 +72,8 @@ def load_model(path: str, **runtime: Any) -> tuple[ModelConfig, dict[str, Any]]:
     `runtime` (dtype, routing, ...) goes to the ModelConfig. Names and shapes are checked against the
     configuration: missing, extra or misshapen tensors and unreadable files are one UserError.
     """
+    from gptsan.model.params import unflatten
+
     config, flat = load_flat(path, **runtime)
     return config, unflatten(flat)
 

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from gptsan import storage
+from gptsan.checkpoint.dtypes import HF_STORAGE_DTYPES
 from gptsan.checkpoint.names import HF_EMBEDDING, HF_TIED_HEAD, hf_entries
 from gptsan.checkpoint.validate import check_tensors
 from gptsan.errors import UserError
@@ -31,7 +32,7 @@ INDEX_SUFFIX = ".index.json"  # save_pretrained's sharded weights: `model.safete
 # The weights looked for, in this order: one file, else an index of shards (what save_pretrained writes for
 # a model over max_shard_size, 5 GB by default: GPTSAN-2.8B in float32).
 WEIGHT_FILES = (SAFETENSORS, SAFETENSORS + INDEX_SUFFIX, TORCH_BIN, TORCH_BIN + INDEX_SUFFIX)
-STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+STORAGE_DTYPES = HF_STORAGE_DTYPES
 # The config.json fields that set the model's sizes (ModelConfig.from_hf_config).
 INTEGER_FIELDS = ("d_model", "d_ff", "d_ext", "d_spout", "num_switch_layers", "num_ext_layers", "num_heads",
                   "num_experts", "vocab_size", "max_position_embeddings")

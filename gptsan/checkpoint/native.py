@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from gptsan import storage
+from gptsan.checkpoint.dtypes import NATIVE_STORAGE_DTYPES
 from gptsan.checkpoint.staging import staged_output
 from gptsan.checkpoint.validate import check_tensors, error_summary
 from gptsan.errors import UserError
@@ -27,7 +28,7 @@ from gptsan.model.params import expected_shapes, flatten, unflatten
 
 PARAMETERS = "parameters.json"
 PARAMS_DIR = "params"
-STORAGE_DTYPES = ("float32", "bfloat16")
+STORAGE_DTYPES = NATIVE_STORAGE_DTYPES
 
 
 TRAIN_STATE_ITEM = "state"  # a training checkpoint `<output_dir>/<step>/state` (gptsan/train/checkpoint.py)

@@ -19,6 +19,7 @@ import sys
 from typing import Any
 
 from gptsan import storage
+from gptsan.checkpoint.dtypes import NATIVE_STORAGE_DTYPES
 from gptsan.errors import UserError, cli_main
 from gptsan.model.config import read_parameters_json
 from gptsan.seed import seed_flag
@@ -34,8 +35,6 @@ DEFAULT_TRAIN_PARAMS = {"batch_size": 16, "base_lr": 1e-4, "num_warmup_steps": 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gptsan.checkpoint import native
-
     parser = argparse.ArgumentParser(prog="gptsan-convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="source model directory (TF, HF or native)")
     parser.add_argument("--output", required=True, help="new native model directory (must not exist)")
@@ -43,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_spout", type=int, help="new spout width (re-initialises the spout network)")
     parser.add_argument("--freeze", choices=["spout"], action="append", default=[],
                         help="also list the spout network in ignore-params.json")
-    parser.add_argument("--dtype", default="float32", choices=native.STORAGE_DTYPES, help="storage dtype")
+    parser.add_argument("--dtype", default="float32", choices=NATIVE_STORAGE_DTYPES, help="storage dtype")
     parser.add_argument("--seed", type=seed_flag, default=0, help="seed of the newly initialised parameters")
     return parser
 
