@@ -4,6 +4,7 @@ model loads back from gs:// exactly as from a local copy of the same objects."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,7 @@ def test_training_on_gs_paths(emulator, tmp_path):
     train(4)
     fs.invalidate_cache()
     assert fs.exists(f"{BUCKET}/run/2/commit_success.txt") and fs.exists(f"{BUCKET}/run/4/commit_success.txt")
+    assert not fs.exists(f"{BUCKET}/run/.gptsan-train.lock")  # the run's lease, released as it ended
     assert json.loads(fs.cat(f"{BUCKET}/run/parameters.json"))["model_params"] == MINI_MODEL_PARAMS
 
     train(6)  # resumes from gs://.../run/4
@@ -186,3 +188,41 @@ def test_a_bucket_that_does_not_exist_or_may_not_be_listed_is_one_error(emulator
         process_share(f"gs://{BUCKET}/corpus/lm_*.tfrecord", 16)
     assert str(caught.value) == (f"gs://{BUCKET}/corpus/lm_*.tfrecord: cannot list the files it names (Forbidden: "
                                  f"{BUCKET}/corpus/lm_*.tfrecord)")
+
+
+def test_a_gs_output_dir_takes_one_training_run_at_a_time(emulator, monkeypatch, capsys):
+    """GCS has no lock that ends with its holder: a run renews a lease in output_dir, a second run that sees it
+    renewed is refused, and a lease left by a run that is gone (killed, its VM lost) is taken over once it has
+    not been renewed for STALE_SECONDS (a gs:// output_dir was not locked at all)."""
+    import socket
+
+    from gptsan import storage
+    from gptsan.train import output_lock
+
+    monkeypatch.setattr(output_lock, "RENEW_SECONDS", 0.5)
+    monkeypatch.setattr(output_lock, "STALE_SECONDS", 3.0)
+    out = f"gs://{BUCKET}/leased"
+    lock = f"{out}/.gptsan-train.lock"
+    holder = rf"process {os.getpid()} on {re.escape(socket.gethostname())}, started [^)]+"
+    with output_lock.output_dir_lock(out) as problem:
+        assert problem is None
+        taken = storage.read_text(lock)
+        assert re.fullmatch(holder + r"\nlease [0-9a-f]{32}, renewal 0\n", taken)
+        with output_lock.output_dir_lock(out) as second:  # another run, while this one holds the lease
+            assert re.fullmatch(rf"train_params\.output_dir {out}: another training run is writing there "
+                                rf"\({holder}\); wait for it to end or stop it, or give another output_dir", second)
+        assert storage.read_text(lock) != taken  # renewed
+    assert output_lock.read_lease(lock) is None  # released
+    capsys.readouterr()
+
+    gone = "process 1 on a-lost-vm, started 2026-12-01 00:00:00 UTC"
+    storage.write_text_atomic(lock, gone + "\nlease 0, renewal 7\n")
+    with output_lock.output_dir_lock(out) as problem:
+        assert problem is None
+        assert re.fullmatch(holder + r"\nlease [0-9a-f]{32}, renewal \d+\n", storage.read_text(lock))
+    assert output_lock.read_lease(lock) is None
+    assert capsys.readouterr().err.splitlines() == [
+        f"train_params.output_dir {out}: another training run's lock is there ({gone}); watching it for up to 3 s "
+        "to see whether that run is still writing",
+        f"warning: train_params.output_dir {out}: the lock of a run that is gone ({gone}) was not renewed for 3 s; "
+        "taking it over"]

@@ -38,7 +38,7 @@ class Checkpointer:
         self.time_check_every = max(int(time_check_every), 1)
         # cleanup_tmp_directories: a save cut short (a second Ctrl-C, a killed process) leaves a
         # `STEP.orbax-checkpoint-tmp` folder, removed when the next run starts (one run at a time holds the
-        # output_dir: gptsan/train/output_lock.py).
+        # output_dir, local or gs://: gptsan/train/output_lock.py).
         options = ocp.CheckpointManagerOptions(max_to_keep=max(int(max_to_keep), 1), create=True,
                                                enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
         self.directory = str(directory)
