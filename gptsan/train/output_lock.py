@@ -101,6 +101,9 @@ def remote_lease(output_dir: str):
         problem = lease.take(output_dir)
     except OSError as err:
         problem = f"train_params.output_dir {output_dir}: cannot write there ({storage.first_line(err)})"
+    except BaseException:  # a Ctrl-C: a lock written already is not left for the next run to wait out
+        lease.release()
+        raise
     if problem:
         yield problem
         return
