@@ -32,7 +32,6 @@ INDEX_SUFFIX = ".index.json"  # save_pretrained's sharded weights: `model.safete
 # The weights looked for, in this order: one file, else an index of shards (what save_pretrained writes for
 # a model over max_shard_size, 5 GB by default: GPTSAN-2.8B in float32).
 WEIGHT_FILES = (SAFETENSORS, SAFETENSORS + INDEX_SUFFIX, TORCH_BIN, TORCH_BIN + INDEX_SUFFIX)
-STORAGE_DTYPES = HF_STORAGE_DTYPES
 # The config.json fields that set the model's sizes (ModelConfig.from_hf_config).
 INTEGER_FIELDS = ("d_model", "d_ff", "d_ext", "d_spout", "num_switch_layers", "num_ext_layers", "num_heads",
                   "num_experts", "vocab_size", "max_position_embeddings")
@@ -64,8 +63,8 @@ def read_config(path: str, **runtime: Any) -> ModelConfig:
         raise UserError(f"{source}: layer_norm_epsilon must be a small positive number, got {json.dumps(epsilon)}")
     _refuse_other_numerics(source, hf)
     dtype = hf.get("dtype", hf.get("torch_dtype", "float32"))
-    if dtype not in STORAGE_DTYPES:
-        raise UserError(f"{source}: dtype {dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
+    if dtype not in HF_STORAGE_DTYPES:
+        raise UserError(f"{source}: dtype {dtype!r} is not one of {', '.join(HF_STORAGE_DTYPES)}")
     return ModelConfig.from_hf_config(hf, source, **runtime)
 
 
@@ -119,7 +118,7 @@ def _refuse_not_floating(file: str, bad: dict[str, str]) -> None:
         first = min(bad)
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise UserError(f"{file}: {first}{more} is {bad[first]}; expected floating-point weights "
-                        f"({', '.join(STORAGE_DTYPES)})")
+                        f"({', '.join(HF_STORAGE_DTYPES)})")
 
 
 def _read_torch_bin(file: str) -> dict[str, np.ndarray]:
@@ -177,8 +176,8 @@ def write(path: str, config: ModelConfig, flat: dict[str, Any], dtype: str = "fl
     """Write `config.json` + `model.safetensors` into the existing directory `path`."""
     from safetensors.numpy import save
 
-    if dtype not in STORAGE_DTYPES:
-        raise UserError(f"--dtype: expected one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
+    if dtype not in HF_STORAGE_DTYPES:
+        raise UserError(f"--dtype: expected one of {', '.join(HF_STORAGE_DTYPES)}, got {dtype!r}")
     np_dtype = jax.numpy.dtype(dtype)
     tensors = {}
     for entry in hf_entries(config):

@@ -28,7 +28,6 @@ from gptsan.model.params import expected_shapes, flatten, unflatten
 
 PARAMETERS = "parameters.json"
 PARAMS_DIR = "params"
-STORAGE_DTYPES = NATIVE_STORAGE_DTYPES
 
 
 TRAIN_STATE_ITEM = "state"  # a training checkpoint `<output_dir>/<step>/state` (gptsan/train/checkpoint.py)
@@ -177,8 +176,8 @@ def write(path: str, config: ModelConfig, flat: dict[str, Any], train_params: di
     """Write `params/` and then `parameters.json` into the (new, empty or staged) directory `path`."""
     import jax.numpy as jnp
 
-    if dtype not in STORAGE_DTYPES:
-        raise UserError(f"--dtype: expected one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
+    if dtype not in NATIVE_STORAGE_DTYPES:
+        raise UserError(f"--dtype: expected one of {', '.join(NATIVE_STORAGE_DTYPES)}, got {dtype!r}")
     check_tensors(str(path), {k: np.shape(v) for k, v in flat.items()}, expected_shapes(config), "parameters")
     tree = unflatten({name: np.asarray(jnp.asarray(value, dtype)) for name, value in flat.items()})
     with _checkpointer() as checkpointer:

@@ -70,8 +70,8 @@ def convert(src: str, dst: str, add_extra_stage: int = 0, num_spout: int | None 
 
     if add_extra_stage < 0:
         raise UserError(f"--add_extra_stage: expected a non-negative number of layers, got {add_extra_stage}")
-    if dtype not in native.STORAGE_DTYPES:
-        raise UserError(f"--dtype: expected one of {', '.join(native.STORAGE_DTYPES)}, got {dtype!r}")
+    if dtype not in NATIVE_STORAGE_DTYPES:
+        raise UserError(f"--dtype: expected one of {', '.join(NATIVE_STORAGE_DTYPES)}, got {dtype!r}")
     refuse_existing(dst)  # before the (possibly long) load
     train_params = source_train_params(src, dst)
     config, source = load_flat(src)

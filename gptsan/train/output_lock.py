@@ -80,7 +80,8 @@ def busy(output_dir: str, holder: str) -> str:
             f"{f' ({holder})' if holder else ''}; wait for it to end or stop it, or give another output_dir")
 
 
-def first_line(text: str) -> str:
+def holder_of(text: str) -> str:
+    """The holder a lock file's text names (its first line)."""
     return text.splitlines()[0] if text.strip() else ""
 
 
@@ -141,20 +142,20 @@ class Lease:
         """Write the lock file unless another run holds it: None, or the problem."""
         found = read_lease(self.path)
         if found is not None:
-            holder = first_line(found)
+            holder = holder_of(found)
             print(f"train_params.output_dir {output_dir}: another training run's lock is there ({holder}); "
                   f"watching it for up to {STALE_SECONDS:.0f} s to see whether that run is still writing",
                   file=sys.stderr, flush=True)
             now = watched(self.path, found)
             if now is not None and now != found:
-                return busy(output_dir, first_line(now))
+                return busy(output_dir, holder_of(now))
             if now is not None:
                 warn(f"train_params.output_dir {output_dir}: the lock of a run that is gone ({holder}) was not "
                      f"renewed for {STALE_SECONDS:.0f} s; taking it over")
         self.write()
         time.sleep(1.0)  # two runs that both found no lock both wrote one: the later write is the one kept
         now = read_lease(self.path)
-        return None if now == self.text else busy(output_dir, first_line(now or ""))
+        return None if now == self.text else busy(output_dir, holder_of(now or ""))
 
     def write(self) -> None:
         self.text = f"{self.holder}\nlease {self.token}, renewal {self.renewals}\n"
