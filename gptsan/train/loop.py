@@ -42,7 +42,7 @@ from gptsan.train.compiler_options import step_compiler_options
 from gptsan.train.config import RunConfig, TrainParams
 from gptsan.train.metrics import MetricsWriter, eval_summary, summarise
 from gptsan.train.optim import make_optimizer
-from gptsan.train.output_lock import output_dir_lock
+from gptsan.train.output_lock import cannot_write, output_dir_lock
 from gptsan.train.precision import LossScale, compute_dtype
 from gptsan.train.spout import check_spout_kind, one_hot_classes
 from gptsan.train.state import TrainState, change_trainable_set, check_frozen_names, create_state, split_params
@@ -97,7 +97,7 @@ def prepare_output_dir(output_dir: str, parameters: dict) -> None:
         text = json.dumps(parameters, indent=1)
         storage.write_text_atomic(storage.join(output_dir, "parameters.json"), text)
     except OSError as err:
-        raise UserError(f"train_params.output_dir {output_dir}: cannot write there ({err})") from None
+        raise UserError(cannot_write(output_dir, err)) from None
 
 
 @contextlib.contextmanager

@@ -52,7 +52,7 @@ def output_dir_lock(output_dir: str, take: bool = True):
         os.makedirs(output_dir, exist_ok=True)
         lock = open(path, "a+", encoding="utf-8")  # held open for the block
     except OSError as err:
-        yield f"train_params.output_dir {output_dir}: cannot write there ({err})"
+        yield cannot_write(output_dir, err)
         return
     try:
         try:
@@ -80,6 +80,10 @@ def busy(output_dir: str, holder: str) -> str:
             f"{f' ({holder})' if holder else ''}; wait for it to end or stop it, or give another output_dir")
 
 
+def cannot_write(output_dir: str, why: object) -> str:
+    return f"train_params.output_dir {output_dir}: cannot write there ({why})"
+
+
 def holder_of(text: str) -> str:
     """The holder a lock file's text names (its first line)."""
     return text.splitlines()[0] if text.strip() else ""
@@ -101,7 +105,7 @@ def remote_lease(output_dir: str):
     try:
         problem = lease.take(output_dir)
     except OSError as err:
-        problem = f"train_params.output_dir {output_dir}: cannot write there ({storage.first_line(err)})"
+        problem = cannot_write(output_dir, storage.first_line(err))
     except BaseException:  # a Ctrl-C: a lock written already is not left for the next run to wait out
         lease.release()
         raise
