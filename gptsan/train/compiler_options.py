@@ -24,12 +24,17 @@ resident memory grows by 2 GB, twice in 40 steps (5.0 GB resident with XLA's def
 with oneDNN; jaxlib 0.10.2; another run: 7.9, 10.0, then 12.0 GB within 15 steps after warming up).
 GPTSAN_ONEDNN_MATMULS=0 trades the speed back for the memory.
 
-On x86 CPUs without AVX-512 (AMD Zen 1-3, Intel client CPUs) it is off unless GPTSAN_ONEDNN_MATMULS=1: there a
-train step with num_contexts 1280 and a 36,000-token vocabulary (GPTSAN's own shapes, a small model) hung for
-good at its first step in 6 of 6 runs, at two model widths (2-vCPU AMD EPYC, Zen 1; jaxlib 0.10.2): two of XLA's
-threads waited inside oneDNN's `parallel`, one nested in the other's matmul (`gemm_f32_matmul_t::execute_ref` ->
-`jit_avx_gemm_f32`), and no thread was left to run their work. With ONEDNN_VERBOSE set the same run finished: a
-race. On AVX-512 CPUs, where the suite's benchmarks and tests ran oneDNN steps for months, no step ever hung.
+On x86 CPUs without AVX-512 (AMD Zen 1-3, Intel client CPUs) it is off unless GPTSAN_ONEDNN_MATMULS=1, which
+is not safe there. Without AVX-512 oneDNN runs every float32 matmul through its gemm-based implementation
+(`gemm:jit:f32` in ONEDNN_VERBOSE's lines, every dot of the step), which for a batched product (attention's
+per-head products) calls its sgemm inside its own `parallel` over the batch, and the sgemm parallelizes again:
+XLA's thread pool for oneDNN (`OneDnnThreadPool::parallel_for`) does not support that nesting. A train step
+with num_contexts 1280 and a 36,000-token vocabulary (GPTSAN's own shapes, a small model) hung for good at its
+first step in 6 of 6 runs at two model widths (two of XLA's threads waiting in nested `parallel`s, no thread
+left to run their work), and at width 128 aborted with a corrupted heap ("double free or corruption", the free
+inside the nested `parallel_for`) in 3 of 3 runs; pinned to one core (`taskset -c 0`), 2 of 2 ran (2-vCPU AMD
+EPYC, Zen 1; jaxlib 0.10.2). AVX-512 CPUs get other oneDNN matmul kernels, and there, in months of the suite's
+benchmarks and tests, no step ever hung or crashed.
 """
 
 from __future__ import annotations
