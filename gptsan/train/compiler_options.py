@@ -28,7 +28,7 @@ On x86 CPUs without AVX-512 (AMD Zen 1-3, Intel client CPUs) it is off unless GP
 is not safe there. Without AVX-512 oneDNN runs every float32 matmul through its gemm-based implementation
 (`gemm:jit:f32` in ONEDNN_VERBOSE's lines, every dot of the step), which for a batched product (attention's
 per-head products) calls its sgemm inside its own `parallel` over the batch, and the sgemm parallelizes again:
-XLA's thread pool for oneDNN (`OneDnnThreadPool::parallel_for`) does not support that nesting. A train step
+in jaxlib 0.10.2 XLA's thread pool for oneDNN (`OneDnnThreadPool::parallel_for`) mishandles that nesting. A step
 with num_contexts 1280 and a 36,000-token vocabulary (GPTSAN's own shapes, a small model) hung for good at its
 first step in 6 of 6 runs at two model widths (two of XLA's threads waiting in nested `parallel`s, no thread
 left to run their work), and at width 128 aborted with a corrupted heap ("double free or corruption", the free
