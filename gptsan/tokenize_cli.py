@@ -42,11 +42,20 @@ def input_texts(args) -> Iterator[tuple[str, str]]:
     if args.text is not None:
         yield "--text", args.text
         return
+    yield from file_lines(matched_files(args.files))
+
+
+def matched_files(pattern: str) -> list[str]:
+    files = storage.glob(pattern)
+    if not files:
+        raise UserError(f"--files: no file matches {pattern!r}")
+    return files
+
+
+def file_lines(files: list[str]) -> Iterator[tuple[str, str]]:
+    """(PATH:LINE, text) for each line of each file."""
     from gptsan.data.encode import read_document
 
-    files = storage.glob(args.files)
-    if not files:
-        raise UserError(f"--files: no file matches {args.files!r}")
     for path in files:
         for number, line in enumerate(read_document(path), start=1):
             yield f"{path}:{number}", line
@@ -63,14 +72,13 @@ def parse_ids(where: str, text: str) -> list[int]:
 
 
 def count_tokens(tokenizer: Tokenizer, args) -> dict[str, int]:
-    totals = {"files": 0, "lines": 0, "characters": 0, "tokens": 0}
-    seen_files = set()
-    for where, line in input_texts(args):
-        seen_files.add(where.rsplit(":", 1)[0])
+    files = matched_files(args.files) if args.text is None else []
+    totals = {"files": len(files), "lines": 0, "characters": 0, "tokens": 0}  # empty files count too
+    texts = input_texts(args) if args.text is not None else file_lines(files)
+    for _, line in texts:
         totals["lines"] += 1
         totals["characters"] += len(line)
         totals["tokens"] += len(tokenizer.encode(line.strip(), clean=True)) + 1
-    totals["files"] = len(seen_files) if args.files else 0
     return totals
 
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gptsan.data.encode import EncodeConfig, TokenizerSpec, main, run
+from gptsan.data.encode import EncodeConfig, TokenizerSpec, WorkerJob, main, run
 from gptsan.data.layout import LayoutSettings, compress_runs
-from gptsan.data.schema import parse_example, read_frames, record_from_example
+from gptsan.data.schema import frame, parse_example, read_frames, record_from_example
+from gptsan.errors import UserError
 from gptsan.tokenizer.base import SENTENCE_PUNCTUATION
 from gptsan.tokenizer.swe import SWETokenizer
 from tests.conftest import shared_path
@@ -146,6 +147,20 @@ def test_list_file_recognised_by_its_header_whatever_its_name(vocab, tmp_path):
     assert [r.i for r in read_records(tmp_path / "out")] == [42]
 
 
+def test_a_plain_list_file_names_one_file_a_line_with_or_without_a_class_id(vocab, tmp_path):
+    """The original's list file (no header; its branch was broken): it was encoded as a document, the file
+    names becoming the corpus."""
+    for name in ("A.txt", "B.txt", "C.txt"):
+        write(tmp_path / "data" / name, f"{name}の中身\n")
+    listing = write(tmp_path / "files.txt", "data/A.txt 7\n\ndata/B.txt\ndata/C.txt\t-3\n")
+    encode(vocab, listing, tmp_path / "out", num_context=16)
+    assert sorted(r.i for r in read_records(tmp_path / "out")) == [-3, 1, 7]  # B.txt: its position in the list
+
+    write(tmp_path / "bad.txt", "data/A.txt\ndata/missing.txt 2\n")
+    with pytest.raises(UserError, match=r"bad.txt:2: data/missing.txt 2 not found \(a list file names one"):
+        encode(vocab, tmp_path / "bad.txt", tmp_path / "out2", num_context=16)
+
+
 def test_glob_inputs_get_their_position_in_the_sorted_list(vocab, tmp_path):
     for name in ("c.txt", "a.txt", "b.txt"):
         write(tmp_path / "in" / name, f"{name}の中身\n")
@@ -250,6 +265,24 @@ def test_mlm_max_mask_caps_and_no_offset_puts_targets_on_the_mask(vocab, tmp_pat
         assert (r.y[targets] == p.x[targets]).all()
 
 
+def test_no_offset_mlm_is_for_mlm_only_as_in_the_original(vocab, tmp_path, capsys):
+    """The original read --no_offset_mlm in mlm mode only; hybrid records moved their targets with it here."""
+    inputs = corpus(tmp_path)
+    common = ["--vocabulary", vocab, "--quiet", "--input_files", str(inputs), "--mode", "hybrid",
+              "--num_context", "128", "--num_process", "1", "--num_mask", "0.2"]
+    assert main([*common, "--output_dir", str(tmp_path / "plain")]) == 0
+    capsys.readouterr()
+    assert main([*common, "--output_dir", str(tmp_path / "flag"), "--no_offset_mlm"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: --no_offset_mlm applies to --mode mlm only (as in GPTSAN): the hybrid records "
+                        "keep each target at the position before its mask"]
+    plain, flagged = read_records(tmp_path / "plain"), read_records(tmp_path / "flag")
+    assert any((r.y[: r.num_input] != -1).any() for r in plain)  # there are masks to move
+    for a, b in zip(plain, flagged, strict=True):
+        np.testing.assert_array_equal(a.x, b.x)
+        np.testing.assert_array_equal(a.y, b.y)
+
+
 def test_nextsent_lead_sentence_and_targets(vocab, swe, tmp_path):
     """A "continues" lead is the document's next text (the next line, or in a record that continues a document,
     the rest of the line the previous record cut) and the text after it follows it; an "unrelated" one is a
@@ -342,6 +375,21 @@ def test_inspect_tool_prints_decoded_records(vocab, tmp_path):
     assert "body:   '猫が好きです<|separator|>\\n'" in done.stdout  # the input shows the separator for 。
 
 
+def test_inspect_tool_names_a_record_without_its_class_id_and_refuses_no_records(vocab, tmp_path):
+    """An empty `i` list was an IndexError traceback; `--num -2` printed nothing and exited 0."""
+    from gptsan.data.schema import serialize_example
+
+    path = tmp_path / "bad.tfrecord"
+    path.write_bytes(frame(serialize_example({"x": [SOT, SEG, EOT], "y": [-1, EOT, -1], "i": [], "num_input": [1]})))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    tool = [sys.executable, str(REPO / "tools" / "inspect_tfrecord.py"), str(path), "--vocabulary", vocab]
+    done = subprocess.run(tool, env=env, capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (
+        2, f"error: {path}: record 0 is corrupt (features ['i'] hold [0] values, expected 1)\n")
+    done = subprocess.run([*tool, "--num", "-2"], env=env, capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (2, "error: --num: expected at least 1 record to show, got -2\n")
+
+
 def test_inspect_tool_names_the_separator_and_mask_roles(vocab):
     import importlib.util
 
@@ -389,6 +437,48 @@ def test_csv_fileid_that_is_no_int64(vocab, tmp_path, capsys, fileid):
     assert left == []
 
 
+def test_a_csv_list_that_is_not_utf8_is_one_error(vocab, tmp_path, capsys):
+    """A Shift-JIS list (what a spreadsheet on Windows saves) was a UnicodeDecodeError traceback."""
+    write(tmp_path / "あ.txt", "あ\n")
+    csv_path = tmp_path / "list.csv"
+    csv_path.write_bytes("filename,fileid\nあ.txt,1\n".encode("shift_jis"))
+    code, err, left = run_cli(vocab, tmp_path, capsys, "--input_files", str(csv_path))
+    assert code == 2 and err == f"error: {csv_path}: not UTF-8 (byte 0x82 at offset 16)" and left == []
+
+
+def test_a_path_refused_inside_a_worker_is_the_one_line_one_process_gives(vocab):
+    """With --num_process > 1 a worker's OSError (no permission, disk full) was a RuntimeError traceback."""
+    from gptsan.data.encode import _worker_entry
+
+    class Pipe:
+        def send(self, message):
+            self.message = message
+
+    job = WorkerJob(3, (), TokenizerSpec("swe", vocab), LayoutSettings(), 0, "/nonexistent/out.partial", False)
+    pipe = Pipe()
+    _worker_entry(job, pipe)
+    assert pipe.message == ("user_error", 3, "/nonexistent/out.partial: No such file or directory")
+
+
+def test_the_vocabulary_defaults_to_ja_swe36k_in_the_working_directory(vocab, tmp_path, monkeypatch, capsys):
+    """As the original's: its README's encoder command has no --vocabulary."""
+    write(tmp_path / "data" / "a.txt", "猫が好きです。\n")
+    monkeypatch.chdir(tmp_path)
+    args = ["--input_files", "data/*.txt", "--quiet", "--num_context", "16"]
+    assert main([*args, "--output_dir", "none"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --vocabulary: not given, and its default ja-swe36k.txt is not "
+                                               f"in the working directory {tmp_path}; give --vocabulary PATH")
+    (tmp_path / "ja-swe36k.txt").symlink_to(vocab)
+    (tmp_path / "emoji.json").symlink_to(shared_path("vocab", "emoji.json"))
+    assert main([*args, "--output_dir", "default"]) == 0
+    assert main([*args, "--output_dir", "given", "--vocabulary", vocab]) == 0
+    assert (tmp_path / "default" / "lm_0000.tfrecord").read_bytes() == \
+        (tmp_path / "given" / "lm_0000.tfrecord").read_bytes()
+    assert main([*args, "--output_dir", "sp", "--tokenizer", "sentencepiece"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "error: --vocabulary: required with --tokenizer sentencepiece (its .model file)"
+
+
 def test_glob_matching_nothing(vocab, tmp_path, capsys):
     code, err, left = run_cli(vocab, tmp_path, capsys, "--input_files", str(tmp_path / "none" / "*.txt"))
     assert code == 2 and "no file matches" in err and left == []
@@ -426,6 +516,10 @@ def test_empty_corpus(vocab, tmp_path, capsys):
     write(tmp_path / "in" / "b.txt", "\n  \n")
     code, err, left = run_cli(vocab, tmp_path, capsys, "--input_files", str(tmp_path / "in" / "*.txt"))
     assert code == 2 and "no text" in err and left == []
+    (tmp_path / "in" / "c.txt").write_bytes("シフトJIS".encode("shift_jis"))
+    code, err, left = run_cli(vocab, tmp_path, capsys, "--input_files", str(tmp_path / "in" / "*.txt"),
+                              "--skip_bad_files")
+    assert code == 2 and err.endswith("(1 skipped as not UTF-8)") and left == []
 
 
 def test_num_context_below_the_fixed_overhead(vocab, tmp_path, capsys):
@@ -433,6 +527,9 @@ def test_num_context_below_the_fixed_overhead(vocab, tmp_path, capsys):
     args = ("--input_files", str(tmp_path / "in" / "*.txt"), "--num_context", "4")
     code, err, left = run_cli(vocab, tmp_path, capsys, *args)
     assert code == 2 and err.startswith("error: --num_context: must be at least 8") and left == []
+    code, err, left = run_cli(vocab, tmp_path, capsys, *args[:-1], "99999999999")  # was a MemoryError traceback
+    assert code == 2 and err == "error: --num_context: at most 1048576 tokens per record, got 99999999999"
+    assert left == []
 
 
 def test_cli_error_is_one_line_and_exit_2(vocab, tmp_path):
@@ -443,6 +540,31 @@ def test_cli_error_is_one_line_and_exit_2(vocab, tmp_path):
     assert done.returncode == 2
     expected = f"error: --input_files: no file matches '{tmp_path / 'x.csv'}'"
     assert done.stderr.strip().splitlines() == [expected]
+
+
+def test_ctrl_c_with_two_workers_is_one_line_and_leaves_nothing(vocab, tmp_path):
+    """The parent's multiprocessing.Queue left named semaphores behind, and the resource tracker printed two
+    lines about them after `interrupted`."""
+    import signal
+    import time
+
+    for k in range(2):
+        write(tmp_path / "in" / f"{k}.txt", "長い文書の一行です。東京と大阪の話をします。\n" * 40000)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "gptsan.data.encode", "--input_files", str(tmp_path / "in" / "*.txt"),
+           "--vocabulary", vocab, "--output_dir", str(out), "--num_process", "2", "--num_context", "64", "--quiet"]
+    tool = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, as a terminal's Ctrl-C reaches
+    deadline = time.monotonic() + 120
+    while len(list(out.glob(".lm_*.partial-*"))) < 2:  # both workers are encoding
+        assert tool.poll() is None and time.monotonic() < deadline, tool.communicate()
+        time.sleep(0.1)
+    os.killpg(tool.pid, signal.SIGINT)
+    _, err = tool.communicate(timeout=60)
+    assert (tool.returncode, err) == (130, "interrupted\n")
+    assert list(out.iterdir()) == []
 
 
 def test_an_output_dir_that_is_a_file(vocab, tmp_path, capsys):

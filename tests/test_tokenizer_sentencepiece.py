@@ -134,3 +134,21 @@ def test_train_tool_refuses_a_gs_model_prefix_before_training(tmp_path):
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.startswith("error: --model_prefix: gs://bucket/sp is not a local path")
     assert len(done.stderr.splitlines()) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt"]
+
+
+def test_a_jsonl_corpus_with_a_byte_order_mark_trains(tmp_path):
+    """Its first record was refused ('expected a JSON object with a 'text' field'): the BOM was read as text."""
+    records = [json.dumps({"text": line}, ensure_ascii=False) for line in japanese_lines(60)]
+    (tmp_path / "bom.jsonl").write_text("\ufeff" + "\n".join(records), encoding="utf-8")
+    model = train_sentencepiece([str(tmp_path / "bom.jsonl")], str(tmp_path / "m"), vocab_size=400)
+    tokenizer = load_tokenizer("sentencepiece", model)
+    assert tokenizer.decode(tokenizer.encode("猫は東京へ")) == "猫は東京へ"
+
+
+def test_a_failed_training_leaves_no_folder_and_no_file(tmp_path):
+    """The folders of --model_prefix were made before SentencePiece refused the vocabulary size."""
+    (tmp_path / "corpus.txt").write_text("\n".join(japanese_lines(300)), encoding="utf-8")
+    with pytest.raises(UserError, match="sentencepiece training failed: .*Vocabulary size is smaller"):
+        train_sentencepiece([str(tmp_path / "corpus.txt")], str(tmp_path / "new" / "sub" / "m"), vocab_size=280,
+                            character_coverage=1.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt"]

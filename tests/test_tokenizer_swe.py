@@ -178,6 +178,9 @@ def test_cli_files_one_line_per_text_and_count(capsys, tmp_path):
     code, out, _ = tokenize_cli(capsys, "--count", "--files", str(tmp_path / "*.txt"))
     expected_tokens = sum(len(ids) + 1 for ids in lines)
     assert json.loads(out) == {"files": 2, "lines": 3, "characters": 5, "tokens": expected_tokens}
+    (tmp_path / "empty.txt").write_text("", encoding="utf-8")  # a file matched counts, lines or none
+    code, out, _ = tokenize_cli(capsys, "--count", "--files", str(tmp_path / "*.txt"))
+    assert json.loads(out) == {"files": 3, "lines": 3, "characters": 5, "tokens": expected_tokens}
 
 
 def test_cli_count_is_what_the_encoder_writes(capsys, tmp_path):

@@ -55,13 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default="swe", help=" | ".join(KINDS))
     p.add_argument("--vocabulary", required=True)
     p.add_argument("--emoji", default=None)
-    p.add_argument("--num", type=int, default=3, help="records to show")
+    p.add_argument("--num", type=int, default=3, help="records to show (at least 1)")
     return p
 
 
 @cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.num < 1:
+        raise UserError(f"--num: expected at least 1 record to show, got {args.num}")
     tokenizer = load_tokenizer(args.tokenizer, args.vocabulary, emoji_file=args.emoji)
     if not storage.exists(args.path):
         raise UserError(f"{args.path}: file not found")

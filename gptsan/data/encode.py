@@ -1,8 +1,11 @@
 """Encode text corpora into GPTSAN tfrecords (`gptsan-encode`, `tools/make_tfrecord_simple.py`).
 
-Inputs: a glob of UTF-8 text files (local or gs://), or a CSV list (a `.csv` file, or any file whose first
-line starts with `filename,`; named exactly, not matched by a glob) with header `filename,fileid` naming files
-(relative names are looked up beside the list first, then from the working directory) and their class ids.
+Inputs: a glob of UTF-8 text files (local or gs://), or a list file named exactly (not matched by a glob):
+a CSV list (a `.csv` file, or any file whose first line starts with `filename,`) with header
+`filename,fileid` naming files and their class ids, or the original's plain list, whose first line names an
+existing file: one file name a line, optionally followed by white space and its class id (the original
+meant to read it, but its branch was broken). Listed names are looked up beside the list first, then from
+the working directory.
 The name of an existing file is taken literally, `[`, `*` or `?` in it or not (`doc[1].txt`, `list [v2].csv`):
 a glob only when no file has that exact name (`storage.glob`). One file is one document;
 `i` is its CSV `fileid`, else its position in the sorted list of inputs (the original numbered records
@@ -31,7 +34,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import queue
 import re
 import shutil
 import sys
@@ -44,9 +46,11 @@ import numpy as np
 from gptsan import storage
 from gptsan.data.layout import MIN_CONTEXT, MODES, DocumentEncoder, LayoutSettings
 from gptsan.data.schema import frame, serialize_example
-from gptsan.errors import UserError, cli_main, warn
+from gptsan.errors import UserError, cli_main, path_error, warn
 from gptsan.seed import seed_flag
 from gptsan.tokenizer import KINDS, load_tokenizer
+
+DEFAULT_VOCABULARY = "ja-swe36k.txt"
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,8 @@ class WorkerSummary:
 def list_inputs(spec: str) -> list[InputFile]:
     if _is_csv_list(spec):
         return _inputs_from_csv(spec)
+    if _is_plain_list(spec):
+        return _inputs_from_plain_list(spec)
     paths = storage.glob(spec)
     if not paths:
         raise UserError(f"--input_files: no file matches {spec!r}")
@@ -108,8 +114,49 @@ def _is_csv_list(spec: str) -> bool:
         return f.readline().lstrip(b"\xef\xbb\xbf").startswith(b"filename,")
 
 
+def _is_plain_list(spec: str) -> bool:
+    """A file named exactly `spec` whose first non-blank line is the name of an existing file (beside the list
+    or from the working directory), alone or followed by a class id: the original's list file."""
+    if not storage.exists(spec) or storage.isdir(spec):
+        return False
+    with storage.open_file(spec, "rb") as f:
+        head = f.read(4096)
+    first = next((line for line in head.decode("utf-8-sig", errors="replace").splitlines() if line.strip()), "")
+    return _listed_entry(spec, first) is not None
+
+
+def _listed_entry(list_path: str, line: str) -> tuple[str, int | None] | None:
+    """(the file a plain list's `line` names, its class id or None), or None when it names no existing file."""
+    line = line.strip()
+    candidates = [(line, None)]
+    parts = line.rsplit(None, 1)
+    if len(parts) == 2 and re.fullmatch(r"-?[0-9]+", parts[1]):
+        candidates.append((parts[0], int(parts[1])))
+    for name, class_id in candidates:
+        found = _existing_listed(list_path, name) if name else None
+        if found is not None:
+            return found, class_id
+    return None
+
+
+def _inputs_from_plain_list(list_path: str) -> list[InputFile]:
+    inputs = []
+    for line_number, line in enumerate(read_document(list_path), start=1):
+        if not line.strip():
+            continue
+        entry = _listed_entry(list_path, line)
+        if entry is None:
+            raise UserError(f"{list_path}:{line_number}: {line.strip()} not found (a list file names one existing "
+                            f"file a line, optionally followed by its integer class id)")
+        path, class_id = entry
+        if class_id is not None and not -(2**63) <= class_id < 2**63:
+            raise UserError(f"{list_path}:{line_number}: the class id must be an integer (int64), got {class_id}")
+        inputs.append(InputFile(path, len(inputs) if class_id is None else class_id, len(inputs)))
+    return inputs
+
+
 def _inputs_from_csv(csv_path: str) -> list[InputFile]:
-    rows = list(csv.reader(storage.read_text(csv_path).lstrip("\ufeff").splitlines()))
+    rows = list(csv.reader(read_document(csv_path)))
     header = [name.strip() for name in rows[0]] if rows else []
     if "filename" not in header or "fileid" not in header:
         got = ",".join(header)
@@ -131,14 +178,19 @@ def _inputs_from_csv(csv_path: str) -> list[InputFile]:
 
 
 def _resolve_listed(csv_path: str, name: str, line_number: int) -> str:
+    found = _existing_listed(csv_path, name)
+    if found is None:
+        raise UserError(f"{csv_path}:{line_number}: {name} not found")
+    return found
+
+
+def _existing_listed(list_path: str, name: str) -> str | None:
+    """The existing file a list names `name`: beside the list first, then from the working directory."""
     candidates = [name] if storage.is_remote(name) or os.path.isabs(name) else []
     if not candidates:
-        base = csv_path.rsplit("/", 1)[0] if storage.is_remote(csv_path) else os.path.dirname(csv_path)
+        base = list_path.rsplit("/", 1)[0] if storage.is_remote(list_path) else os.path.dirname(list_path)
         candidates = [storage.join(base, name), name]
-    for candidate in candidates:
-        if storage.exists(candidate) and not storage.isdir(candidate):
-            return candidate
-    raise UserError(f"{csv_path}:{line_number}: {name} not found")
+    return next((c for c in candidates if storage.exists(c) and not storage.isdir(c)), None)
 
 
 class NotUTF8Error(UserError):
@@ -208,19 +260,31 @@ def _remove_quietly(path: str) -> None:
 
 
 def _worker_entry(job: WorkerJob, messages) -> None:
-    """Body of a worker process: progress, the summary or the error go back through `messages`."""
+    """Body of a worker process: progress, the summary or the error go back through `messages` (a pipe)."""
     try:
-        summary = encode_files(job, report=lambda nbytes: messages.put(("progress", job.proc, nbytes)))
-        messages.put(("done", job.proc, summary))
+        summary = encode_files(job, report=lambda nbytes: messages.send(("progress", job.proc, nbytes)))
+        messages.send(("done", job.proc, summary))
     except UserError as err:
-        messages.put(("user_error", job.proc, str(err)))
+        messages.send(("user_error", job.proc, str(err)))
+    except OSError as err:  # a path the system refused: the one line cli_main gives it in one process
+        if err.filename is None:
+            messages.send(("crash", job.proc, _crash_text(err)))
+        else:
+            messages.send(("user_error", job.proc, path_error(err)))
     except BaseException as err:  # a bug: hand the parent the text, it re-raises
-        import traceback
+        messages.send(("crash", job.proc, _crash_text(err)))
 
-        messages.put(("crash", job.proc, f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
+
+def _crash_text(err: BaseException) -> str:
+    import traceback
+
+    return f"{type(err).__name__}: {err}\n{traceback.format_exc()}"
 
 
 # ---- the run ------------------------------------------------------------------------------------------
+
+
+MAX_CONTEXT = 1 << 20  # GPTSAN's is 1280; a record of 2^20 tokens is 16 MiB in each of x and y
 
 
 @dataclass(frozen=True)
@@ -243,6 +307,8 @@ class EncodeConfig:
                 f"--num_context: must be at least {MIN_CONTEXT} (start, segmenter and end tokens, "
                 f"a lead sentence and text), got {s.num_context}"
             )
+        if s.num_context > MAX_CONTEXT:
+            raise UserError(f"--num_context: at most {MAX_CONTEXT} tokens per record, got {s.num_context}")
         if not 0.0 <= s.num_mask <= 1.0:
             raise UserError(f"--num_mask: expected a rate in [0, 1], got {s.num_mask}")
         if s.max_mask < 0:
@@ -280,7 +346,9 @@ def run(config: EncodeConfig) -> list[WorkerSummary]:
     try:
         summaries = _run_jobs(jobs, total_bytes, config.progress, tokenizer)
         if sum(s.records for s in summaries) == 0:
-            raise UserError(f"--input_files: no text in the {len(inputs)} file(s) of {config.input_files!r}")
+            skipped = sum(len(s.skipped) for s in summaries)
+            raise UserError(f"--input_files: no text in the {len(inputs)} file(s) of {config.input_files!r}"
+                            + (f" ({skipped} skipped as not UTF-8)" if skipped else ""))
         written = [job for job, summary in zip(jobs, summaries, strict=True) if summary.records]
         finals = [f"{config.layout.mode}_{n:04d}.tfrecord" for n in range(len(written))]
         _publish(written, finals, config.output_dir, remote)
@@ -307,36 +375,46 @@ def _run_jobs(jobs: list[WorkerJob], total_bytes: int, progress: bool, tokenizer
 
 
 def _run_in_processes(jobs: list[WorkerJob], bar) -> list[WorkerSummary]:
+    """One spawned process a job, each reporting through its own pipe (a multiprocessing.Queue's named
+    semaphores outlived a Ctrl-C, which ends the tool with os._exit, and the resource tracker warned about
+    them after the `interrupted` line)."""
     import multiprocessing
+    from multiprocessing.connection import wait
 
     context = multiprocessing.get_context("spawn")  # safe whatever the parent imported (TensorFlow, JAX)
-    messages = context.Queue()
-    workers = [context.Process(target=_worker_entry, args=(job, messages), daemon=True) for job in jobs]
-    for worker in workers:
+    pipes = [context.Pipe(duplex=False) for _ in jobs]
+    workers = [context.Process(target=_worker_entry, args=(job, sender), daemon=True)
+               for job, (_, sender) in zip(jobs, pipes, strict=True)]
+    for worker, (_, sender) in zip(workers, pipes, strict=True):
         worker.start()
+        sender.close()  # the worker's end: its pipe reads end-of-file when the worker is gone
+    receivers = {receiver: proc for proc, (receiver, _) in enumerate(pipes)}
     summaries: dict[int, WorkerSummary] = {}
     try:
         while len(summaries) < len(jobs):
-            try:
-                kind, proc, payload = messages.get(timeout=1.0)
-            except queue.Empty:
-                dead = [w for w in workers if w.exitcode not in (None, 0)]
-                if dead:
-                    raise RuntimeError(f"an encoder worker died (exit code {dead[0].exitcode})") from None
-                continue
-            if kind == "progress":
-                bar.update(payload)
-            elif kind == "done":
-                summaries[proc] = payload
-            elif kind == "user_error":
-                raise UserError(payload)
-            else:
-                raise RuntimeError(f"encoder worker {proc} failed: {payload}")
+            for receiver in wait(list(receivers), timeout=1.0):
+                try:
+                    kind, proc, payload = receiver.recv()
+                except EOFError:
+                    worker = workers[receivers[receiver]]
+                    worker.join()
+                    raise RuntimeError(f"an encoder worker died (exit code {worker.exitcode})") from None
+                if kind == "progress":
+                    bar.update(payload)
+                elif kind == "done":
+                    summaries[proc] = payload
+                    del receivers[receiver]
+                elif kind == "user_error":
+                    raise UserError(payload)
+                else:
+                    raise RuntimeError(f"encoder worker {proc} failed: {payload}")
     finally:
         for worker in workers:
             if worker.is_alive():
                 worker.terminate()
             worker.join()
+        for receiver, _ in pipes:
+            receiver.close()
     return [summaries[k] for k in range(len(jobs))]
 
 
@@ -384,7 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="lm", help="lm | hybrid | mlm")
     p.add_argument("--no_offset_mlm", action="store_true", help="mask targets at the masked position itself")
     p.add_argument("--tokenizer", default="swe", help=" | ".join(KINDS))
-    p.add_argument("--vocabulary", required=True, help="ja-swe36k.txt (swe) or a .model file (sentencepiece)")
+    p.add_argument("--vocabulary", default=None,
+                   help=f"ja-swe36k.txt (swe; default: {DEFAULT_VOCABULARY} in the working directory, as the "
+                        "original's) or a .model file (sentencepiece)")
     p.add_argument("--emoji", default=None, help="emoji.json (swe; default: beside the vocabulary)")
     p.add_argument("--num_process", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--num_context", type=int, default=1280)
@@ -400,12 +480,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> EncodeConfig:
+    vocabulary = args.vocabulary
+    if vocabulary is None:
+        if args.tokenizer != "swe":
+            raise UserError(f"--vocabulary: required with --tokenizer {args.tokenizer} (its .model file)")
+        if not storage.exists(DEFAULT_VOCABULARY):
+            raise UserError(f"--vocabulary: not given, and its default {DEFAULT_VOCABULARY} is not in the working "
+                            f"directory {os.getcwd()}; give --vocabulary PATH")
+        vocabulary = DEFAULT_VOCABULARY
+    if args.no_offset_mlm and args.mode != "mlm":
+        warn(f"--no_offset_mlm applies to --mode mlm only (as in GPTSAN): the {args.mode} records keep each "
+             f"target at the position before its mask")
     layout = LayoutSettings(
         mode=args.mode, num_context=args.num_context, num_mask=args.num_mask, max_mask=args.max_mask,
         use_nextsent=args.use_nextsent, hybrid_rate=args.hybrid_rate, no_offset_mlm=args.no_offset_mlm,
     )
     return EncodeConfig(
-        input_files=args.input_files, tokenizer=TokenizerSpec(args.tokenizer, args.vocabulary, args.emoji),
+        input_files=args.input_files, tokenizer=TokenizerSpec(args.tokenizer, vocabulary, args.emoji),
         layout=layout, output_dir=args.output_dir, num_process=args.num_process, seed=args.seed,
         skip_bad_files=args.skip_bad_files, progress=not args.quiet,
     )

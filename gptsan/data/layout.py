@@ -22,15 +22,15 @@ on SOT, lead and prefix (except mask and next-sentence targets), from the end of
 - Masking (mlm, and hybrid records with a prefix, as the original): `min(int(num_mask * len(prefix)),
   max_mask)` prefix positions (one fewer with a lead sentence) are drawn; an ordinary token there is
   replaced by `<|inputmask|>` 80%, a random ordinary token 10%, kept 10%, and its original id is the target
-  at the preceding position (at the position itself with `no_offset_mlm`; the original got there by
-  shifting the whole of `x` left by one, which also moved SEG inside the bidirectional prefix; we keep
-  the layout and move only the targets).
+  at the preceding position (at the position itself with `no_offset_mlm` in mlm mode; the original read
+  that flag in mlm mode only, and so does this. It got there by shifting the whole of `x` left by one,
+  which also moved SEG inside the bidirectional prefix; we keep the layout and move only the targets).
 - Next sentence (`use_nextsent`, records with a prefix): a lead sentence ended by `<|separator|>` goes
   right after SOT. Half the time it is the document's next text and the record's text continues after it
   (target `<|separator|>`: "continues"): the next line, or in a record that continues a document, the rest
   of the line the previous record cut (its `<BR>` becomes the separator, as a lead line's does); otherwise
   it is a line from an earlier document of the same worker (target `<|endoftext|>`: "unrelated"). The
-  target sits at the position before the separator (at the separator with `no_offset_mlm`). Lead length is
+  target sits at the position before the separator (at the separator with `no_offset_mlm`, mlm). Lead length is
   capped at `num_context // 2 - 2` tokens. (Continuation records never had a "continues" lead: the rest of
   the cut line, or the next line already read ahead, was always in the way, so nearly every lead of a long
   document was "unrelated".)
@@ -213,7 +213,7 @@ class DocumentEncoder:
         seg = 1 + len(lead) + len(prefix)
         targets = body_y + [tok.end_id if ends_document else following]
         y[seg : seg + len(targets)] = targets[: ctx - seg]
-        offset = 0 if self.settings.no_offset_mlm else 1
+        offset = 0 if self.settings.no_offset_mlm and self.settings.mode == "mlm" else 1
         if lead_target is not None:
             y[len(lead) - offset] = lead_target  # the separator ending the lead sits at index len(lead)
         self._mask_prefix(x, y, start=1 + len(lead), length=len(prefix), offset=offset, has_lead=bool(lead))

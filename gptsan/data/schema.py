@@ -153,6 +153,9 @@ def record_from_example(features: dict[str, np.ndarray]) -> Record:
     missing = [name for name in FEATURES if name not in features]
     if missing:
         raise ValueError(f"missing features {missing}")
+    scalars = [name for name in ("i", "num_input") if len(features[name]) != 1]
+    if scalars:
+        raise ValueError(f"features {scalars} hold {[len(features[n]) for n in scalars]} values, expected 1")
     return Record(features["x"], features["y"], int(features["i"][0]), int(features["num_input"][0]))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 
@@ -94,10 +95,11 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 def read_training_lines(paths: Iterable[str], text_field: str = "text") -> Iterable[str]:
-    """Non-empty lines of UTF-8 `.txt` files, or of the `text_field` of each `.jsonl` record."""
+    """Non-empty lines of UTF-8 `.txt` files, or of the `text_field` of each `.jsonl` record (a leading BOM
+    is dropped)."""
     for path in paths:
         try:
-            with storage.open_file(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
+            with storage.open_file(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8-sig") as f:
                 for line_number, line in enumerate(f, start=1):
                     if path.endswith(".jsonl"):
                         line = _jsonl_text(path, line_number, line, text_field)
@@ -141,11 +143,11 @@ def train_sentencepiece(paths: Sequence[str], model_prefix: str, *, vocab_size: 
                 count += 1
         if count == 0:
             raise UserError("--input_files: no text to train on")
-        os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
+        trained = os.path.join(tmp, "trained")  # moved beside model_prefix only once training succeeded
         try:
             with open(os.devnull, "w") as devnull:
                 spm.SentencePieceTrainer.Train(
-                    input=corpus, model_prefix=model_prefix, vocab_size=vocab_size, model_type=model_type,
+                    input=corpus, model_prefix=trained, vocab_size=vocab_size, model_type=model_type,
                     character_coverage=character_coverage, byte_fallback=True,
                     user_defined_symbols=list(RESERVED_PIECES), unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
                     normalization_rule_name="nmt_nfkc", add_dummy_prefix=False,
@@ -154,4 +156,13 @@ def train_sentencepiece(paths: Sequence[str], model_prefix: str, *, vocab_size: 
                 )
         except RuntimeError as err:
             raise UserError(f"sentencepiece training failed: {err}") from None
+        os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
+        for suffix in (".vocab", ".model"):  # the .model last: its presence means both are whole
+            partial = f"{model_prefix}{suffix}.partial-{os.getpid()}"
+            try:
+                shutil.copyfile(trained + suffix, partial)
+                os.replace(partial, model_prefix + suffix)
+            finally:
+                if os.path.exists(partial):
+                    os.remove(partial)
     return model_prefix + ".model"
