@@ -138,6 +138,33 @@ def ctrl_c_interrupts():
             raise KeyboardInterrupt  # over any other ending
 
 
+@contextlib.contextmanager
+def ctrl_c_deferred():
+    """A first Ctrl-C in the block takes effect at its end; a second one at once. For writes that go on in
+    background threads once the main thread is interrupted (Orbax's): the folder being written is removed
+    after the Ctrl-C, and they wrote parts of it again afterwards."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield  # another thread's block, or Ctrl-C ignored (or left to the system) here
+        return
+    came = False
+
+    def handle(signum, frame):
+        nonlocal came
+        if came:  # a second Ctrl-C: at once, as the handler before this one takes it
+            signal.signal(signal.SIGINT, previous)
+            previous(signum, frame)
+        came = True
+
+    signal.signal(signal.SIGINT, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if came:
+        previous(signal.SIGINT, None)
+
+
 # A C extension's module initialisation. jaxlib's (C++, nanobind) aborts or crashes the process on an exception
 # raised in the Python code it runs (enum set-up, imports), such as a KeyboardInterrupt.
 EXTENSION_INIT = (ExtensionFileLoader.create_module.__code__, ExtensionFileLoader.exec_module.__code__)

@@ -251,6 +251,12 @@ def check_output_file(path: str, flag: str) -> None:
     nearest existing folder above it is a file or not writable. Missing folders are made when it is written."""
     if isdir(path):
         raise UserError(f"{flag} {path}: is a folder; give a file name")
+    check_output_parent(path, flag)
+
+
+def check_output_parent(path: str, flag: str) -> None:
+    """Fail before any work if (local) the nearest existing folder above `flag`'s `path` is a file or not
+    writable: the folders missing in between are made when `path` is written."""
     if is_remote(path):
         return
     folder = parent(path)

@@ -233,6 +233,27 @@ def test_hf_weights_that_are_not_floating_point_are_refused(tmp_path, tiny_hf_di
                                  "weights (float32, float16, bfloat16)")
 
 
+@pytest.mark.parametrize("dtype", ["int32", "bool", "string"])
+def test_tf_variables_that_are_not_floating_point_are_refused(tmp_path, tiny_tf_dir, dtype):
+    """Integer and boolean variables were cast to float32 silently; a string one was 'truncated or corrupt?'."""
+    from gptsan.tf_runtime import tensorflow
+
+    tf = tensorflow()
+    shutil.copy(tiny_tf_dir / "parameters.json", tmp_path)
+    shutil.copy(tiny_tf_dir / "checkpoint", tmp_path)
+    reader = tf.train.load_checkpoint(str(tiny_tf_dir / "model"))
+    names = sorted(reader.get_variable_to_shape_map())
+    values = {name: reader.get_tensor(name) for name in names}
+    key = "model/wob"
+    values[key] = values[key].astype(str) if dtype == "string" else values[key].astype(dtype)
+    tf.raw_ops.SaveV2(prefix=str(tmp_path / "model"), tensor_names=names, shape_and_slices=[""] * len(names),
+                      tensors=[tf.constant(values[name]) for name in names])
+    with pytest.raises(UserError) as caught:
+        load_flat(str(tmp_path))
+    assert str(caught.value) == (f"{tmp_path / 'model'}: {key} is {dtype}; expected floating-point weights "
+                                 "(float32, float16, bfloat16)")
+
+
 def test_tf_checkpoint_without_parameters_json_is_refused(tmp_path, tiny_tf_dir):
     for file in tiny_tf_dir.iterdir():
         if file.name != "parameters.json":

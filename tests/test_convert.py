@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -206,3 +207,53 @@ def test_source_train_params_that_training_would_refuse_are_one_error_line(tmp_p
         assert main(["--checkpoint", str(src), "--output", str(tmp_path / "dst")]) == 2
         assert capsys.readouterr().err == f"error: {src / 'parameters.json'}: {message}\n"
         assert _listing(tmp_path) == before
+
+
+def test_a_ctrl_c_while_params_are_written_lets_orbax_finish_then_removes_everything(tiny_tf_dir, tmp_path):
+    """Orbax's writes went on in background threads after a Ctrl-C and refilled the staging folder as it was
+    removed: hidden `.OUT.tmp-*` folders were left beside --output (8 of 16 timed runs). The save now runs to
+    its end under a first Ctrl-C, then the tool stops and removes it."""
+    script = f"""
+import signal, sys
+import orbax.checkpoint as ocp
+from gptsan.convert.cli import main
+real_save = ocp.PyTreeCheckpointer.save
+def save(self, *args, **kwargs):
+    signal.raise_signal(signal.SIGINT)  # a Ctrl-C as the write starts
+    real_save(self, *args, **kwargs)
+    print("the save ended", flush=True)
+ocp.PyTreeCheckpointer.save = save
+sys.exit(main(["--checkpoint", {str(tiny_tf_dir)!r}, "--output", {str(tmp_path / "out")!r}]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stdout) == (130, "the save ended\n"), done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == "interrupted"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_source_without_train_params_gets_the_release_values_with_a_warning(tiny_tf_dir, tmp_path, capsys):
+    """The converted model had only output_dir in train_params, and training refused it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for file in tiny_tf_dir.iterdir():
+        shutil.copy(file, src)
+    parameters = read_json(tiny_tf_dir / "parameters.json")
+    del parameters["train_params"]
+    (src / "parameters.json").write_text(json.dumps(parameters))
+    assert main(["--checkpoint", str(src), "--output", str(tmp_path / "out")]) == 0
+    train_params = read_json(tmp_path / "out" / "parameters.json")["train_params"]
+    assert train_params == {**DEFAULT_TRAIN_PARAMS, "output_dir": str(tmp_path / "out")}
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warning == [f"warning: {src / 'parameters.json'}: train_params lacks batch_size, base_lr, "
+                       "num_warmup_steps, max_to_keep_save, checkpoint_per_hours, checkpoint_per_steps; the "
+                       "converted model has the release's values (batch_size 16, base_lr 0.0001, num_warmup_steps "
+                       "2000, max_to_keep_save 12, checkpoint_per_hours 1, checkpoint_per_steps 10000)"]
+
+
+def test_an_output_below_a_file_is_one_line_naming_the_flag(tiny_tf_dir, tmp_path, capsys):
+    """It was `error: DIR/afile: File exists` (os.makedirs's), without the flag."""
+    (tmp_path / "afile").write_text("")
+    assert main(["--checkpoint", str(tiny_tf_dir), "--output", str(tmp_path / "afile" / "sub")]) == 2
+    assert capsys.readouterr().err == (f"error: --output {tmp_path / 'afile' / 'sub'}: {tmp_path / 'afile'} is a "
+                                       "file, not a folder\n")

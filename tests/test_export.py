@@ -86,7 +86,8 @@ def model_with_weight(tmp_path, tiny_tf_dir):
         config, flat = load_flat(str(tiny_tf_dir))
         kernel = flat["model/dense/kernel"].copy()
         kernel[0, : len(values)] = values
-        native.save(str(tmp_path / "model"), config, {**flat, "model/dense/kernel": kernel})
+        train_params = json.loads((tiny_tf_dir / "parameters.json").read_text())["train_params"]
+        native.save(str(tmp_path / "model"), config, {**flat, "model/dense/kernel": kernel}, train_params)
         return tmp_path / "model"
 
     return make

@@ -21,7 +21,7 @@ import numpy as np
 from gptsan import storage
 from gptsan.checkpoint.dtypes import HF_STORAGE_DTYPES
 from gptsan.checkpoint.names import HF_EMBEDDING, HF_TIED_HEAD, hf_entries
-from gptsan.checkpoint.validate import check_tensors
+from gptsan.checkpoint.validate import check_tensors, refuse_not_floating
 from gptsan.errors import UserError
 from gptsan.model.config import ModelConfig
 
@@ -106,19 +106,9 @@ def _read_safetensors(file: str) -> dict[str, np.ndarray]:
         tensors = load(storage.read_bytes(file)) if storage.is_remote(file) else load_file(file)
     except (SafetensorError, ValueError, TypeError, OSError) as err:  # TypeError: a dtype numpy lacks
         raise UserError(f"{file}: not a readable safetensors file (truncated or corrupt?): {err}") from None
-    _refuse_not_floating(file, {key: str(value.dtype) for key, value in tensors.items()
-                                if not jax.numpy.issubdtype(value.dtype, jax.numpy.floating)})
+    refuse_not_floating(file, {key: str(value.dtype) for key, value in tensors.items()
+                                if not jax.numpy.issubdtype(value.dtype, jax.numpy.floating)}, HF_STORAGE_DTYPES)
     return tensors
-
-
-def _refuse_not_floating(file: str, bad: dict[str, str]) -> None:
-    """Weights are floating point: integer or boolean tensors (`bad`: name -> dtype; cast silently before) are
-    refused."""
-    if bad:
-        first = min(bad)
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise UserError(f"{file}: {first}{more} is {bad[first]}; expected floating-point weights "
-                        f"({', '.join(HF_STORAGE_DTYPES)})")
 
 
 def _read_torch_bin(file: str) -> dict[str, np.ndarray]:
@@ -134,8 +124,8 @@ def _read_torch_bin(file: str) -> dict[str, np.ndarray]:
         raise UserError(f"{file}: not a readable weights-only torch file: {type(err).__name__}") from None
     if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
         raise UserError(f"{file}: expected a state dict of tensor name -> tensor")
-    _refuse_not_floating(file, {key: str(value.dtype).removeprefix("torch.") for key, value in state.items()
-                                if not value.is_floating_point()})
+    refuse_not_floating(file, {key: str(value.dtype).removeprefix("torch.") for key, value in state.items()
+                                if not value.is_floating_point()}, HF_STORAGE_DTYPES)
     return {key: value.float().numpy() for key, value in state.items()}
 
 

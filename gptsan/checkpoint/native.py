@@ -22,7 +22,7 @@ from gptsan import storage
 from gptsan.checkpoint.dtypes import NATIVE_STORAGE_DTYPES
 from gptsan.checkpoint.staging import staged_output
 from gptsan.checkpoint.validate import check_tensors, error_summary
-from gptsan.errors import UserError
+from gptsan.errors import UserError, ctrl_c_deferred
 from gptsan.model.config import ModelConfig, load_config
 from gptsan.model.params import expected_shapes, flatten, unflatten
 
@@ -180,7 +180,7 @@ def write(path: str, config: ModelConfig, flat: dict[str, Any], train_params: di
         raise UserError(f"--dtype: expected one of {', '.join(NATIVE_STORAGE_DTYPES)}, got {dtype!r}")
     check_tensors(str(path), {k: np.shape(v) for k, v in flat.items()}, expected_shapes(config), "parameters")
     tree = unflatten({name: np.asarray(jnp.asarray(value, dtype)) for name, value in flat.items()})
-    with _checkpointer() as checkpointer:
+    with ctrl_c_deferred(), _checkpointer() as checkpointer:  # no Orbax writes left running after a Ctrl-C
         checkpointer.save(storage.absolute(storage.join(path, PARAMS_DIR)), tree)
     parameters = {"train_params": dict(train_params or {}), "model_params": config.to_model_params()}
     storage.write_text_atomic(storage.join(path, PARAMETERS), json.dumps(parameters, indent=1) + "\n")

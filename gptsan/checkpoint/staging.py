@@ -35,9 +35,13 @@ def staged_output(dst: str, flag: str = "--output") -> Iterator[str]:
                 fs.rm(path, recursive=True)
             raise
         return
+    storage.check_output_parent(dst, flag)
     parent = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+    except OSError as err:  # a folder the system does not let us write in (/proc, a read-only mount)
+        raise UserError(f"{flag} {dst}: cannot write in {parent}: {err.strerror or err}") from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory

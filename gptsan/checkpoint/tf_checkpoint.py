@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 
 from gptsan import storage
+from gptsan.checkpoint.dtypes import HF_STORAGE_DTYPES
 from gptsan.checkpoint.names import is_tf_parameter
-from gptsan.checkpoint.validate import check_tensors, error_summary
+from gptsan.checkpoint.validate import check_tensors, error_summary, refuse_not_floating
 from gptsan.errors import UserError
 from gptsan.tf_runtime import tensorflow
 
@@ -97,6 +98,9 @@ def _read(prefix: str, expected: dict[str, tuple[int, ...]], shown: str | None =
         shapes = {name: tuple(shape) for name, shape in reader.get_variable_to_shape_map().items()
                   if is_tf_parameter(name)}
         check_tensors(shown, shapes, expected, "checkpoint variables")
+        dtypes = reader.get_variable_to_dtype_map()
+        refuse_not_floating(shown, {name: dtypes[name].name for name in shapes if not dtypes[name].is_floating},
+                            HF_STORAGE_DTYPES)
         return {name: np.asarray(reader.get_tensor(name), np.float32) for name in sorted(shapes)}
     except (tf.errors.OpError, ValueError, IndexError) as err:  # IndexError: "Read less bytes than requested"
         raise UserError(f"{shown}: not a readable TF checkpoint (truncated or corrupt?): "

@@ -1,5 +1,5 @@
 """What every loader shares: the check that the names and shapes found equal the names and shapes expected,
-and the one-line summary of a library's error about an unreadable file."""
+that weights are floating point, and the one-line summary of a library's error about an unreadable file."""
 
 from __future__ import annotations
 
@@ -16,6 +16,16 @@ def _first(names) -> str:
     names = sorted(names)
     more = f" and {len(names) - SHOWN} more" if len(names) > SHOWN else ""
     return ", ".join(names[:SHOWN]) + more
+
+
+def refuse_not_floating(file: str, bad: Mapping[str, str], accepted: tuple[str, ...]) -> None:
+    """Weights are floating point: integer or boolean tensors (`bad`: name -> dtype; cast silently before) are
+    refused, `accepted` being the format's floating dtypes."""
+    if bad:
+        first = min(bad)
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise UserError(f"{file}: {first}{more} is {bad[first]}; expected floating-point weights "
+                        f"({', '.join(accepted)})")
 
 
 def check_tensors(path: str, found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]],

@@ -20,7 +20,7 @@ from typing import Any
 
 from gptsan import storage
 from gptsan.checkpoint.dtypes import NATIVE_STORAGE_DTYPES
-from gptsan.errors import UserError, cli_main
+from gptsan.errors import UserError, cli_main, warn
 from gptsan.model.config import read_parameters_json
 from gptsan.seed import seed_flag
 from gptsan.train.config import TrainParams
@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def source_train_params(src: str, dst: str) -> dict[str, Any]:
     """SRC's train_params (or the defaults when SRC has no parameters.json) with output_dir = DST; a
-    train_params that training would refuse (not an object, a field of the wrong type) is refused here."""
+    train_params that training would refuse (not an object, a field of the wrong type) is refused here, and
+    the fields it lacks get the release's values, with a warning (training refused the converted model)."""
     from gptsan.checkpoint import native
 
     parameters = native.parameters_file(src)  # one step of a training run: the run's, in the folder above
@@ -57,6 +58,11 @@ def source_train_params(src: str, dst: str) -> dict[str, Any]:
         train_params = dict(DEFAULT_TRAIN_PARAMS)
     else:
         train_params = dict(TrainParams.check_fields(read_parameters_json(parameters)["train_params"], parameters))
+        missing = [name for name in DEFAULT_TRAIN_PARAMS if name not in train_params]
+        if missing:
+            warn(f"{parameters}: train_params lacks {', '.join(missing)}; the converted model has the release's "
+                 f"values ({', '.join(f'{name} {DEFAULT_TRAIN_PARAMS[name]}' for name in missing)})")
+            train_params = {**DEFAULT_TRAIN_PARAMS, **train_params}
     train_params["output_dir"] = dst if storage.is_remote(dst) else os.path.abspath(dst)
     return train_params
 
