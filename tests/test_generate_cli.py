@@ -254,3 +254,28 @@ def test_command_line_text_that_is_not_utf8_is_one_error_line(vocabulary, tmp_pa
     model = ["--model", str(tmp_path / "no-model")] if tool == "gptsan.generate.cli" else []
     assert main([*model, "--vocabulary", str(vocabulary), *args]) == 2
     assert capsys.readouterr() == ("", line + "\n")
+
+
+def test_stream_waits_for_a_characters_bytes_split_over_two_chunks(vocabulary, capsys):
+    """The first chunk ended in part of め's UTF-8 bytes (byte tokens): its U+FFFD was printed, never replaced,
+    and as the text no longer began with what was shown, nothing more was streamed until the end, whose tail was
+    cut at the wrong place (the streamed text lost characters)."""
+    from types import SimpleNamespace
+
+    from gptsan.generate.cli import stream_one
+    from gptsan.tokenizer.swe import SWETokenizer
+
+    tokenizer = SWETokenizer(vocabulary)
+    byte = {value: tokenizer.encode(f"<|byte{value}|>")[0] for value in "め".encode()}
+    a, i, end = tokenizer.encode("あ"), tokenizer.encode("い"), tokenizer.special.end
+    chunks = [[*a, byte[0xE3]], [byte[0x82], byte[0x81], *i, end]]
+
+    class Decoder:
+        def stream(self, params, batch, max_generate, spout, seed):
+            for chunk in chunks:
+                yield np.array([chunk])
+
+    args = SimpleNamespace(max_generate=8, seed=0)
+    ids = stream_one(Decoder(), None, None, args, None, tokenizer)
+    assert ids == chunks[0] + chunks[1][:-1]
+    assert capsys.readouterr().out == "あめい\n"

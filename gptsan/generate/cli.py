@@ -198,11 +198,14 @@ def stream_one(decoder, params, batch, args, spout, tokenizer) -> list[int]:
             if token == tokenizer.special.end:
                 break
             ids.append(token)
-        text = output_text(tokenizer, ids)
-        if text.startswith(shown):  # a partial UTF-8 byte sequence may change the tail: wait for it
-            sys.stdout.write(text[len(shown):])
+        # A character's UTF-8 bytes may come as byte tokens split over two chunks: the first part decodes to
+        # U+FFFD, which becomes the character once the rest comes. The text's trailing U+FFFD wait for it (shown,
+        # they were never replaced, and once the tail no longer matched, nothing more was streamed).
+        settled = output_text(tokenizer, ids).rstrip("\ufffd")
+        if settled.startswith(shown):
+            sys.stdout.write(settled[len(shown):])
             sys.stdout.flush()
-            shown = text
+            shown = settled
         if tokenizer.special.end in chunk[0]:
             break
     text = output_text(tokenizer, ids)
