@@ -4,6 +4,7 @@ one-line warning."""
 from __future__ import annotations
 
 import _thread
+import atexit
 import contextlib
 import functools
 import os
@@ -67,8 +68,26 @@ def cli_main(func: Callable[..., int | None]) -> Callable[..., int]:
             print("interrupted", file=sys.stderr)
             # At once: Python's own exit while XLA compiled in its threads crashed (SIGSEGV) after a Ctrl-C.
             exit_now(130)
+        finally:
+            atexit.unregister(_ctrl_c_ends_the_exit)  # registered last, it runs first: before JAX's clean-up
+            atexit.register(_ctrl_c_ends_the_exit)
 
     return wrapper
+
+
+def _ctrl_c_ends_the_exit() -> None:
+    """At the process's exit, after the tool's work: a Ctrl-C while JAX and Orbax clean up is `interrupted` and
+    130 at once. It was a KeyboardInterrupt traceback from JAX's exit hook ('Exception ignored in atexit
+    callback'), or, later in Python's shutdown, the end of the process by the signal, without the line."""
+    if threading.current_thread() is threading.main_thread() \
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored (background job)
+        signal.signal(signal.SIGINT, _interrupted_while_exiting)
+
+
+def _interrupted_while_exiting(signum, frame) -> None:
+    with contextlib.suppress(OSError):
+        print("interrupted", file=sys.stderr)
+    exit_now(130)
 
 
 def exit_now(status: int) -> None:

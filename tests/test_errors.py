@@ -92,6 +92,19 @@ def test_a_deferred_block_keeps_an_ignored_ctrl_c_ignored():
     assert (done.returncode, done.stdout, done.stderr) == (0, "went on\n", "")
 
 
+def test_a_ctrl_c_while_the_process_exits_is_one_line_and_status_130():
+    """A Ctrl-C in JAX's exit hook (the tool's work done) was a KeyboardInterrupt traceback ('Exception ignored
+    in atexit callback') and status 0."""
+    body = ("import atexit, time\n"
+            "def late():  # an exit hook registered while the tool runs, as JAX's clean-up is\n"
+            "    signal.raise_signal(signal.SIGINT)\n"
+            "    time.sleep(5)\n"
+            "atexit.register(late)\n"
+            "print('done')")
+    done = run_entry_point(body)
+    assert (done.returncode, done.stdout, done.stderr) == (130, "done\n", "interrupted\n")
+
+
 def test_a_reader_of_stdout_that_stops_early_ends_the_tool_quietly():
     """`gptsan-generate ... | head -1` used to end in a BrokenPipeError traceback."""
     writer = subprocess.Popen(entry_point_script("for i in range(10**6):\n    print(i)"),
