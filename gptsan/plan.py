@@ -153,9 +153,10 @@ def global_batch(batch: int | None, train_params: dict, parameter_file: str,
 
 def plan(parameter_file: str, devices: int, mesh: str | None = None, batch: int | None = None,
          trainable: str = "all", accumulate_steps: int = 1, remat: str = "none", dtype: str = "float32",
-         activations: bool = True) -> dict:
+         activations: bool = True, vocabulary: str | None = None) -> dict:
     from gptsan.model.config import ModelConfig, read_parameters_json
     from gptsan.model.expert_parallel import check_expert_axis
+    from gptsan.tokenizer import with_vocabulary_size
     from gptsan.train.accumulate import check_accumulate_steps
     from gptsan.train.config import TrainParams
 
@@ -164,7 +165,8 @@ def plan(parameter_file: str, devices: int, mesh: str | None = None, batch: int 
     if batch is not None and batch < 1:
         raise UserError(f"--batch: expected a positive count, got {batch}")
     parameters = read_parameters_json(parameter_file)
-    config = ModelConfig.from_model_params(parameters["model_params"], parameter_file, dtype=dtype, remat=remat)
+    model_params = with_vocabulary_size(parameters["model_params"], vocabulary)
+    config = ModelConfig.from_model_params(model_params, parameter_file, dtype=dtype, remat=remat)
     train_params = TrainParams.check_fields(parameters["train_params"], parameter_file)
     mesh_shape = parse_mesh(mesh, devices, config.num_pallarelizm)
     check_expert_axis(config.num_experts, mesh_shape[1], f"--mesh {mesh}")
@@ -218,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--skip_activations", action="store_true", help="parameters and optimizer state only")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    p.add_argument("--vocabulary", default=None,
+                   help="ja-swe36k.txt or a SentencePiece .model: num_vocabulary, where parameters.json has none "
+                        "(as gptsan-train's)")
     return p
 
 
@@ -237,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_activations:
         simulate_devices(args.devices)
     report = plan(args.parameter_file, args.devices, args.mesh, args.batch, args.trainable,
-                  args.accumulate_steps, args.remat, args.dtype, activations=not args.skip_activations)
+                  args.accumulate_steps, args.remat, args.dtype, activations=not args.skip_activations,
+                  vocabulary=args.vocabulary)
     print(json.dumps(report) if args.json else describe(report))
     return 0
 

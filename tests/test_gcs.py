@@ -85,9 +85,8 @@ def test_tokenizers_and_vocabulary_size_read_from_gs(emulator, tmp_path):
     local copies do, and training's `--vocabulary` counts them alike; a SentencePiece model trains from gs://."""
     import fsspec
 
-    from gptsan.tokenizer import load_tokenizer
+    from gptsan.tokenizer import load_tokenizer, vocabulary_size
     from gptsan.tokenizer.sentencepiece import train_sentencepiece
-    from gptsan.train.loop import vocabulary_size
     from tests.conftest import shared_path
 
     fs = fsspec.filesystem("gs", skip_instance_cache=True, token="anon")

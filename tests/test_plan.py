@@ -145,3 +145,25 @@ def test_batch_defaults_to_train_params_then_to_one_row_per_splitting_device(tmp
     assert plan(mini_parameter_file(tmp_path, {"batch_size": 6}), 2, activations=False)["batch"] == 6
     assert plan(mini_parameter_file(tmp_path, {}), 4, mesh="2,2,1", activations=False)["batch"] == 4
     assert plan(mini_parameter_file(tmp_path, {"batch_size": 6}), 2, batch=4, activations=False)["batch"] == 4
+
+
+def test_the_originals_parameter_file_plans_with_vocabulary(tmp_path, capsys):
+    """The original's parameters.json has no num_vocabulary (its tools read the vocabulary): gptsan-plan refused
+    it ('model_params lacks num_vocabulary') where gptsan-train takes it with --vocabulary."""
+    from tests.conftest import shared_path
+
+    original = json.loads((ROOT / "configs" / "gptsan-2.8b.json").read_text())
+    del original["model_params"]["num_vocabulary"]
+    path = tmp_path / "train_params.json"
+    path.write_text(json.dumps(original))
+    assert main(["--parameter_file", str(path), "--devices", "8", "--skip_activations"]) == 2
+    assert capsys.readouterr().err == f"error: {path}: model_params lacks num_vocabulary\n"
+    vocabulary = str(shared_path("vocab", "ja-swe36k.txt"))
+    report = plan(str(path), 8, activations=False, vocabulary=vocabulary)
+    assert report["parameters"] == 2_779_000_992  # the release's, with its 36,000-token vocabulary
+    original["model_params"]["num_vocabulary"] = 32000
+    path.write_text(json.dumps(original))
+    assert main(["--parameter_file", str(path), "--devices", "8", "--skip_activations", "--vocabulary",
+                 vocabulary]) == 2
+    assert capsys.readouterr().err == (f"error: --vocabulary: {vocabulary} has 36000 ids, but "
+                                       "model_params.num_vocabulary is 32000\n")

@@ -192,7 +192,7 @@ def test_ignore_list_with_unknown_names_exits_nonzero_with_one_line(inputs):
 
 
 def test_vocabulary_size_counts_ids_not_a_final_newline(tmp_path):
-    from gptsan.train.loop import vocabulary_size
+    from gptsan.tokenizer import vocabulary_size
 
     (tmp_path / "v.txt").write_text("<|endoftext|>\n猫\n,\n犬,いぬ\n", encoding="utf-8")  # 4 ids, a final newline
     (tmp_path / "w.txt").write_text("<|endoftext|>\n猫\n,\n犬,いぬ", encoding="utf-8")  # the same ids, none

@@ -34,8 +34,7 @@ from gptsan.model.config import SHAPE_KEYS, ModelConfig, read_parameters_json
 from gptsan.model.expert_parallel import check_expert_axis
 from gptsan.model.params import abstract_params, expected_shapes, flatten, init_params
 from gptsan.model.sharding import batch_sharding, check_batch_split, make_mesh, param_shardings, replicated, under_mesh
-from gptsan.tokenizer import load_tokenizer
-from gptsan.tokenizer.swe import read_vocabulary
+from gptsan.tokenizer import with_vocabulary_size
 from gptsan.train.accumulate import check_accumulate_steps, make_accumulating_train_step
 from gptsan.train.checkpoint import Checkpointer
 from gptsan.train.compiler_options import step_compiler_options
@@ -67,20 +66,8 @@ def read_ignore_list(path: str | None, config: ModelConfig) -> frozenset[str]:
     return frozen
 
 
-def vocabulary_size(path: str) -> int:
-    """Number of ids of a vocabulary: a line-per-id file (`ja-swe36k.txt`) or a SentencePiece `.model`."""
-    if path.endswith(".model"):
-        return load_tokenizer("sentencepiece", path).vocab_size
-    return len(read_vocabulary(path))
-
-
 def model_config(cfg: RunConfig, model_params: dict) -> ModelConfig:
-    model_params = dict(model_params)
-    if cfg.vocabulary:
-        size = vocabulary_size(cfg.vocabulary)
-        if model_params.setdefault("num_vocabulary", size) != size:
-            raise UserError(f"--vocabulary: {cfg.vocabulary} has {size} ids, but model_params.num_vocabulary "
-                            f"is {model_params['num_vocabulary']}")
+    model_params = with_vocabulary_size(model_params, cfg.vocabulary)
     dtype = compute_dtype(cfg.use_bfloat16, cfg.use_mixed_precision)
     return ModelConfig.from_model_params(model_params, cfg.parameter_file, dtype=dtype, routing=cfg.routing,
                                        remat=cfg.remat)
