@@ -60,36 +60,24 @@ def run_entry_point(body: str, ignoring_ctrl_c: bool = False) -> subprocess.Comp
                           timeout=60)
 
 
-def test_a_ctrl_c_during_a_deferred_block_takes_effect_at_its_end():
-    """`ctrl_c_deferred` (around Orbax's save): Orbax's background writes went on after a Ctrl-C and refilled
-    the staging folder being removed (gptsan-convert left hidden `.OUT.tmp-*` folders, 8 of 16 timed runs)."""
-    body = ("from gptsan.errors import ctrl_c_deferred\n"
-            "with ctrl_c_deferred():\n"
-            "    signal.raise_signal(signal.SIGINT)\n"
-            "    print('block ended')\n"
-            "print('not reached')")
-    done = run_entry_point(body)
-    assert (done.returncode, done.stdout, done.stderr) == (130, "block ended\n", "interrupted\n")
+DEFERRED = "from gptsan.errors import ctrl_c_deferred\nwith ctrl_c_deferred():\n"
+CTRL_C_DEFERRED = {  # block (after DEFERRED), started with Ctrl-C ignored, expected (status, stdout, stderr)
+    # Orbax's background writes went on after a Ctrl-C and refilled the staging folder being removed
+    # (gptsan-convert left hidden `.OUT.tmp-*` folders, 8 of 16 timed runs): the first waits for the block's end.
+    "first at the end": ("    signal.raise_signal(signal.SIGINT)\n    print('block ended')\nprint('not reached')",
+                         False, (130, "block ended\n", "interrupted\n")),
+    "second at once": ("    signal.raise_signal(signal.SIGINT)\n    print('after the first')\n"
+                       "    signal.raise_signal(signal.SIGINT)\n    print('not reached')",
+                       False, (130, "after the first\n", "interrupted\n")),
+    "ignored stays ignored": ("    signal.raise_signal(signal.SIGINT)\nprint('went on')", True, (0, "went on\n", "")),
+}
 
 
-def test_a_second_ctrl_c_during_a_deferred_block_takes_effect_at_once():
-    body = ("from gptsan.errors import ctrl_c_deferred\n"
-            "with ctrl_c_deferred():\n"
-            "    signal.raise_signal(signal.SIGINT)\n"
-            "    print('after the first')\n"
-            "    signal.raise_signal(signal.SIGINT)\n"
-            "    print('not reached')")
-    done = run_entry_point(body)
-    assert (done.returncode, done.stdout, done.stderr) == (130, "after the first\n", "interrupted\n")
-
-
-def test_a_deferred_block_keeps_an_ignored_ctrl_c_ignored():
-    body = ("from gptsan.errors import ctrl_c_deferred\n"
-            "with ctrl_c_deferred():\n"
-            "    signal.raise_signal(signal.SIGINT)\n"
-            "print('went on')")
-    done = run_entry_point(body, ignoring_ctrl_c=True)
-    assert (done.returncode, done.stdout, done.stderr) == (0, "went on\n", "")
+@pytest.mark.parametrize("case", CTRL_C_DEFERRED)
+def test_a_ctrl_c_in_a_deferred_block(case):
+    block, ignored, expected = CTRL_C_DEFERRED[case]
+    done = run_entry_point(DEFERRED + block, ignoring_ctrl_c=ignored)
+    assert (done.returncode, done.stdout, done.stderr) == expected
 
 
 def test_a_ctrl_c_while_the_process_exits_is_one_line_and_status_130():
