@@ -77,8 +77,9 @@ def cli_main(func: Callable[..., int | None]) -> Callable[..., int]:
 
 def _ctrl_c_ends_the_exit() -> None:
     """At the process's exit, after the tool's work: a Ctrl-C while JAX and Orbax clean up is `interrupted` and
-    130 at once. It was a KeyboardInterrupt traceback from JAX's exit hook ('Exception ignored in atexit
-    callback'), or, later in Python's shutdown, the end of the process by the signal, without the line."""
+    130 at once; it was a KeyboardInterrupt traceback from JAX's exit hook ('Exception ignored in atexit
+    callback') and status 0. (Later in Python's shutdown, where handlers are gone, a Ctrl-C ends the process by
+    the signal, as it ends most tools: status 130 to the shell, no line.)"""
     if threading.current_thread() is threading.main_thread() \
             and signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored (background job)
         signal.signal(signal.SIGINT, _interrupted_while_exiting)

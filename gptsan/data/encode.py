@@ -51,6 +51,7 @@ from gptsan.seed import seed_flag
 from gptsan.tokenizer import KINDS, load_tokenizer
 
 DEFAULT_VOCABULARY = "ja-swe36k.txt"
+MAX_LISTED_NAME = 1024  # a longer first line is text (GCS object names end at 1024 bytes, Linux paths at 4096)
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ def _is_plain_list(spec: str) -> bool:
     with storage.open_file(spec, "rb") as f:
         head = f.read(4096)
     first = next((line for line in head.decode("utf-8-sig", errors="replace").splitlines() if line.strip()), "")
-    return _listed_entry(spec, first) is not None
+    return len(first) <= MAX_LISTED_NAME and _listed_entry(spec, first) is not None
 
 
 def _listed_entry(list_path: str, line: str) -> tuple[str, int | None] | None:
