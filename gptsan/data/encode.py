@@ -94,9 +94,10 @@ class WorkerSummary:
 
 
 def list_inputs(spec: str) -> list[InputFile]:
-    if _is_csv_list(spec):
+    kind = _list_kind(spec)
+    if kind == "csv":
         return _inputs_from_csv(spec)
-    if _is_plain_list(spec):
+    if kind == "plain":
         return _inputs_from_plain_list(spec)
     paths = storage.glob(spec)
     if not paths:
@@ -104,26 +105,22 @@ def list_inputs(spec: str) -> list[InputFile]:
     return [InputFile(path, class_id, class_id) for class_id, path in enumerate(paths)]
 
 
-def _is_csv_list(spec: str) -> bool:
-    """A file named exactly `spec` (glob characters and all, as `storage.glob` takes it) that is a `.csv`, or
-    whose first line starts with `filename,` (the original's test). The files a glob matches are documents."""
+def _list_kind(spec: str) -> str | None:
+    """Which list `spec` is: "csv" for a file named exactly `spec` (glob characters and all, as
+    `storage.glob` takes it) that is a `.csv` or whose first line starts with `filename,` (the original's
+    test); "plain" for one whose first non-blank line names an existing file (beside the list or from the
+    working directory), alone or followed by a class id (the original's list file); None otherwise: `spec` is
+    a glob of documents, or one document."""
     if not storage.exists(spec) or storage.isdir(spec):
-        return False
+        return None
     if spec.lower().endswith(".csv"):
-        return True
+        return "csv"
     with storage.open_file(spec, "rb") as f:
-        return f.readline().lstrip(b"\xef\xbb\xbf").startswith(b"filename,")
-
-
-def _is_plain_list(spec: str) -> bool:
-    """A file named exactly `spec` whose first non-blank line is the name of an existing file (beside the list
-    or from the working directory), alone or followed by a class id: the original's list file."""
-    if not storage.exists(spec) or storage.isdir(spec):
-        return False
-    with storage.open_file(spec, "rb") as f:
-        head = f.read(4096)
-    first = next((line for line in head.decode("utf-8-sig", errors="replace").splitlines() if line.strip()), "")
-    return len(first) <= MAX_LISTED_NAME and _listed_entry(spec, first) is not None
+        head = f.read(4096).decode("utf-8-sig", errors="replace")
+    if head.startswith("filename,"):
+        return "csv"
+    first = next((line for line in head.splitlines() if line.strip()), "")
+    return "plain" if len(first) <= MAX_LISTED_NAME and _listed_entry(spec, first) is not None else None
 
 
 def _listed_entry(list_path: str, line: str) -> tuple[str, int | None] | None:
