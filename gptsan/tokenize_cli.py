@@ -72,9 +72,12 @@ def parse_ids(where: str, text: str) -> list[int]:
 
 
 def count_tokens(tokenizer: Tokenizer, args) -> dict[str, int]:
-    files = matched_files(args.files) if args.text is None else []
+    if args.text is not None:
+        files, texts = [], input_texts(args)
+    else:
+        files = matched_files(args.files)
+        texts = file_lines(files)
     totals = {"files": len(files), "lines": 0, "characters": 0, "tokens": 0}  # empty files count too
-    texts = input_texts(args) if args.text is not None else file_lines(files)
     for _, line in texts:
         totals["lines"] += 1
         totals["characters"] += len(line)
