@@ -33,10 +33,12 @@ TRAINABLE_CHOICES = "all | extended | an ignore-params.json"
 
 
 def parse_mesh(text: str | None, devices: int, num_pallarelizm: int) -> tuple[int, int, int]:
-    """(data, expert, model) from "D,E,M", or by default model = num_pallarelizm (as far as it divides the
-    device count), expert 1, data the rest."""
+    """(data, expert, model) from "D,E,M", or by default the model axis training takes (num_pallarelizm as far as it
+    divides the device count), expert 1, data the rest."""
     if not text:
-        model = math.gcd(num_pallarelizm, devices)
+        from gptsan.model.sharding import model_axis_size
+
+        model = model_axis_size(num_pallarelizm, devices)
         return devices // model, 1, model
     try:
         shape = tuple(int(part) for part in text.split(","))

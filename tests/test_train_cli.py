@@ -252,3 +252,23 @@ def test_an_output_dir_orbax_cannot_save_in_stops_before_anything_is_written(inp
     assert status == 2 and err == [f"error: train_params.output_dir {inputs / 'out[1]'}: a path with '[' is not "
                                    "supported (Orbax saves unreadable checkpoints under it); give one without '['"]
     assert not (inputs / "out[1]").exists()
+
+
+def test_a_num_pallarelizm_the_devices_cannot_hold_trains_on_the_largest_model_axis_they_can(inputs, capsys):
+    """The release parameters.json's num_pallarelizm 8 on one GPU stopped with `error: mesh: 1 devices cannot be
+    split into expert 1 x model 8`, while gptsan-plan planned it on a model axis of 1. Here 12 on the suite's 8
+    devices: a model axis of 4 (data 2), as plan says, with a warning."""
+    from gptsan.plan import plan
+    from tests.train_support import MINI_MODEL_PARAMS, MINI_TRAIN_PARAMS
+
+    parameters = inputs / "model" / "parameters.json"
+    parameters.parent.mkdir()
+    parameters.write_text(json.dumps({"model_params": {**MINI_MODEL_PARAMS, "num_pallarelizm": 12},
+                                      "train_params": {**MINI_TRAIN_PARAMS, "output_dir": str(inputs / "out")}}))
+    status, err = call(capsys, "--input_files", str(inputs / "good.tfrecord"), "--parameter_file", str(parameters),
+                       "--max_training_step", "1", "--no_progress")
+    assert status == 0 and err[0] == (f"warning: {parameters}: model_params.num_pallarelizm 12: the 8 devices cannot "
+                                      "be split into a model axis of 12, so it is 4 (the same model, split over "
+                                      "fewer devices)")
+    assert err[-1].endswith(f"; step 1 saved in {inputs / 'out'}")
+    assert plan(str(parameters), 8, activations=False)["mesh"] == {"data": 2, "expert": 1, "model": 4}

@@ -6,6 +6,8 @@ A logical axis whose size the mesh axis does not divide stays replicated (e.g. 4
 
 from __future__ import annotations
 
+import math
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -37,6 +39,14 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "spout_out": None,
     "spout_kv": None,
 }
+
+
+def model_axis_size(num_pallarelizm: int, device_count: int, expert: int = 1) -> int:
+    """The model axis for `device_count` devices: num_pallarelizm as far as it divides what the expert axis leaves
+    (the release parameters.json's 8 on one GPU: 1). Only the layout changes: the model and its results do not."""
+    if expert < 1 or device_count % expert:
+        return num_pallarelizm  # make_mesh says what is wrong
+    return math.gcd(num_pallarelizm, device_count // expert)
 
 
 def make_mesh(model: int = 1, expert: int = 1, devices=None) -> Mesh:

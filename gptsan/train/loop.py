@@ -33,7 +33,15 @@ from gptsan.errors import UserError, warn
 from gptsan.model.config import SHAPE_KEYS, ModelConfig, read_parameters_json
 from gptsan.model.expert_parallel import check_expert_axis
 from gptsan.model.params import abstract_params, expected_shapes, flatten, init_params
-from gptsan.model.sharding import batch_sharding, check_batch_split, make_mesh, param_shardings, replicated, under_mesh
+from gptsan.model.sharding import (
+    batch_sharding,
+    check_batch_split,
+    make_mesh,
+    model_axis_size,
+    param_shardings,
+    replicated,
+    under_mesh,
+)
 from gptsan.tokenizer import with_vocabulary_size
 from gptsan.train.accumulate import check_accumulate_steps, make_accumulating_train_step
 from gptsan.train.checkpoint import Checkpointer
@@ -348,7 +356,7 @@ def check_run(cfg: RunConfig) -> CheckedRun:
         raise UserError(f"--eval_batches: expected a positive count, got {cfg.eval_batches}")
     if cfg.log_every < 1:
         raise UserError(f"--log_every: expected a positive count, got {cfg.log_every}")
-    mesh = make_mesh(config.num_pallarelizm, cfg.expert_parallelism)
+    mesh = make_mesh(training_model_axis(cfg, config), cfg.expert_parallelism)
     check_batch_split(train.batch_size, dict(mesh.shape), f"{cfg.parameter_file}: train_params.batch_size")
     check_expert_axis(config.num_experts, cfg.expert_parallelism, f"--expert_parallelism {cfg.expert_parallelism}")
     on_corrupt = "skip" if cfg.skip_corrupt_records else "stop"
@@ -361,6 +369,19 @@ def check_run(cfg: RunConfig) -> CheckedRun:
     parameters["model_params"] = {**parameters["model_params"], "num_vocabulary": config.num_vocabulary}
     return CheckedRun(parameters, config, train, frozen_names, options, optimizer, schedule, local_batch, mesh,
                       on_corrupt, skip_warnings)
+
+
+def training_model_axis(cfg: RunConfig, config: ModelConfig) -> int:
+    """The mesh's model axis: num_pallarelizm where the devices allow it, or the largest part of it they do, with
+    a warning (the release parameters.json's 8 on one GPU was an error before the first step)."""
+    devices = jax.device_count()
+    model = model_axis_size(config.num_pallarelizm, devices, cfg.expert_parallelism)
+    if model != config.num_pallarelizm and jax.process_index() == 0:
+        leaves = f" left by --expert_parallelism {cfg.expert_parallelism}" if cfg.expert_parallelism > 1 else ""
+        warn(f"{cfg.parameter_file}: model_params.num_pallarelizm {config.num_pallarelizm}: the {devices} devices"
+             f"{leaves} cannot be split into a model axis of {config.num_pallarelizm}, so it is {model} (the same "
+             f"model, split over fewer devices)")
+    return model
 
 
 def initial_state(cfg: RunConfig, checked: CheckedRun, checkpointer: Checkpointer, run_record: dict,
