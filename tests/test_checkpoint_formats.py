@@ -498,3 +498,24 @@ def test_a_tf_checkpoint_in_a_folder_with_brackets_loads(tmp_path, tiny_tf_dir, 
         (source / "checkpoint").unlink()
     assert detect_format(str(source)) == "gptsan-tf"
     assert_same_params(load_flat(str(source))[1], tiny_names)
+
+
+@pytest.mark.parametrize("folder", ["ckpt", "ckpt[1]"])
+def test_a_tf_checkpoint_whose_parameters_json_lacks_num_vocabulary_takes_it_from_the_embedding(
+        tmp_path, tiny_tf_dir, tiny_names, folder):
+    """The original's trainer wrote num_vocabulary into its checkpoints' parameters.json; a checkpoint given
+    the hand-written file it was trained from (which has none) was refused: `model_params lacks num_vocabulary`.
+    `model/wte`'s rows say it (read from the index alone; through a linked folder for `[`)."""
+    from gptsan.convert.cli import main as convert
+
+    source = tmp_path / folder
+    shutil.copytree(tiny_tf_dir, source)
+    parameters = json.loads((source / "parameters.json").read_text())
+    vocabulary = parameters["model_params"].pop("num_vocabulary")
+    (source / "parameters.json").write_text(json.dumps(parameters))
+    config, flat = load_flat(str(source))
+    assert config.num_vocabulary == vocabulary == tiny_names["model/wte"].shape[0]
+    assert_same_params(flat, tiny_names)
+    assert convert(["--checkpoint", str(source), "--output", str(tmp_path / "out"), "--add_extra_stage", "1"]) == 0
+    assert json.loads((tmp_path / "out" / "parameters.json").read_text())["model_params"]["num_vocabulary"] == \
+        vocabulary

@@ -129,6 +129,11 @@ def test_original_tf_checkpoints_read_and_written_on_gs(emulator, tmp_path):
     for name, value in local.items():
         np.testing.assert_array_equal(remote[name], value, err_msg=name)
 
+    parameters = json.loads((source / "parameters.json").read_text())  # one written by hand: no num_vocabulary
+    parameters["model_params"].pop("num_vocabulary")
+    fs.pipe(f"{BUCKET}/tf/parameters.json", json.dumps(parameters).encode())
+    assert load_flat(f"gs://{BUCKET}/tf")[0] == local_config  # from model/wte in the index
+
     export(f"gs://{BUCKET}/tf", "gptsan-tf", f"gs://{BUCKET}/exported")
     fs.invalidate_cache()
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{BUCKET}/exported")) == [

@@ -53,7 +53,7 @@ def detect_format(path: str) -> str:
 def load_flat(path: str, **runtime: Any) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """(config, {GPTSAN name: float32 array}) from a model directory of any format."""
     from gptsan.checkpoint import hf, native, tf_checkpoint
-    from gptsan.model.config import load_config
+    from gptsan.model.config import ModelConfig, read_parameters_json
     from gptsan.model.params import expected_shapes
 
     path = str(path)
@@ -62,7 +62,13 @@ def load_flat(path: str, **runtime: Any) -> tuple[ModelConfig, dict[str, np.ndar
         return native.read(path, **runtime)
     if fmt == "hf":
         return hf.read(path, **runtime)
-    config = load_config(storage.join(path, native.PARAMETERS), **runtime)
+    parameters = storage.join(path, native.PARAMETERS)
+    model_params = read_parameters_json(parameters)["model_params"]
+    if isinstance(model_params, dict) and "num_vocabulary" not in model_params:
+        # The original's trainer wrote it into its checkpoints' parameters.json; one written by hand may lack it.
+        if (rows := tf_checkpoint.vocabulary_rows(path)) is not None:
+            model_params = {**model_params, "num_vocabulary": rows}
+    config = ModelConfig.from_model_params(model_params, parameters, **runtime)
     return config, tf_checkpoint.read(path, expected_shapes(config))
 
 

@@ -12,6 +12,7 @@ import os
 import posixpath
 import re
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -67,34 +68,52 @@ def _named_in_state_file(path: str) -> str | None:
 
 def read(path: str, expected: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     """GPTSAN-named float32 arrays from the TF checkpoint in `path`, checked against `expected` shapes."""
+    return _with_readable_prefix(path, lambda prefix, shown: _read(prefix, expected, shown), data=True)
+
+
+def vocabulary_rows(path: str) -> int | None:
+    """The rows of `model/wte` (num_vocabulary) in the TF checkpoint in `path`, read from its index alone; None
+    when it has no such variable."""
+    def rows(prefix: str, shown: str) -> int | None:
+        shape = _opened(prefix, shown, lambda reader: reader.get_variable_to_shape_map().get("model/wte"))
+        return int(shape[0]) if shape else None
+
+    return _with_readable_prefix(path, rows, data=False)
+
+
+def _with_readable_prefix(path: str, use: Callable[[str, str], Any], data: bool) -> Any:
+    """`use(prefix, shown)` on the checkpoint in the folder `path`: its own prefix, or its files put in a
+    temporary folder as `model.*` (the index, and the data files when `data`): on gs:// copied (through gcsfs,
+    like every other gs:// file: TensorFlow's own GCS client cannot be pointed at an emulator), locally linked,
+    when the prefix has characters TensorFlow would take as a file pattern (`[`, `*`, `?`)."""
     prefix = _checkpoint_prefix(path)
-    if storage.is_remote(path) or any(ch in prefix for ch in "*?[\\"):
-        return _read_through_a_local_folder(path, prefix, expected)
-    return _read(prefix, expected)
-
-
-def _read_through_a_local_folder(path: str, prefix: str, expected: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-    """The checkpoint's files put in a temporary folder as `model.*`, and read from there: on gs:// copied
-    (through gcsfs, like every other gs:// file: TensorFlow's own GCS client cannot be pointed at an emulator),
-    locally linked, when the prefix has characters TensorFlow would take as a file pattern (`[`, `*`, `?`)."""
+    if not storage.is_remote(path) and not any(ch in prefix for ch in "*?[\\"):
+        return use(prefix, prefix)
     name = posixpath.basename(prefix)
     fs, folder = storage.filesystem(path)
     with tempfile.TemporaryDirectory(prefix="gptsan-tf-") as local:
         for file in storage.folder_names(path, files_only=True):
-            if file == f"{name}.index" or file.startswith(f"{name}.data-"):
+            if file == f"{name}.index" or (data and file.startswith(f"{name}.data-")):
                 source, target = posixpath.join(folder, file), os.path.join(local, PREFIX + file[len(name):])
                 if storage.is_remote(path):
                     fs.get(source, target)
                 else:
                     os.symlink(source, target)
-        return _read(os.path.join(local, PREFIX), expected, shown=prefix)
+        return use(os.path.join(local, PREFIX), prefix)
 
 
-def _read(prefix: str, expected: dict[str, tuple[int, ...]], shown: str | None = None) -> dict[str, np.ndarray]:
+def _opened(prefix: str, shown: str, use: Callable[[Any], Any]) -> Any:
+    """`use(reader)` on TensorFlow's reader of the checkpoint `prefix`; an unreadable one is one UserError."""
     tf = tensorflow()
-    shown = shown or prefix
     try:
-        reader = tf.train.load_checkpoint(prefix)
+        return use(tf.train.load_checkpoint(prefix))
+    except (tf.errors.OpError, ValueError, IndexError) as err:  # IndexError: "Read less bytes than requested"
+        raise UserError(f"{shown}: not a readable TF checkpoint (truncated or corrupt?): "
+                        f"{error_summary(err)}") from None
+
+
+def _read(prefix: str, expected: dict[str, tuple[int, ...]], shown: str) -> dict[str, np.ndarray]:
+    def arrays(reader) -> dict[str, np.ndarray]:
         shapes = {name: tuple(shape) for name, shape in reader.get_variable_to_shape_map().items()
                   if is_tf_parameter(name)}
         check_tensors(shown, shapes, expected, "checkpoint variables")
@@ -102,9 +121,8 @@ def _read(prefix: str, expected: dict[str, tuple[int, ...]], shown: str | None =
         refuse_not_floating(shown, {name: dtypes[name].name for name in shapes if not dtypes[name].is_floating},
                             HF_STORAGE_DTYPES)
         return {name: np.asarray(reader.get_tensor(name), np.float32) for name in sorted(shapes)}
-    except (tf.errors.OpError, ValueError, IndexError) as err:  # IndexError: "Read less bytes than requested"
-        raise UserError(f"{shown}: not a readable TF checkpoint (truncated or corrupt?): "
-                        f"{error_summary(err)}") from None
+
+    return _opened(prefix, shown, arrays)
 
 
 def write(path: str, flat: dict[str, Any], dtype: str = "float32") -> None:
