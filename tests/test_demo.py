@@ -70,6 +70,9 @@ def test_a_workdir_the_demo_cannot_finish_in_is_refused_before_anything_is_writt
     assert run.main(["--quick", "--workdir", ""]) == 2
     assert capsys.readouterr().err == ("error: --workdir: empty; give a folder, or leave the flag out for "
                                        "demo_output/<date-time>\n")
+    assert run.main(["--quick", "--workdir", "gs://bucket/demo"]) == 2  # was a local folder ./gs:/bucket/demo
+    assert capsys.readouterr().err == "error: --workdir gs://bucket/demo: the demo works in a local folder; give a " \
+        "local path\n"
     workdir = tmp_path / "run[1]"
     assert run.main(["--quick", "--workdir", str(workdir)]) == 2
     captured = capsys.readouterr()

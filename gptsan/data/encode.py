@@ -456,7 +456,9 @@ def _publish(jobs: list[WorkerJob], finals: list[str], output_dir: str, remote: 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptsan-encode", description=__doc__.split("\n\n")[0])
-    p.add_argument("--input_files", required=True, help="glob of text files, or a CSV with filename,fileid")
+    p.add_argument("--input_files", required=True,
+                   help="glob of text files, a CSV with filename,fileid, or a list file (a file name a line, "
+                        "optionally followed by its class id)")
     p.add_argument("--mode", default="lm", help="lm | hybrid | mlm")
     p.add_argument("--no_offset_mlm", action="store_true", help="mask targets at the masked position itself")
     p.add_argument("--tokenizer", default="swe", help=" | ".join(KINDS))

@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     if args.workdir == "":  # `--workdir "$DIR"` with DIR unset: not the default folder, silently
         raise UserError("--workdir: empty; give a folder, or leave the flag out for demo_output/<date-time>")
+    if storage.is_remote(args.workdir or ""):  # Path() would make a local folder `gs:` of it
+        raise UserError(f"--workdir {args.workdir}: the demo works in a local folder; give a local path")
     workdir = Path(args.workdir or Path("demo_output") / time.strftime("%Y%m%d-%H%M%S")).resolve()
     storage.check_orbax_folder(str(workdir), "--workdir")  # its models are saved by Orbax
     if workdir.exists():
