@@ -2,4 +2,4 @@
 `--dtype` choices without loading the formats' modules (JAX and Flax: seconds, for a `--help`)."""
 
 NATIVE_STORAGE_DTYPES = ("float32", "bfloat16")  # Orbax, as the training state keeps them
-HF_STORAGE_DTYPES = ("float32", "float16", "bfloat16")  # safetensors, as the HF port loads them
+FLOAT_STORAGE_DTYPES = ("float32", "float16", "bfloat16")  # safetensors and TF checkpoints (gptsan-export)

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from gptsan import storage
-from gptsan.checkpoint.dtypes import HF_STORAGE_DTYPES
+from gptsan.checkpoint.dtypes import FLOAT_STORAGE_DTYPES
 from gptsan.checkpoint.names import HF_EMBEDDING, HF_TIED_HEAD, hf_entries
 from gptsan.checkpoint.validate import check_tensors, refuse_not_floating
 from gptsan.errors import UserError
@@ -63,8 +63,8 @@ def read_config(path: str, **runtime: Any) -> ModelConfig:
         raise UserError(f"{source}: layer_norm_epsilon must be a small positive number, got {json.dumps(epsilon)}")
     _refuse_other_numerics(source, hf)
     dtype = hf.get("dtype", hf.get("torch_dtype", "float32"))
-    if dtype not in HF_STORAGE_DTYPES:
-        raise UserError(f"{source}: dtype {dtype!r} is not one of {', '.join(HF_STORAGE_DTYPES)}")
+    if dtype not in FLOAT_STORAGE_DTYPES:
+        raise UserError(f"{source}: dtype {dtype!r} is not one of {', '.join(FLOAT_STORAGE_DTYPES)}")
     return ModelConfig.from_hf_config(hf, source, **runtime)
 
 
@@ -107,7 +107,7 @@ def _read_safetensors(file: str) -> dict[str, np.ndarray]:
     except (SafetensorError, ValueError, TypeError, OSError) as err:  # TypeError: a dtype numpy lacks
         raise UserError(f"{file}: not a readable safetensors file (truncated or corrupt?): {err}") from None
     refuse_not_floating(file, {key: str(value.dtype) for key, value in tensors.items()
-                                if not jax.numpy.issubdtype(value.dtype, jax.numpy.floating)}, HF_STORAGE_DTYPES)
+                                if not jax.numpy.issubdtype(value.dtype, jax.numpy.floating)}, FLOAT_STORAGE_DTYPES)
     return tensors
 
 
@@ -125,7 +125,7 @@ def _read_torch_bin(file: str) -> dict[str, np.ndarray]:
     if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
         raise UserError(f"{file}: expected a state dict of tensor name -> tensor")
     refuse_not_floating(file, {key: str(value.dtype).removeprefix("torch.") for key, value in state.items()
-                                if not value.is_floating_point()}, HF_STORAGE_DTYPES)
+                                if not value.is_floating_point()}, FLOAT_STORAGE_DTYPES)
     return {key: value.float().numpy() for key, value in state.items()}
 
 
@@ -166,8 +166,8 @@ def write(path: str, config: ModelConfig, flat: dict[str, Any], dtype: str = "fl
     """Write `config.json` + `model.safetensors` into the existing directory `path`."""
     from safetensors.numpy import save
 
-    if dtype not in HF_STORAGE_DTYPES:
-        raise UserError(f"--dtype: expected one of {', '.join(HF_STORAGE_DTYPES)}, got {dtype!r}")
+    if dtype not in FLOAT_STORAGE_DTYPES:
+        raise UserError(f"--dtype: expected one of {', '.join(FLOAT_STORAGE_DTYPES)}, got {dtype!r}")
     np_dtype = jax.numpy.dtype(dtype)
     tensors = {}
     for entry in hf_entries(config):

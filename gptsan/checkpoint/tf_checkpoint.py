@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from gptsan import storage
-from gptsan.checkpoint.dtypes import HF_STORAGE_DTYPES
+from gptsan.checkpoint.dtypes import FLOAT_STORAGE_DTYPES
 from gptsan.checkpoint.names import is_tf_parameter
 from gptsan.checkpoint.validate import check_tensors, error_summary, refuse_not_floating
 from gptsan.errors import UserError
@@ -119,7 +119,7 @@ def _read(prefix: str, expected: dict[str, tuple[int, ...]], shown: str) -> dict
         check_tensors(shown, shapes, expected, "checkpoint variables")
         dtypes = reader.get_variable_to_dtype_map()
         refuse_not_floating(shown, {name: dtypes[name].name for name in shapes if not dtypes[name].is_floating},
-                            HF_STORAGE_DTYPES)
+                            FLOAT_STORAGE_DTYPES)
         return {name: np.asarray(reader.get_tensor(name), np.float32) for name in sorted(shapes)}
 
     return _opened(prefix, shown, arrays)

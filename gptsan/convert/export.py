@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from gptsan import storage
-from gptsan.checkpoint.dtypes import HF_STORAGE_DTYPES
+from gptsan.checkpoint.dtypes import FLOAT_STORAGE_DTYPES
 from gptsan.convert.cli import source_train_params
 from gptsan.errors import UserError, cli_main
 
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="model directory (native, TF or HF)")
     parser.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="what to write")
     parser.add_argument("--output", required=True, help="new directory (must not exist)")
-    parser.add_argument("--dtype", default="float32", choices=HF_STORAGE_DTYPES, help="storage dtype")
+    parser.add_argument("--dtype", default="float32", choices=FLOAT_STORAGE_DTYPES, help="storage dtype")
     return parser
 
 
