@@ -43,6 +43,10 @@ class Checkpointer:
                                                enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
         self.directory = str(directory)
         self.manager = ocp.CheckpointManager(storage.absolute(self.directory), options=options)
+        # Orbax removes them in a thread that only its next save waits for (not `close`): a run that ended before
+        # saving (a resume refused for another --optimizer) exited while the thread ran, and the interpreter's
+        # shutdown printed its "cannot schedule new futures" traceback after the error line. Waited for here.
+        self.manager._maybe_await_cleanup_tmp_directory()
         self.last_save = time.monotonic()
         self.last_saved_step = self.manager.latest_step()
         self.newest_complete = self.last_saved_step  # the newest step whose save is known to have completed
