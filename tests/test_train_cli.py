@@ -76,7 +76,8 @@ def test_eval_files_with_less_than_one_batch(inputs, capsys):
 @pytest.mark.parametrize("flags, expected", [
     (["--accumulate_steps", "3"], "error: --accumulate_steps 3: must be a positive divisor of the batch size 8"),
     (["--accumulate_steps", "0"], "error: --accumulate_steps 0: must be a positive divisor of the batch size 8"),
-    (["--expert_parallelism", "0"], "error: mesh: the expert (0) and model (1) axes need at least one device each"),
+    (["--expert_parallelism", "0"], "error: --expert_parallelism 0: expected a positive divisor of the 8 devices"),
+    (["--expert_parallelism", "3"], "error: --expert_parallelism 3: expected a positive divisor of the 8 devices"),
     (["--eval_batches", "-1"], "error: --eval_batches: expected a positive count, got -1"),
     (["--log_every", "0"], "error: --log_every: expected a positive count, got 0"),
     (["--optimizer", "adamw_cosine", "--max_training_step", "2"],
@@ -272,3 +273,18 @@ def test_a_num_pallarelizm_the_devices_cannot_hold_trains_on_the_largest_model_a
                                       "fewer devices)")
     assert err[-1].endswith(f"; step 1 saved in {inputs / 'out'}")
     assert plan(str(parameters), 8, activations=False)["mesh"] == {"data": 2, "expert": 1, "model": 4}
+
+
+@pytest.mark.parametrize("variable, value", [("GPTSAN_NUM_PROCESSES", "abc"), ("GPTSAN_PROCESS_ID", "")])
+def test_a_process_count_or_id_in_the_environment_that_is_not_an_integer_is_one_error(capsys, monkeypatch,
+                                                                                     variable, value):
+    """They are the defaults of --num_processes and --process_id: a ValueError traceback from every call."""
+    monkeypatch.setenv(variable, value)
+    assert call(capsys, "--help") == (2, [f"error: ${variable}: expected an integer, got {value!r}"])
+
+
+def test_an_empty_input_files_names_the_flag(inputs, capsys):
+    parameters = write_mini_parameters(inputs / "model", inputs / "out")
+    status, err = call(capsys, "--input_files", "", "--parameter_file", str(parameters))
+    assert status == 2 and err == ["error: --input_files: empty; give a glob of tfrecord files"]  # was ": no ..."
+    assert not (inputs / "out").exists()

@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert_parallelism", type=int, default=1, help="size of the mesh's expert axis")
     p.add_argument("--coordinator_address", default=os.environ.get("GPTSAN_COORDINATOR_ADDRESS", ""),
                    help="multi-host: jax.distributed coordinator host:port")
-    p.add_argument("--num_processes", type=int, default=int(os.environ.get("GPTSAN_NUM_PROCESSES", 0)))
-    p.add_argument("--process_id", type=int, default=int(os.environ.get("GPTSAN_PROCESS_ID", -1)))
+    p.add_argument("--num_processes", type=int, default=environment_int("GPTSAN_NUM_PROCESSES", 0))
+    p.add_argument("--process_id", type=int, default=environment_int("GPTSAN_PROCESS_ID", -1))
     p.add_argument("--accumulate_steps", type=int, default=1,
                    help="micro-batches per optimizer step (gradient accumulation; must divide the batch)")
     p.add_argument("--remat", choices=("none", "full", "dots"), default="none",
@@ -58,6 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "(also keep matmul outputs)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
+
+
+def environment_int(name: str, default: int) -> int:
+    """A flag's default from the environment variable `name` (`default` when unset); a value that is not an
+    integer is one error line (it was a ValueError traceback from every call, `--help` included)."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"${name}: expected an integer, got {value!r}") from None
 
 
 def select_devices(args: argparse.Namespace) -> None:

@@ -356,6 +356,9 @@ def check_run(cfg: RunConfig) -> CheckedRun:
         raise UserError(f"--eval_batches: expected a positive count, got {cfg.eval_batches}")
     if cfg.log_every < 1:
         raise UserError(f"--log_every: expected a positive count, got {cfg.log_every}")
+    if cfg.expert_parallelism < 1 or jax.device_count() % cfg.expert_parallelism:
+        raise UserError(f"--expert_parallelism {cfg.expert_parallelism}: expected a positive divisor of the "
+                        f"{jax.device_count()} devices")
     mesh = make_mesh(training_model_axis(cfg, config), cfg.expert_parallelism)
     check_batch_split(train.batch_size, dict(mesh.shape), f"{cfg.parameter_file}: train_params.batch_size")
     check_expert_axis(config.num_experts, cfg.expert_parallelism, f"--expert_parallelism {cfg.expert_parallelism}")
@@ -601,6 +604,8 @@ def check_records(flag: str, pattern: str, config: ModelConfig, local_batch: int
     over its empty files forever, and its peers waited for it in their first step.)"""
     problem = None
     try:
+        if not pattern:
+            raise UserError(f"{flag}: empty; give a glob of tfrecord files")
         source = process_share(pattern, config.num_contexts, process_index=jax.process_index(),
                                process_count=jax.process_count(), num_vocabulary=config.num_vocabulary,
                                on_corrupt=on_corrupt, warned=skip_warnings)
