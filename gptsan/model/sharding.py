@@ -41,12 +41,10 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
-def model_axis_size(num_pallarelizm: int, device_count: int, expert: int = 1) -> int:
-    """The model axis for `device_count` devices: num_pallarelizm as far as it divides what the expert axis leaves
-    (the release parameters.json's 8 on one GPU: 1). Only the layout changes: the model and its results do not."""
-    if expert < 1 or device_count % expert:
-        return num_pallarelizm  # make_mesh says what is wrong
-    return math.gcd(num_pallarelizm, device_count // expert)
+def model_axis_size(num_pallarelizm: int, device_count: int) -> int:
+    """The model axis over `device_count` devices (those the expert axis leaves): num_pallarelizm as far as it
+    divides them (the release parameters.json's 8 on one GPU: 1). Only the layout changes, not the model."""
+    return math.gcd(num_pallarelizm, device_count)
 
 
 def make_mesh(model: int = 1, expert: int = 1, devices=None) -> Mesh:

@@ -376,9 +376,10 @@ def check_run(cfg: RunConfig) -> CheckedRun:
 
 def training_model_axis(cfg: RunConfig, config: ModelConfig) -> int:
     """The mesh's model axis: num_pallarelizm where the devices allow it, or the largest part of it they do, with
-    a warning (the release parameters.json's 8 on one GPU was an error before the first step)."""
+    a warning (the release parameters.json's 8 on one GPU was an error before the first step). The expert axis
+    divides the devices (check_run)."""
     devices = jax.device_count()
-    model = model_axis_size(config.num_pallarelizm, devices, cfg.expert_parallelism)
+    model = model_axis_size(config.num_pallarelizm, devices // cfg.expert_parallelism)
     if model != config.num_pallarelizm and jax.process_index() == 0:
         leaves = f" left by --expert_parallelism {cfg.expert_parallelism}" if cfg.expert_parallelism > 1 else ""
         warn(f"{cfg.parameter_file}: model_params.num_pallarelizm {config.num_pallarelizm}: the {devices} devices"
