@@ -45,8 +45,11 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(storage.absolute(self.directory), options=options)
         # Orbax removes them in a thread that only its next save waits for (not `close`): a run that ended before
         # saving (a resume refused for another --optimizer) exited while the thread ran, and the interpreter's
-        # shutdown printed its "cannot schedule new futures" traceback after the error line. Waited for here.
-        self.manager._maybe_await_cleanup_tmp_directory()
+        # shutdown printed its "cannot schedule new futures" traceback after the error line. Waited for here
+        # (no public call waits for it in orbax-checkpoint 0.12.8; tests/test_train_resume.py checks it is waited).
+        wait_for_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
+        if wait_for_cleanup is not None:
+            wait_for_cleanup()
         self.last_save = time.monotonic()
         self.last_saved_step = self.manager.latest_step()
         self.newest_complete = self.last_saved_step  # the newest step whose save is known to have completed
