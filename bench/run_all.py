@@ -1,7 +1,8 @@
 """Run the CPU benchmarks (training with its HF peer, generation, encoding) one after another as
 subprocesses and print their JSON lines as one table, then one line per CPU target (`TARGETS`) with this run's
 figure. Took 6-7.5 minutes on a 2-vCPU AMD EPYC with AVX-512 (Zen 5, with the bfloat16 row and the kept-memory
-HF worker) and 7 min 19 s on a 2-vCPU Zen 1, which skips the bfloat16 row (`--bfloat16`) (bench/RESULTS.md).
+HF worker), 7 min 19 s on a 2-vCPU Zen 1, which skips the bfloat16 row (`--bfloat16`), and 3 min 50 s - 4 min 1 s
+on a 2-vCPU Intel Xeon with AVX-512 and AMX (bench/RESULTS.md).
 
     python bench/run_all.py [--vocabulary ../shared/vocab/ja-swe36k.txt] [--json all.jsonl]
                             [--bfloat16 auto|always|never] [--hf_kept_memory]
