@@ -500,22 +500,25 @@ def test_a_tf_checkpoint_in_a_folder_with_brackets_loads(tmp_path, tiny_tf_dir, 
     assert_same_params(load_flat(str(source))[1], tiny_names)
 
 
+@pytest.mark.parametrize(("key", "variable"), [("num_vocabulary", "model/wte"), ("num_spout", "pasts/mlp0/kernel")])
 @pytest.mark.parametrize("folder", ["ckpt", "ckpt[1]"])
-def test_a_tf_checkpoint_whose_parameters_json_lacks_num_vocabulary_takes_it_from_the_embedding(
-        tmp_path, tiny_tf_dir, tiny_names, folder):
+def test_a_tf_checkpoint_whose_parameters_json_lacks_a_size_takes_it_from_the_checkpoint(
+        tmp_path, tiny_tf_dir, tiny_names, folder, key, variable, capsys):
     """The original's trainer wrote num_vocabulary into its checkpoints' parameters.json; a checkpoint given
     the hand-written file it was trained from (which has none) was refused: `model_params lacks num_vocabulary`.
-    `model/wte`'s rows say it (read from the index alone; through a linked folder for `[`)."""
+    Users' files may also lack num_spout, which fell back to the release's 128 and then refused the checkpoint
+    (the tiny model's spout is 16 wide). The variable's rows say each (read from the index alone; through a linked
+    folder for `[`)."""
     from gptsan.convert.cli import main as convert
 
     source = tmp_path / folder
     shutil.copytree(tiny_tf_dir, source)
     parameters = json.loads((source / "parameters.json").read_text())
-    vocabulary = parameters["model_params"].pop("num_vocabulary")
+    size = parameters["model_params"].pop(key)
     (source / "parameters.json").write_text(json.dumps(parameters))
     config, flat = load_flat(str(source))
-    assert config.num_vocabulary == vocabulary == tiny_names["model/wte"].shape[0]
+    assert getattr(config, key) == size == tiny_names[variable].shape[0]
     assert_same_params(flat, tiny_names)
     assert convert(["--checkpoint", str(source), "--output", str(tmp_path / "out"), "--add_extra_stage", "1"]) == 0
-    assert json.loads((tmp_path / "out" / "parameters.json").read_text())["model_params"]["num_vocabulary"] == \
-        vocabulary
+    assert json.loads((tmp_path / "out" / "parameters.json").read_text())["model_params"][key] == size
+    assert "warning" not in capsys.readouterr().err

@@ -60,11 +60,15 @@ def test_tf_export_is_an_original_style_checkpoint(extended_model, exports):
     assert parameters["train_params"] == {**source["train_params"], "output_dir": str(out)}
 
 
-def test_hf_export_config(exports):
+def test_hf_export_config(exports, tiny_hf_dir):
     hf_config = json.loads((exports / "hf" / "config.json").read_text())
     assert hf_config["model_type"] == "gptsan-japanese"
     assert (hf_config["num_switch_layers"], hf_config["num_ext_layers"], hf_config["d_spout"]) == (2, 4, 16)
     assert hf_config["torch_dtype"] == "float32"
+    # the port's special tokens, as its own files have them (pad is <|separator|>, V - 5; it was <|nottoken|>)
+    port = json.loads((tiny_hf_dir / "config.json").read_text())
+    tokens = ("pad_token_id", "separator_token_id", "eos_token_id")
+    assert {key: hf_config[key] for key in tokens} == {key: port[key] for key in tokens}
 
 
 def test_float16_hf_export_loads_as_rounded_float32(extended_model, tmp_path):
@@ -97,13 +101,26 @@ def test_a_float16_export_of_values_beyond_its_range_is_refused(tmp_path, model_
     """A weight of -1e5 was written as -inf (float16 ends at 65504), with only numpy's RuntimeWarning."""
     model = model_with_weight(0.5, -1e5)
     before = sorted(p.name for p in tmp_path.iterdir())
-    for fmt in ("hf", "gptsan-tf"):
-        out = tmp_path / "exports" / fmt
-        assert export_main(["--model", str(model), "--format", fmt, "--output", str(out), "--dtype", "float16"]) == 2
-        assert capsys.readouterr().err == (
-            "error: --dtype float16: model/dense/kernel holds values up to 100000 in magnitude, beyond float16's "
-            "maximum 65504 (they would be stored as inf); export in bfloat16 or float32\n")
+    out = tmp_path / "exports" / "hf"
+    assert export_main(["--model", str(model), "--format", "hf", "--output", str(out), "--dtype", "float16"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --dtype float16: model/dense/kernel holds values up to 100000 in magnitude, beyond float16's "
+        "maximum 65504 (they would be stored as inf); export in bfloat16 or float32\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no temp folder, no parent folder
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_tf_export_in_another_dtype_than_float32_is_refused(tmp_path, extended_model, capsys, dtype):
+    """It was written (every variable half or bfloat16), and the original's trainer, restoring float32 variables,
+    refused it: "expected dtype float does not equal original dtype half"."""
+    before = sorted(p.name for p in tmp_path.iterdir())
+    out = tmp_path / "exports" / "tf"
+    assert export_main(["--model", str(extended_model), "--format", "gptsan-tf", "--output", str(out),
+                        "--dtype", dtype]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --dtype {dtype}: --format gptsan-tf writes float32, as the original's variables are (its trainer "
+        "cannot restore another dtype); use --format hf for a smaller copy\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 def test_a_float16_export_of_values_that_only_round_is_written(tmp_path, model_with_weight):

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 # command-line parser reads what it needs from this package (gptsan/checkpoint/dtypes.py) without them.
 
 FORMATS = ("native", "gptsan-tf", "hf")
+# model_params keys a TF checkpoint's parameters.json may lack, and the variable whose rows say them: the original's
+# trainer added num_vocabulary to the file it wrote, and users' own files may omit num_spout (spec section 3).
+SIZES_IN_THE_CHECKPOINT = {"num_vocabulary": "model/wte", "num_spout": "pasts/mlp0/kernel"}
 
 
 def detect_format(path: str) -> str:
@@ -64,10 +67,12 @@ def load_flat(path: str, **runtime: Any) -> tuple[ModelConfig, dict[str, np.ndar
         return hf.read(path, **runtime)
     parameters = storage.join(path, native.PARAMETERS)
     model_params = read_parameters_json(parameters)["model_params"]
-    if isinstance(model_params, dict) and "num_vocabulary" not in model_params:
-        # The original's trainer wrote it into its checkpoints' parameters.json; one written by hand may lack it.
-        if (rows := tf_checkpoint.vocabulary_rows(path)) is not None:
-            model_params = {**model_params, "num_vocabulary": rows}
+    missing = {}
+    if isinstance(model_params, dict):
+        missing = {key: name for key, name in SIZES_IN_THE_CHECKPOINT.items() if key not in model_params}
+    if missing:
+        shapes = tf_checkpoint.variable_shapes(path)
+        model_params = {**model_params, **{key: shapes[name][0] for key, name in missing.items() if name in shapes}}
     config = ModelConfig.from_model_params(model_params, parameters, **runtime)
     return config, tf_checkpoint.read(path, expected_shapes(config))
 

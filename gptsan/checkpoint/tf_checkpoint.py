@@ -71,14 +71,13 @@ def read(path: str, expected: dict[str, tuple[int, ...]]) -> dict[str, np.ndarra
     return _with_readable_prefix(path, lambda prefix, shown: _read(prefix, expected, shown), data=True)
 
 
-def vocabulary_rows(path: str) -> int | None:
-    """The rows of `model/wte` (num_vocabulary) in the TF checkpoint in `path`, read from its index alone; None
-    when it has no such variable."""
-    def rows(prefix: str, shown: str) -> int | None:
-        shape = _opened(prefix, shown, lambda reader: reader.get_variable_to_shape_map().get("model/wte"))
-        return int(shape[0]) if shape else None
+def variable_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Every variable's shape in the TF checkpoint in `path`, read from its index alone."""
+    def shapes(prefix: str, shown: str) -> dict[str, tuple[int, ...]]:
+        shape_map = _opened(prefix, shown, lambda reader: reader.get_variable_to_shape_map())
+        return {name: tuple(int(n) for n in shape) for name, shape in shape_map.items()}
 
-    return _with_readable_prefix(path, rows, data=False)
+    return _with_readable_prefix(path, shapes, data=False)
 
 
 def _with_readable_prefix(path: str, use: Callable[[str, str], Any], data: bool) -> Any:

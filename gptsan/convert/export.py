@@ -5,7 +5,8 @@ checkpoint, for the tools that read those.
 
 hf: `config.json` + `model.safetensors`, loadable by transformers 4.40's
 `GPTSanJapaneseForConditionalGeneration.from_pretrained`. gptsan-tf: `checkpoint` + `model.index` +
-`model.data-00000-of-00001` under the original variable names, with `parameters.json`. OUT must not exist.
+`model.data-00000-of-00001` under the original variable names, with `parameters.json`; always float32, as the
+original's variables are (its trainer cannot restore a float16 or bfloat16 one). OUT must not exist.
 A --dtype whose range a parameter's values exceed (float16's ends at 65504) is refused: they would be inf.
 """
 
@@ -44,6 +45,9 @@ def export(model: str, fmt: str, output: str, dtype: str = "float32") -> None:
 
     if fmt not in EXPORT_FORMATS:
         raise UserError(f"--format: expected one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
+    if fmt == "gptsan-tf" and dtype != "float32":
+        raise UserError(f"--dtype {dtype}: --format gptsan-tf writes float32, as the original's variables are (its "
+                        "trainer cannot restore another dtype); use --format hf for a smaller copy")
     refuse_existing(output)  # before the (possibly long) load
     # As gptsan-convert: the source's train_params with output_dir = the export (training from the export used
     # to resume from, and write into, the source's output_dir). Read first: a bad one stops the export at once.

@@ -195,7 +195,7 @@ class ModelConfig:
             "router_ignore_padding_tokens": False,
             "output_router_logits": False,
             "initializer_factor": 0.002,
-            "pad_token_id": self.num_vocabulary - 4,
+            "pad_token_id": self.num_vocabulary - 5,  # the port's <|separator|> (35995 of 36,000)
             "separator_token_id": self.num_vocabulary - 2,
             "eos_token_id": self.num_vocabulary - 1,
             "use_cache": True,
