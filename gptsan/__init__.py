@@ -11,4 +11,8 @@ import os
 
 os.environ.setdefault("EPATH_USE_TF", "false")
 
+# JAX sets TF_CPP_MIN_LOG_LEVEL to 1 when it loads, which would open TensorFlow's C++ warnings too (a failed save
+# printed two lines before gptsan's one): gptsan.tf_runtime needs the user's own setting, read here, before that.
+USER_TF_CPP_MIN_LOG_LEVEL = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
+
 __version__ = "0.1.0"

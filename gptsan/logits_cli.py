@@ -73,11 +73,13 @@ def check_inputs(config: ModelConfig, ids: np.ndarray, num_precontext: np.ndarra
         if num_precontext.min() < 0 or num_precontext.max() > length:
             raise UserError(f"--num_precontext: prefix lengths must lie in [0, {length}]")
     if spout is not None:
-        if spout.shape != (batch, config.num_spout) or not np.issubdtype(spout.dtype, np.number):
-            raise UserError(f"--spout: expected numbers of shape [{batch}, {config.num_spout}], got "
+        if spout.shape != (batch, config.num_spout) or not np.issubdtype(spout.dtype, np.number) \
+                or np.iscomplexobj(spout):
+            raise UserError(f"--spout: expected real numbers of shape [{batch}, {config.num_spout}], got "
                             f"{spout.dtype} {list(spout.shape)}")
-        if not np.all(np.isfinite(spout)):
-            raise UserError("--spout: values must be finite")
+        with np.errstate(over="ignore"):
+            if not np.all(np.isfinite(spout.astype(np.float32))):  # as the model reads them: 1e40 is inf there
+                raise UserError("--spout: values must be finite in float32 (at most 3.4e38 in magnitude)")
 
 
 @functools.cache

@@ -66,18 +66,22 @@ def anonymous_with_emulator() -> None:
         _anonymous_set = False
 
 
-class RaisedToCaller(logging.Filter):
-    """Drops gcsfs's log of a request that failed for good ("_request out of retries on exception: ..." or
-    "... non-retriable exception: ...", each with a traceback): gcsfs raises the same error to its caller, and
-    gptsan reports that in one line."""
+class NotForTheUser(logging.Filter):
+    """Drops two kinds of gcsfs log: a request that failed for good ("_request out of retries on exception: ..."
+    or "... non-retriable exception: ...", each with a traceback), as gcsfs raises the same error to its caller
+    and gptsan reports that in one line; and its notice that it could not tell a bucket's layout ("Could not
+    determine bucket type ... falling back to GCSFileSystem", after a 60 s wait where the server is out of reach),
+    as it then works as before and a real failure comes from the request itself."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
+        if "falling back to GCSFileSystem" in message:
+            return False
         return not (record.exc_info and (" out of retries on exception: " in message
                                          or " non-retriable exception: " in message))
 
 
-logging.getLogger("gcsfs").addFilter(RaisedToCaller())
+logging.getLogger("gcsfs").addFilter(NotForTheUser())
 
 
 GCS_ENDPOINT_VARIABLES = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")  # gcsfs's, tensorstore's
@@ -126,18 +130,33 @@ def parent(path: str) -> str:
     return posixpath.dirname(str(path)) if is_remote(path) else os.path.dirname(absolute(path))
 
 
+@contextmanager
+def remote_errors_named(path: str):
+    """gcsfs's errors name no file (a server out of reach is aiohttp's ClientConnectorError, an OSError without a
+    filename): within this block they get `path` and what failed (`remote_failure`), so a tool says it in one
+    line. A missing file stays a FileNotFoundError, for the caller to name what it expected."""
+    try:
+        yield
+    except OSError as err:
+        if isinstance(err, FileNotFoundError) or err.filename is not None or not is_remote(path):
+            raise
+        raise OSError(err.errno, remote_failure(path, err), path) from None
+
+
 def exists(path: str) -> bool:
     fs, p = filesystem(path)
-    return fs.exists(p)
+    with remote_errors_named(path):
+        return fs.exists(p)
 
 
 def isdir(path: str) -> bool:
     fs, p = filesystem(path)
-    return fs.isdir(p)
+    with remote_errors_named(path):
+        return fs.isdir(p)
 
 
 def read_text(path: str) -> str:
-    with fsspec.open(checked(path), "r", encoding="utf-8") as f:
+    with remote_errors_named(path), fsspec.open(checked(path), "r", encoding="utf-8") as f:
         return f.read()
 
 
@@ -153,7 +172,7 @@ def read_json(path: str) -> Any:
 
 
 def read_bytes(path: str) -> bytes:
-    with fsspec.open(checked(path), "rb") as f:
+    with remote_errors_named(path), fsspec.open(checked(path), "rb") as f:
         return f.read()
 
 
@@ -180,8 +199,11 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
         return
     target = os.path.realpath(p)
     if os.path.exists(target) and not stat.S_ISREG(os.stat(target).st_mode):
-        with open(target, "wb") as f:
-            f.write(data)
+        try:
+            with open(target, "wb") as f:
+                f.write(data)
+        except OSError as err:  # /dev/full; a closed pipe stays a BrokenPipeError
+            raise type(err)(err.errno, err.strerror, path) from None
         return
     os.makedirs(os.path.dirname(target), exist_ok=True)
     tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
@@ -272,7 +294,9 @@ def folder_names(path: str, files_only: bool = False) -> list[str]:
     """The sorted names (last parts) of what the folder `path` holds, or of its files only. Listed, not
     globbed: `[` `]` in the folder's name are literal."""
     fs, folder = filesystem(path)
-    return sorted(posixpath.basename(entry["name"].rstrip("/")) for entry in fs.ls(folder, detail=True)
+    with remote_errors_named(path):
+        entries = fs.ls(folder, detail=True)
+    return sorted(posixpath.basename(entry["name"].rstrip("/")) for entry in entries
                   if not files_only or entry.get("type") == "file")
 
 
@@ -315,5 +339,5 @@ def open_file(path: str, mode: str = "rb"):
     """A file object; remote binary reads go through an 8 MiB buffer, so record-by-record readers make one
     object-store call per buffer rather than one per small read (each of which costs a round of gcsfs's
     event-loop machinery)."""
-    with fsspec.open(checked(path), mode) as f:
+    with remote_errors_named(path), fsspec.open(checked(path), mode) as f:
         yield io.BufferedReader(f, READ_BUFFER_BYTES) if mode == "rb" and is_remote(path) else f

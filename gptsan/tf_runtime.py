@@ -16,7 +16,9 @@ PYTHON_LOG_LEVELS = {"0": logging.INFO, "1": logging.WARNING, "2": logging.ERROR
 @functools.cache
 def tensorflow():
     """The `tensorflow` module, imported with its C++ logging off and its Python logger at the same level."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from gptsan import USER_TF_CPP_MIN_LOG_LEVEL
+
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = USER_TF_CPP_MIN_LOG_LEVEL or "3"  # not JAX's 1 (gptsan/__init__.py)
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # its start-up notice ignores the level above
     import tensorflow as tf
 

@@ -2,7 +2,11 @@
 
 import importlib.util
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,9 +164,10 @@ def test_transformers_loads_the_hf_export_and_agrees(extended_model, exports, ti
             np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["existing", "bad_model", "bad_format"])
-def test_bad_exports_fail_and_write_nothing(tmp_path, extended_model, capsys, case):
-    out = tmp_path / "out"
+@pytest.mark.parametrize("case", ["existing", "empty", "bad_model", "bad_format"])
+def test_bad_exports_fail_and_write_nothing(tmp_path, extended_model, capsys, case, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = "" if case == "empty" else tmp_path / "out"
     model = tmp_path / "nowhere" if case == "bad_model" else extended_model
     fmt = "onnx" if case == "bad_format" else "hf"
     if case == "existing":
@@ -176,7 +181,9 @@ def test_bad_exports_fail_and_write_nothing(tmp_path, extended_model, capsys, ca
         assert export_main(["--model", str(model), "--format", fmt, "--output", str(out)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1, err
-        assert ("already exists" if case == "existing" else "not found") in err
+        expected = {"existing": "already exists",
+                    "empty": "--output: expected the path of a new folder, got an empty one"}
+        assert expected.get(case, "not found") in err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
@@ -217,3 +224,29 @@ def test_transformers_drops_no_token_of_a_long_input(tmp_path):
         theirs = model(input_ids=torch.from_numpy(ids), attention_mask=torch.ones(ids.shape, dtype=torch.long))
     ours = compute_logits(config, unflatten(flat), ids)
     np.testing.assert_allclose(theirs.logits.numpy(), ours, rtol=0, atol=1e-4)
+
+
+# The export, run with writes past 100 kB failing with EFBIG ("File too large"), as a full disk fails a write.
+EXPORT_WITH_FILES_OF_AT_MOST_100_KB = """
+import resource, runpy, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+sys.argv = ["gptsan-export", *sys.argv[1:]]
+runpy.run_module("gptsan.convert.export", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("fmt", ["hf", "gptsan-tf"])
+def test_an_export_onto_a_full_disk_is_one_error_line_and_leaves_nothing(tmp_path, extended_model, fmt):
+    """A full disk gave a traceback: fsspec's write error names no file (hf), and TensorFlow's is no OSError at all
+    (gptsan-tf), after two lines of TensorFlow's C++ logging (JAX had set TF_CPP_MIN_LOG_LEVEL to 1)."""
+    out = tmp_path / "out"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TF_")}
+    result = subprocess.run([sys.executable, "-c", EXPORT_WITH_FILES_OF_AT_MOST_100_KB, "--model", str(extended_model),
+                             "--format", fmt, "--output", str(out)],
+                            env={**env, "PYTHONPATH": str(Path(__file__).parents[1])}, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2
+    reason = "File too large" if fmt == "hf" else "cannot write the TF checkpoint: File too large"
+    assert result.stderr == f"error: --output {out}: {reason}\n"
+    assert list(tmp_path.iterdir()) == []  # no output, no temp folder

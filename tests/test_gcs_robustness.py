@@ -125,3 +125,59 @@ def test_no_metadata_server_probe_against_an_emulator(emulator):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["hello", "hello"]
     assert "metadata server" not in result.stderr.lower(), result.stderr
+
+
+def test_a_remote_read_error_without_a_file_name_gets_the_path_and_what_failed():
+    """gcsfs raised a server out of reach as aiohttp's ClientConnectorError, an OSError naming no file: reading a
+    gs:// vocabulary, ids or model ended in a 106-line traceback after a minute of retries. Within
+    `remote_errors_named` it names the path and says what failed, which the tools print in one line."""
+    from gptsan import storage
+
+    with pytest.raises(OSError) as caught, storage.remote_errors_named(f"gs://{BUCKET}/v.txt"):
+        raise OSError("Cannot connect to host 127.0.0.1:9 ssl:default [Connect call failed ('127.0.0.1', 9)]")
+    assert caught.value.filename == f"gs://{BUCKET}/v.txt"
+    assert caught.value.strerror == ("cannot reach the storage server (Cannot connect to host 127.0.0.1:9 "
+                                     "ssl:default [Connect call failed ('127.0.0.1', 9)])")
+    for kept in (FileNotFoundError(f"{BUCKET}/v.txt"), OSError(2, "No such file", "/local/v.txt")):
+        with pytest.raises(OSError) as caught, storage.remote_errors_named(f"gs://{BUCKET}/v.txt"):
+            raise kept
+        assert caught.value is kept  # a missing file is the caller's to name; a named one is named already
+    with pytest.raises(OSError) as caught, storage.remote_errors_named("/local/v.txt"):
+        raise OSError(28, "No space left on device")
+    assert caught.value.filename is None  # local: left as it is
+
+
+def test_gcsfs_notice_of_an_unknown_bucket_layout_is_not_shown():
+    """gcsfs logged "Could not determine bucket type ..., falling back to GCSFileSystem" (after 60 s) before the
+    error line when the server was out of reach; it works on as before, so the notice is not for the user."""
+    import logging
+
+    import gptsan.storage  # noqa: F401 - installs the filter on gcsfs's logger
+
+    shown = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            shown.append(record.getMessage())
+
+    handler = Collect()
+    logger = logging.getLogger("gcsfs")
+    logger.addHandler(handler)
+    try:
+        logger.warning("Could not determine bucket type for bucket name b: Timeout of 60.0s exceeded, last "
+                       "exception: 503 failed to connect, falling back to GCSFileSystem")
+        logger.warning("another gcsfs warning")
+    finally:
+        logger.removeHandler(handler)
+    assert shown == ["another gcsfs warning"]
+
+
+@pytest.mark.slow
+def test_a_gs_vocabulary_on_a_server_out_of_reach_is_one_error_line():
+    """End to end (about 35-90 s of gcsfs's retries and its bucket-layout probe): one line, exit 2."""
+    env = {**os.environ, "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9", "TENSORSTORE_GCS_HTTP_URL": "http://127.0.0.1:9"}
+    result = subprocess.run([sys.executable, "-m", "gptsan.tokenize_cli", "--vocabulary", f"gs://{BUCKET}/v.txt",
+                             "--text", "a"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr == (f"error: gs://{BUCKET}/v.txt: cannot reach the storage server (Cannot connect to host "
+                             "127.0.0.1:9 ssl:default [Connect call failed ('127.0.0.1', 9)])\n")

@@ -92,8 +92,11 @@ def test_cli_truncated_checkpoint_is_one_error_line(tmp_path, tiny_hf_dir, tiny_
         ({"ids": np.zeros((2, 4), np.float32)}, "--ids: expected integer token ids"),
         ({"num_precontext": np.array([1, 2, 3])}, r"--num_precontext: expected integers of shape \[2\]"),
         ({"num_precontext": np.array([1, 9])}, r"--num_precontext: prefix lengths must lie in \[0, 4\]"),
-        ({"spout": np.zeros((2, 15), np.float32)}, r"--spout: expected numbers of shape \[2, 16\]"),
+        ({"spout": np.zeros((2, 15), np.float32)}, r"--spout: expected real numbers of shape \[2, 16\]"),
+        ({"spout": np.zeros((2, 16), np.complex64)}, r"--spout: expected real numbers .*, got complex64"),
         ({"spout": np.full((2, 16), np.nan, np.float32)}, "--spout: values must be finite"),
+        # finite in float64, inf in float32, as the model reads them: the logits came out all NaN, exit 0
+        ({"spout": np.full((2, 16), 1e40)}, r"--spout: values must be finite in float32 \(at most 3.4e38"),
     ],
 )
 def test_cli_rejects_bad_inputs(tmp_path, tiny_hf_dir, capsys, inputs, message):
@@ -143,3 +146,13 @@ def test_greedy_continuation_from_loaded_checkpoint(tiny_tf_dir, tiny_cases):
     for t in range(prompt.shape[1], expected.shape[1]):
         ids[:, t] = compute_logits(config, params, ids)[:, t - 1].argmax(-1)
     np.testing.assert_array_equal(ids, expected)
+
+
+def test_an_output_that_cannot_take_the_logits_is_one_error_line(tmp_path, tiny_hf_dir, capsys):
+    """A device that is not a regular file is written directly; /dev/full's "No space left on device" named no
+    file and ended in a traceback."""
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full (Linux)")
+    np.save(tmp_path / "ids.npy", np.zeros((1, 4), np.int64))
+    assert main(["--model", str(tiny_hf_dir), "--ids", str(tmp_path / "ids.npy"), "--output", "/dev/full"]) == 2
+    assert capsys.readouterr().err == "error: /dev/full: No space left on device\n"

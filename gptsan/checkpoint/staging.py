@@ -17,23 +17,26 @@ from gptsan.errors import UserError
 
 
 def refuse_existing(dst: str, flag: str = "--output") -> None:
+    if not str(dst):  # the current folder, to fsspec: "already exists" said nothing useful
+        raise UserError(f"{flag}: expected the path of a new folder, got an empty one")
     if storage.exists(str(dst)):
         raise UserError(f"{flag} {dst}: already exists; refusing to overwrite it (choose a new path)")
 
 
 @contextmanager
 def staged_output(dst: str, flag: str = "--output") -> Iterator[str]:
-    """Yield a directory to write into; it becomes `dst` only if the block finishes without error."""
+    """Yield a directory to write into; it becomes `dst` only if the block finishes without error. A write error
+    that names no file (a full disk, as fsspec and the TF writer report it) is a UserError naming `dst`."""
     dst = str(dst)
     refuse_existing(dst, flag)
     if storage.is_remote(dst):
         fs, path = storage.filesystem(dst)
         try:
             yield dst
-        except BaseException:
+        except BaseException as err:
             if fs.exists(path):
                 fs.rm(path, recursive=True)
-            raise
+            raise _named(err, flag, dst) from None
         return
     storage.check_output_parent(dst, flag)
     parent = os.path.dirname(os.path.abspath(dst))
@@ -48,6 +51,14 @@ def staged_output(dst: str, flag: str = "--output") -> Iterator[str]:
     try:
         yield tmp
         os.rename(tmp, dst)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise _named(err, flag, dst) from None
+
+
+def _named(err: BaseException, flag: str, dst: str) -> BaseException:
+    """A write error that names no file (a full disk, as fsspec and the TF writer report it) as a UserError naming
+    the output; any other error as it is."""
+    if isinstance(err, OSError) and err.filename is None:
+        return UserError(f"{flag} {dst}: {err.strerror or err}")
+    return err

@@ -128,9 +128,18 @@ def write(path: str, flat: dict[str, Any], dtype: str = "float32") -> None:
     """Write `flat` (GPTSAN name -> array) as an original-style TF1 checkpoint into the directory `path`."""
     tf = tensorflow()
     names = sorted(flat)
+    try:
+        _save(tf, path, names, [np.asarray(flat[name], np.float32) for name in names], dtype)
+    except tf.errors.OpError as err:  # a full disk, say: TensorFlow's errors are not OSErrors, and name a temp file
+        reason = re.sub(r"\s*\[Op:\w+\]$", "", err.message.strip().splitlines()[0]).rsplit("; ", 1)[-1]
+        raise OSError(f"cannot write the TF checkpoint: {reason}") from None
+    state = f'model_checkpoint_path: "{PREFIX}"\nall_model_checkpoint_paths: "{PREFIX}"\n'
+    storage.write_text_atomic(storage.join(path, STATE_FILE), state)
+
+
+def _save(tf, path: str, names: list[str], arrays: list[np.ndarray], dtype: str) -> None:
     with tf.device("/cpu:0"):
-        tensors = [tf.constant(np.asarray(flat[name], np.float32), dtype=tf.dtypes.as_dtype(dtype))
-                   for name in names]
+        tensors = [tf.constant(array, dtype=tf.dtypes.as_dtype(dtype)) for array in arrays]
         if storage.is_remote(path):  # written locally, then copied up through gcsfs (see `read`)
             with tempfile.TemporaryDirectory(prefix="gptsan-tf-") as local:
                 tf.raw_ops.SaveV2(prefix=os.path.join(local, PREFIX), tensor_names=names,
@@ -141,5 +150,3 @@ def write(path: str, flat: dict[str, Any], dtype: str = "float32") -> None:
         else:
             tf.raw_ops.SaveV2(prefix=storage.join(path, PREFIX), tensor_names=names,
                               shape_and_slices=[""] * len(names), tensors=tensors)
-    state = f'model_checkpoint_path: "{PREFIX}"\nall_model_checkpoint_paths: "{PREFIX}"\n'
-    storage.write_text_atomic(storage.join(path, STATE_FILE), state)
