@@ -129,7 +129,7 @@ def write(path: str, flat: dict[str, Any], dtype: str = "float32") -> None:
     tf = tensorflow()
     names = sorted(flat)
     try:
-        _save(tf, path, names, [np.asarray(flat[name], np.float32) for name in names], dtype)
+        _save(path, names, [np.asarray(flat[name], np.float32) for name in names], dtype)
     except tf.errors.OpError as err:  # a full disk, say: TensorFlow's errors are not OSErrors, and name a temp file
         reason = re.sub(r"\s*\[Op:\w+\]$", "", err.message.strip().splitlines()[0]).rsplit("; ", 1)[-1]
         raise OSError(f"cannot write the TF checkpoint: {reason}") from None
@@ -137,7 +137,8 @@ def write(path: str, flat: dict[str, Any], dtype: str = "float32") -> None:
     storage.write_text_atomic(storage.join(path, STATE_FILE), state)
 
 
-def _save(tf, path: str, names: list[str], arrays: list[np.ndarray], dtype: str) -> None:
+def _save(path: str, names: list[str], arrays: list[np.ndarray], dtype: str) -> None:
+    tf = tensorflow()
     with tf.device("/cpu:0"):
         tensors = [tf.constant(array, dtype=tf.dtypes.as_dtype(dtype)) for array in arrays]
         if storage.is_remote(path):  # written locally, then copied up through gcsfs (see `read`)
