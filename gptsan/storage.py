@@ -205,18 +205,34 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
         except OSError as err:  # /dev/full; a closed pipe stays a BrokenPipeError
             raise type(err)(err.errno, err.strerror, path) from None
         return
+    made = missing_folders(os.path.dirname(target))
     os.makedirs(os.path.dirname(target), exist_ok=True)
     tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, target)
-    except BaseException as err:  # a Ctrl-C too: no temp file left
+    except BaseException as err:  # a Ctrl-C too: no temp file left, nor the folders made for it
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        with contextlib.suppress(OSError):  # innermost first; one another writer filled in the meantime stays
+            for folder in reversed(made):
+                os.rmdir(folder)
         if isinstance(err, OSError):
             raise OSError(err.errno, err.strerror, path) from None
         raise
+
+
+def missing_folders(folder: str) -> list[str]:
+    """The folders from the outermost missing one down to `folder` (local), which making `folder` would make."""
+    missing = []
+    while folder and not os.path.exists(folder):
+        missing.append(folder)
+        parent_folder = os.path.dirname(folder)
+        if parent_folder == folder:
+            break
+        folder = parent_folder
+    return missing[::-1]
 
 
 PERMISSION_REFUSED = re.compile(r"\b(401|403)\b|Forbidden|PERMISSION_DENIED|UNAUTHENTICATED")

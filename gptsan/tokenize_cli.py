@@ -98,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for where, text in input_texts(args):
         if args.decode:
-            print(tokenizer.decode(parse_ids(where, text)))
+            ids = parse_ids(where, text)
+            try:
+                decoded = tokenizer.decode(ids)
+            except UserError as err:  # an id outside the vocabulary: say where it was
+                raise UserError(f"{where}: {err}") from None
+            print(decoded)
         else:
             print(json.dumps(tokenizer.encode(text)))
     return 0

@@ -97,3 +97,17 @@ def test_a_refused_write_names_the_file_asked_for_and_leaves_no_temp_file(tmp_pa
     with pytest.raises(KeyboardInterrupt):
         storage.write_text_atomic(str(target), "x\n")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_write_takes_away_the_folders_it_made_and_only_those(tmp_path, monkeypatch):
+    """A write that failed (a full disk) left behind the missing folders it had made for the file."""
+    (tmp_path / "kept").mkdir()
+
+    def refuse(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage.os, "replace", refuse)
+    for target in (tmp_path / "a" / "b" / "out.npy", tmp_path / "kept" / "new" / "out.npy"):
+        with pytest.raises(OSError):
+            storage.write_bytes_atomic(str(target), b"x")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and list((tmp_path / "kept").iterdir()) == []

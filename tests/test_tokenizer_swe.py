@@ -196,3 +196,12 @@ def test_cli_bad_ids_are_one_line_errors(capsys):
     assert code == 2 and err == "error: --text: expected a JSON list of integer ids, got 'hello'\n"
     code, _, err = tokenize_cli(capsys, "--decode", "--text", "[true, 454]")  # a bool is an int to Python
     assert code == 2 and err == "error: --text: expected a JSON list of integer ids, got '[true, 454]'\n"
+    code, _, err = tokenize_cli(capsys, "--decode", "--text", "[469, 99999999]")
+    assert code == 2 and err == "error: --text: token id 99999999: outside the vocabulary (0..35999)\n"
+
+
+def test_cli_an_id_outside_the_vocabulary_in_a_file_names_the_line(capsys, tmp_path):
+    (tmp_path / "ids.txt").write_text("[469]\n[36000]\n", encoding="utf-8")
+    code, out, err = tokenize_cli(capsys, "--decode", "--files", str(tmp_path / "ids.txt"))
+    assert code == 2 and out == "こん\n"  # the lines before it, decoded
+    assert err == f"error: {tmp_path / 'ids.txt'}:2: token id 36000: outside the vocabulary (0..35999)\n"
