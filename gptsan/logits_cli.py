@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     buffer = io.BytesIO()
     np.save(buffer, logits)
     storage.write_bytes_atomic(args.output, buffer.getvalue())
-    print(f"wrote logits {list(logits.shape)} to {args.output}")
+    print(f"wrote logits {list(logits.shape)} to {args.output}", file=storage.status_stream(args.output))
     return 0
 
 

@@ -11,6 +11,7 @@ import os
 import posixpath
 import re
 import stat
+import sys
 import uuid
 from contextlib import contextmanager
 from typing import Any
@@ -197,14 +198,14 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
         except OSError as err:  # gcsfs's errors name no file (a missing bucket's only its upload URL)
             raise OSError(err.errno, remote_failure(path, err), path) from None
         return
-    target = os.path.realpath(p)
-    if os.path.exists(target) and not stat.S_ISREG(os.stat(target).st_mode):
-        try:
-            with open(target, "wb") as f:
+    if os.path.exists(p) and not stat.S_ISREG(os.stat(p).st_mode):
+        try:  # opened as named: /dev/stdout's link leads to a pipe ("pipe:[N]"), which has no path of its own
+            with open(p, "wb") as f:
                 f.write(data)
         except OSError as err:  # /dev/full; a closed pipe stays a BrokenPipeError
             raise type(err)(err.errno, err.strerror, path) from None
         return
+    target = os.path.realpath(p)
     made = missing_folders(os.path.dirname(target))
     os.makedirs(os.path.dirname(target), exist_ok=True)
     tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
@@ -221,6 +222,16 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
         if isinstance(err, OSError):
             raise OSError(err.errno, err.strerror, path) from None
         raise
+
+
+def status_stream(output: str):
+    """Where a tool's status line about writing `output` goes: stdout, or stderr when `output` is stdout itself
+    (`--output /dev/stdout`, or the file stdout is redirected to), where the line would land inside the data."""
+    if not is_remote(output):
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # no such file yet; stdout without a file
+            if os.path.samestat(os.stat(output), os.fstat(sys.stdout.fileno())):
+                return sys.stderr
+    return sys.stdout
 
 
 def missing_folders(folder: str) -> list[str]:

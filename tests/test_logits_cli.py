@@ -156,3 +156,19 @@ def test_an_output_that_cannot_take_the_logits_is_one_error_line(tmp_path, tiny_
     np.save(tmp_path / "ids.npy", np.zeros((1, 4), np.int64))
     assert main(["--model", str(tiny_hf_dir), "--ids", str(tmp_path / "ids.npy"), "--output", "/dev/full"]) == 2
     assert capsys.readouterr().err == "error: /dev/full: No space left on device\n"
+
+
+def test_logits_written_to_stdout_are_the_npy_alone(tmp_path, tiny_hf_dir, tiny_cases):
+    """With --output /dev/stdout the "wrote logits" line followed the array on stdout, so the stream was no longer
+    a .npy file; it goes to stderr then."""
+    import io
+
+    np.save(tmp_path / "ids.npy", tiny_cases["input_ids"])
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-m", "gptsan.logits_cli", "--model", str(tiny_hf_dir), "--ids",
+                             str(tmp_path / "ids.npy"), "--output", "/dev/stdout"], env=env, capture_output=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    logits = np.load(io.BytesIO(result.stdout))
+    np.testing.assert_allclose(logits, tiny_cases["logits_causal"], atol=TOLERANCE, rtol=0)
+    assert result.stderr.decode() == f"wrote logits {list(logits.shape)} to /dev/stdout\n"

@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(record, ensure_ascii=False)
     if args.output:
         storage.write_text_atomic(args.output, text + "\n")
-        print(f"filled {len(result['output_scores'])} masks; wrote {args.output}")
+        print(f"filled {len(result['output_scores'])} masks; wrote {args.output}",
+              file=storage.status_stream(args.output))
     else:
         print(text)
     return 0
