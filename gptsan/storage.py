@@ -217,7 +217,7 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         with contextlib.suppress(OSError):  # innermost first; one another writer filled in the meantime stays
-            for folder in reversed(made):
+            for folder in made:
                 os.rmdir(folder)
         if isinstance(err, OSError):
             raise OSError(err.errno, err.strerror, path) from None
@@ -235,7 +235,7 @@ def status_stream(output: str):
 
 
 def missing_folders(folder: str) -> list[str]:
-    """The folders from the outermost missing one down to `folder` (local), which making `folder` would make."""
+    """The folders that making the local `folder` would make, innermost (`folder`) first."""
     missing = []
     while folder and not os.path.exists(folder):
         missing.append(folder)
@@ -243,7 +243,7 @@ def missing_folders(folder: str) -> list[str]:
         if parent_folder == folder:
             break
         folder = parent_folder
-    return missing[::-1]
+    return missing
 
 
 PERMISSION_REFUSED = re.compile(r"\b(401|403)\b|Forbidden|PERMISSION_DENIED|UNAUTHENTICATED")
