@@ -62,6 +62,8 @@ def file_lines(files: list[str]) -> Iterator[tuple[str, str]]:
 
 
 def parse_ids(where: str, text: str) -> list[int]:
+    if not text.strip():  # a blank line decodes to an empty one, so the output keeps the input's lines
+        return []
     try:
         ids = json.loads(text)
     except json.JSONDecodeError:

@@ -85,3 +85,44 @@ def test_unreadable_parameter_file_is_named(tmp_path):
     path.write_bytes(b"\xff{}")  # was a UnicodeDecodeError traceback
     with pytest.raises(UserError, match=r"parameters.json: not UTF-8 text \(invalid start byte at byte 0\)$"):
         load_config(path)
+
+
+def test_sizes_written_as_whole_floats_are_read_as_integers():
+    """config.json's sizes took 64.0 while parameters.json refused it; both read it as 64 now."""
+    config = ModelConfig.from_model_params({**BASE, "num_hidden": 64.0, "num_spout": 16.0})
+    assert config == ModelConfig.from_model_params(BASE)
+    assert type(config.num_hidden) is int and type(config.num_spout) is int
+
+
+@pytest.mark.parametrize("value, shown", [(64.5, "64.5"), (None, "null"), ("64", '"64"'), (True, "true")])
+def test_a_bad_size_is_shown_as_the_file_spells_it(value, shown):
+    """Messages said `got None` and `got '64'`, Python's spelling of what the JSON file holds."""
+    with pytest.raises(UserError) as caught:
+        ModelConfig.from_model_params({**BASE, "num_hidden": value}, "p.json")
+    assert str(caught.value) == f"p.json: model_params.num_hidden must be a positive integer, got {shown}"
+
+
+def test_unknown_model_params_keys_are_named_once(tmp_path, capsys):
+    """A misspelt key (num_expert) was dropped without a word, leaving the setting at its default or missing."""
+    path = tmp_path / "parameters.json"
+    params = {**BASE, "num_expert": 8, "routing": "capacity"}
+    path.write_text(json.dumps({"model_params": params}))
+    config = load_config(path)
+    assert load_config(path) == config == ModelConfig.from_model_params(BASE)  # the runtime choice not taken
+    assert capsys.readouterr().err == (f'warning: {path}: model_params "num_expert", "routing" not read (GPTSAN\'s '
+                                       "keys: num_contexts, num_switch_layers, num_ext_layers, num_hidden, "
+                                       "num_header, num_experts, num_vocabulary, num_spout, num_pallarelizm, "
+                                       "train_mode)\n")
+
+
+def test_train_params_counts_written_as_whole_floats_are_read_as_integers():
+    from gptsan.train.config import TrainParams
+
+    values = {"output_dir": "out", "batch_size": 16.0, "base_lr": 1.0, "num_warmup_steps": 2000.0,
+              "max_to_keep_save": 2, "checkpoint_per_hours": 1, "checkpoint_per_steps": 1e4}
+    params = TrainParams.from_dict(values)
+    assert (params.batch_size, params.num_warmup_steps, params.checkpoint_per_steps) == (16, 2000, 10000)
+    assert type(params.batch_size) is type(params.checkpoint_per_steps) is int
+    with pytest.raises(UserError, match=r"^parameters.json: train_params.batch_size must be a positive integer, "
+                                        r"got 16.5$"):
+        TrainParams.from_dict({**values, "batch_size": 16.5})

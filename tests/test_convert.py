@@ -199,8 +199,8 @@ def test_source_train_params_that_training_would_refuse_are_one_error_line(tmp_p
     parameters = read_json(src / "parameters.json")
     good_train_params = parameters["train_params"]
     for train_params, message in [
-        ("x", "train_params must be a JSON object, got 'x'"),
-        ({**good_train_params, "batch_size": "abc"}, "train_params.batch_size must be a positive integer, got 'abc'"),
+        ("x", "train_params must be a JSON object, got \"x\""),
+        ({**good_train_params, "batch_size": "abc"}, "train_params.batch_size must be a positive integer, got \"abc\""),
     ]:
         (src / "parameters.json").write_text(json.dumps({**parameters, "train_params": train_params}))
         before = _listing(tmp_path)

@@ -195,7 +195,7 @@ def test_a_source_train_params_that_is_not_an_object_is_one_error_line(tmp_path,
     (model / "parameters.json").write_text(json.dumps({**parameters, "train_params": "x"}))
     before = sorted(p.name for p in tmp_path.iterdir())
     assert export_main(["--model", str(model), "--format", "gptsan-tf", "--output", str(tmp_path / "out")]) == 2
-    message = "train_params must be a JSON object, got 'x'"
+    message = "train_params must be a JSON object, got \"x\""
     assert capsys.readouterr().err == f"error: {model / 'parameters.json'}: {message}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     hf_args = ["--model", str(model), "--format", "hf", "--output", str(tmp_path / "hf")]

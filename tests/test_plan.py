@@ -115,9 +115,9 @@ SPLIT_BY_2 = "must be a multiple of 2, the devices of the data (2) and expert (1
      "--accumulate_steps 3: must be a positive divisor of the batch size 2"),
     ({"batch_size": 3}, ["--devices", "2"], f"{{file}}: train_params.batch_size 3: {SPLIT_BY_2}"),
     ({"batch_size": -4}, [], "{file}: train_params.batch_size must be a positive integer, got -4"),
-    ({"batch_size": "abc"}, [], "{file}: train_params.batch_size must be a positive integer, got 'abc'"),
+    ({"batch_size": "abc"}, [], "{file}: train_params.batch_size must be a positive integer, got \"abc\""),
     ({"batch_size": 8, "base_lr": 0}, [], "{file}: train_params.base_lr must be a positive float32 number, got 0"),
-    ("x", [], "{file}: train_params must be a JSON object, got 'x'"),
+    ("x", [], "{file}: train_params must be a JSON object, got \"x\""),
 ])
 @pytest.mark.parametrize("skip_activations", [True, False])
 def test_impossible_batches_and_bad_train_params_are_one_error_line(tmp_path, capsys, train_params, args, message,

@@ -60,6 +60,14 @@ def test_round_trip_with_newline_tab_and_unseen_characters(sp):
     assert sp.decode(ids) == text
 
 
+def test_spaces_round_trip_where_the_corpus_had_none(sp):
+    """The corpus has no spaces, so the model has no `▁` piece: a space is encoded as the bytes of `▁`, which
+    SentencePiece decodes to `▁` itself."""
+    assert sp.sp.PieceToId("\u2581") == sp.sp.unk_id()
+    text = "猫は 東京へ  行きました。 "
+    assert sp.decode(sp.encode(text)) == text
+
+
 def test_role_pieces_in_text_are_single_tokens(sp):
     assert sp.encode("<|endoftext|>")[-1] == sp.end_id
     assert sp.decode([sp.start_id, *sp.encode("猫"), sp.end_id]) == "猫"

@@ -205,3 +205,10 @@ def test_cli_an_id_outside_the_vocabulary_in_a_file_names_the_line(capsys, tmp_p
     code, out, err = tokenize_cli(capsys, "--decode", "--files", str(tmp_path / "ids.txt"))
     assert code == 2 and out == "こん\n"  # the lines before it, decoded
     assert err == f"error: {tmp_path / 'ids.txt'}:2: token id 36000: outside the vocabulary (0..35999)\n"
+
+
+def test_cli_a_blank_line_of_ids_decodes_to_a_blank_line(capsys, tmp_path):
+    """A blank line was an error ("expected a JSON list"); the output now keeps the input's lines."""
+    (tmp_path / "ids.txt").write_text("[469]\n\n  \n[469]\n", encoding="utf-8")
+    code, out, err = tokenize_cli(capsys, "--decode", "--files", str(tmp_path / "ids.txt"))
+    assert (code, out, err) == (0, "こん\n\n\nこん\n", "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ _REQUIRED_KEYS = (
     "num_vocabulary",
 )
 SHAPE_KEYS = (*_REQUIRED_KEYS, "num_spout")  # the model_params that set parameter names and shapes
+MODEL_PARAMS_KEYS = (*SHAPE_KEYS, "num_pallarelizm", "train_mode")  # all that the original's model_params hold
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,11 +68,11 @@ class ModelConfig:
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UserError(f"model_params.{name} must be a positive integer, got {value!r}")
+                raise UserError(f"model_params.{name} must be a positive integer, got {json_text(value)}")
         for name in ("num_switch_layers", "num_ext_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise UserError(f"model_params.{name} must be a non-negative integer, got {value!r}")
+                raise UserError(f"model_params.{name} must be a non-negative integer, got {json_text(value)}")
         if self.num_layers == 0:
             raise UserError("model_params: num_switch_layers + num_ext_layers must be at least 1")
         if self.num_hidden % self.num_header:
@@ -85,7 +87,7 @@ class ModelConfig:
         if self.remat not in REMAT_POLICIES:
             raise UserError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
         if self.train_mode not in ("lm", "hybrid", "mlm"):
-            raise UserError(f"model_params.train_mode must be lm, hybrid or mlm, got {self.train_mode!r}")
+            raise UserError(f"model_params.train_mode must be lm, hybrid or mlm, got {json_text(self.train_mode)}")
 
     # Derived sizes.
     @property
@@ -118,8 +120,12 @@ class ModelConfig:
         missing = [key for key in _REQUIRED_KEYS if key not in model_params]
         if missing:
             raise UserError(f"{source}: model_params lacks {', '.join(missing)}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {key: model_params[key] for key in model_params if key in known}
+        unknown = [key for key in model_params if key not in MODEL_PARAMS_KEYS]
+        if unknown:  # a typo (num_expert) would otherwise leave a setting at its default without a word
+            warn_once(f"{source}: model_params {', '.join(map(json_text, unknown))} not read (GPTSAN's keys: "
+                      f"{', '.join(MODEL_PARAMS_KEYS)})")
+        # 64.0 is read as 64, as config.json's sizes are (gptsan/checkpoint/hf.py)
+        values = {key: whole_number(model_params[key]) for key in MODEL_PARAMS_KEYS if key in model_params}
         if "num_spout" not in model_params:
             warn_once(f"{source}: model_params.num_spout missing; using {DEFAULT_NUM_SPOUT}")
         values.update(runtime)
@@ -201,6 +207,16 @@ class ModelConfig:
             "use_cache": True,
             "torch_dtype": "float32",
         }
+
+
+def json_text(value: Any) -> str:
+    """A value read from a JSON file, as that file spells it (null, true, "4"), for messages."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def whole_number(value: Any) -> Any:
+    """An integral float (64.0) as the int it spells; any other value unchanged, for validation to judge."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 @cache

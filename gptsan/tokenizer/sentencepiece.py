@@ -76,20 +76,26 @@ class SentencePieceTokenizer(Tokenizer):
                 raise UserError(f"token id {token_id}: outside the vocabulary (0..{self.vocab_size - 1})")
             if token_id in self.special.control_ids or token_id in self._decoded_tag:
                 if run:
-                    words.append(self.sp.DecodeIds(run))
+                    words.append(self._decode_run(run))
                 words.append(self._decode_role(token_id, run, words))
                 run = []
             else:
                 run.append(token_id)
         if run:
-            words.append(self.sp.DecodeIds(run))
+            words.append(self._decode_run(run))
         return "".join(words)
+
+    def _decode_run(self, run: list[int]) -> str:
+        """Text of plain pieces. A model trained on text without spaces has no `▁` piece, so a space is encoded
+        as the three byte pieces of `▁` (U+2581, SentencePiece's space mark), which SentencePiece decodes to
+        that mark rather than to the space it stands for."""
+        return self.sp.DecodeIds(run).replace("\u2581", " ")
 
     def _decode_role(self, token_id: int, run: list[int], words: list[str]) -> str:
         if token_id in self._decoded_tag:
             return self._decoded_tag[token_id]
         if token_id == self.special.bag:  # the previous piece three more times
-            last = self.sp.DecodeIds(run[-1:]) if run else (words[-1] if words else "")
+            last = self._decode_run(run[-1:]) if run else (words[-1] if words else "")
             return last * 3
         return ""
 

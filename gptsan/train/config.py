@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gptsan.errors import UserError
+from gptsan.model.config import json_text, whole_number
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +33,8 @@ class TrainParams:
             raise UserError(f"{source}: train_params lacks {', '.join(missing)}")
         # A leading ~ is the home folder, for every writer alike: fsspec expanded it (parameters.json went to
         # /root/x) while Orbax and the lock took it literally (checkpoints in ./~/x).
-        return cls(**{**{name: values[name] for name in names}, "output_dir": os.path.expanduser(values["output_dir"])})
+        fields = {name: whole_number(values[name]) if name in INTEGER_FIELDS else values[name] for name in names}
+        return cls(**{**fields, "output_dir": os.path.expanduser(values["output_dir"])})
 
     @staticmethod
     def check_fields(values: Any, source: str = "parameters.json") -> dict[str, Any]:
@@ -40,10 +42,10 @@ class TrainParams:
         Fields may be missing here: gptsan-plan reads only batch_size, gptsan-convert copies what the source
         has; training (`from_dict`) then requires them all."""
         if not isinstance(values, dict):
-            raise UserError(f"{source}: train_params must be a JSON object, got {values!r}")
+            raise UserError(f"{source}: train_params must be a JSON object, got {json_text(values)}")
         for name, (is_valid, expected) in TRAIN_PARAMS_RULES.items():
             if name in values and not is_valid(values[name]):
-                raise UserError(f"{source}: train_params.{name} must be {expected}, got {values[name]!r}")
+                raise UserError(f"{source}: train_params.{name} must be {expected}, got {json_text(values[name])}")
         return values
 
 
@@ -52,7 +54,8 @@ LARGEST_STEP = 2**31 - 1  # steps count in int32 in the step
 
 
 def _is_integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An int, or a float that spells one (16.0), as model_params and config.json sizes are read."""
+    return isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer()
 
 
 def _is_number(value: Any) -> bool:
@@ -60,6 +63,7 @@ def _is_number(value: Any) -> bool:
 
 
 # train_params field -> (test of a value, what the error says a value must be).
+INTEGER_FIELDS = ("batch_size", "num_warmup_steps", "max_to_keep_save", "checkpoint_per_steps")
 TRAIN_PARAMS_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "output_dir": (lambda value: isinstance(value, str) and value != "", "a path"),
     "batch_size": (lambda value: _is_integer(value) and value >= 1, "a positive integer"),
