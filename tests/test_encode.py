@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gptsan.data.encode import EncodeConfig, TokenizerSpec, WorkerJob, main, run
-from gptsan.data.layout import LayoutSettings, compress_runs
+from gptsan.data.layout import LayoutSettings
 from gptsan.data.schema import frame, parse_example, read_frames, record_from_example
 from gptsan.errors import UserError
 from gptsan.tokenizer.base import SENTENCE_PUNCTUATION
@@ -55,7 +55,7 @@ def read_records(out_dir, pattern="*.tfrecord"):
 
 def body_tokens(swe, line):
     """What a body line becomes: clean-text ids, runs compressed, then <BR>."""
-    return compress_runs(swe.encode(line.strip(), clean=True), swe.plain_token_mask(), BAG) + [BR]
+    return swe.encode_body(line.strip()) + [BR]
 
 
 # ---- lm layout ----------------------------------------------------------------------------------------

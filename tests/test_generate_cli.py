@@ -94,6 +94,25 @@ def test_a_prefix_is_fed_as_written_and_the_continuation_as_training_bodies(voca
     assert prompt.ids[-1] == special.separator and tokenizer.encode("。")[0] in prompt.ids
 
 
+def test_the_text_to_continue_is_encoded_as_the_encoder_writes_a_body(vocabulary):
+    """The prompt took raw URL characters where records hold `<URL>`, and four `ー` where records hold one and
+    `<|bagoftoken|>`: text in a form the model never saw in training."""
+    import numpy as np
+
+    from gptsan.data.layout import DocumentEncoder, LayoutSettings
+    from gptsan.generate.cli import build_prompts
+    from gptsan.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer("swe", str(vocabulary))
+    text = "詳細はhttps://example.com/a を見てね。わーーーーい！！！！"
+    [prompt] = build_prompts(tokenizer, [text], None)
+    [(x, _, _)] = DocumentEncoder(tokenizer, LayoutSettings(mode="lm", num_context=64),
+                                  np.random.default_rng(0)).records([text])
+    x = x.tolist()
+    assert prompt.ids == tuple(x[:x.index(tokenizer.newline_id)])  # [SOT, SEG] + the body, up to the line's end
+    assert tokenizer.bag_id in prompt.ids and tokenizer.encode("<URL>")[0] in prompt.ids
+
+
 def test_generate_cli_errors_are_one_line_and_write_nothing(swe_model, vocabulary, tmp_path):
     path, _, _ = swe_model
     out = tmp_path / "out.jsonl"

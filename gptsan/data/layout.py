@@ -62,22 +62,6 @@ class LayoutSettings:
     no_offset_mlm: bool = False
 
 
-def compress_runs(ids: Sequence[int], plain: np.ndarray, bag_id: int) -> list[int]:
-    """Each run of 3+ identical ordinary tokens → the token and `<|bagoftoken|>`."""
-    out: list[int] = []
-    i, n = 0, len(ids)
-    while i < n:
-        j = i + 1
-        while j < n and ids[j] == ids[i]:
-            j += 1
-        if j - i >= 3 and plain[ids[i]]:
-            out += [ids[i], bag_id]
-        else:
-            out += ids[i:j]
-        i = j
-    return out
-
-
 class LineStream:
     """The tokens of a document's lines, each line encoded when first needed, for the prefix (as written)
     or for the body (clean-text, compressed runs); what a record does not use is carried to the next."""
@@ -86,7 +70,6 @@ class LineStream:
         self.lines, self.next_line, self.tokenizer = lines, 0, tokenizer
         self.carry: list[int] = []
         self.carry_whole = False  # the carry is a whole line (peeked), not the rest of one a record cut
-        self.plain = tokenizer.plain_token_mask()
 
     def has_line(self) -> bool:
         return self.next_line < len(self.lines)
@@ -104,9 +87,8 @@ class LineStream:
     def _refill(self, for_body: bool) -> bool:
         if self.carry or not self.has_line():
             return bool(self.carry)
-        ids = self.tokenizer.encode(self.pop_line(), clean=for_body)
-        if for_body:
-            ids = compress_runs(ids, self.plain, self.tokenizer.bag_id)
+        line = self.pop_line()
+        ids = self.tokenizer.encode_body(line) if for_body else self.tokenizer.encode(line, clean=False)
         self.carry, self.carry_whole = ids + [self.tokenizer.newline_id], True
         return True
 

@@ -74,12 +74,13 @@ def read_contexts(args: argparse.Namespace) -> list[str]:
 
 
 def build_prompts(tokenizer, contexts: list[str], prefix: str | None) -> list[Prompt]:
-    """Prompts as the model saw text in training: the text to continue with its sentence punctuation as
-    `<|separator|>` (as in a record's body), a prefix as written (as in a record's prefix)."""
+    """Prompts as the model saw text in training: the text to continue as a record's body holds it (clean-text
+    tags, runs as `<|bagoftoken|>`, sentence punctuation as `<|separator|>`), a prefix as written (as a record's
+    prefix is)."""
     special = tokenizer.special
 
     def encode(text: str) -> list[int]:
-        return tokenizer.as_model_input(tokenizer.encode(text))
+        return tokenizer.as_model_input(tokenizer.encode_body(text))
 
     if prefix is None:
         return [causal_prompt(encode(text), special) for text in contexts]

@@ -102,6 +102,12 @@ class Tokenizer(ABC):
         feed[sorted(self.sentence_end_ids)] = self.special.separator
         return feed
 
+    def encode_body(self, text: str) -> list[int]:
+        """`text` as a training record's body holds it (gptsan/data/layout.py): clean-text on, and each run of 3+
+        identical ordinary tokens as the token and `<|bagoftoken|>`. Sentence punctuation is kept (the targets
+        keep it; `as_model_input` makes the model's input)."""
+        return compress_runs(self.encode(text, clean=True), self.plain_token_mask(), self.bag_id)
+
     def as_model_input(self, ids: Sequence[int]) -> list[int]:
         """Token ids as a model trained on GPTSAN tfrecords sees them (sentence punctuation -> separator)."""
         return [self.special.separator if i in self.sentence_end_ids else i for i in ids]
@@ -115,3 +121,19 @@ class Tokenizer(ABC):
     bag_id = _role_id("bag")
     end_id = _role_id("end")
     newline_id = _role_id("newline")
+
+
+def compress_runs(ids: Sequence[int], plain: np.ndarray, bag_id: int) -> list[int]:
+    """Each run of 3+ identical ordinary tokens → the token and `<|bagoftoken|>`."""
+    out: list[int] = []
+    i, n = 0, len(ids)
+    while i < n:
+        j = i + 1
+        while j < n and ids[j] == ids[i]:
+            j += 1
+        if j - i >= 3 and plain[ids[i]]:
+            out += [ids[i], bag_id]
+        else:
+            out += ids[i:j]
+        i = j
+    return out
