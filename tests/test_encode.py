@@ -161,6 +161,29 @@ def test_a_plain_list_file_names_one_file_a_line_with_or_without_a_class_id(voca
         encode(vocab, tmp_path / "bad.txt", tmp_path / "out2", num_context=16)
 
 
+@pytest.mark.parametrize("listing, message", [
+    ("data/typo.txt 1\ndata/A.txt 2\n", "files.txt:1: data/typo.txt 1 not found (a list file names one"),
+    ("data/A.txt x\n", "files.txt:1: the class id must be an integer (int64), got 'x'"),
+    ("\n\ndata/A.txt 1.5\ndata/B.txt 2\n", "files.txt:3: the class id must be an integer (int64), got '1.5'"),
+])
+def test_a_plain_list_whose_first_line_is_wrong_stops_there(vocab, tmp_path, listing, message):
+    """Only the first line told a list from a document: a list with a misspelt first name (or a first class id
+    that was no integer) was encoded as a document, exit 0, the list's own text the corpus."""
+    for name in ("A.txt", "B.txt"):
+        write(tmp_path / "data" / name, f"{name}の中身\n")
+    with pytest.raises(UserError, match=re.escape(message)):
+        encode(vocab, write(tmp_path / "files.txt", listing), tmp_path / "out", num_context=16)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_document_that_names_no_file_is_a_document(vocab, swe, tmp_path):
+    write(tmp_path / "data" / "A.txt", "中身\n")
+    document = write(tmp_path / "doc.txt", "".join(f"{k}行目の文です。\n" for k in range(30)) + "data/A.txt\n")
+    encode(vocab, document, tmp_path / "out", num_context=512)
+    (record,) = read_records(tmp_path / "out")  # line 31 names a file, past the lines a list is told by
+    assert swe.decode(record.y[1:record.y.tolist().index(EOT)].tolist()).startswith("0行目の文です。\n1行目")
+
+
 def test_glob_inputs_get_their_position_in_the_sorted_list(vocab, tmp_path):
     for name in ("c.txt", "a.txt", "b.txt"):
         write(tmp_path / "in" / name, f"{name}の中身\n")

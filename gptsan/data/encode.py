@@ -51,7 +51,9 @@ from gptsan.seed import seed_flag
 from gptsan.tokenizer import KINDS, load_tokenizer
 
 DEFAULT_VOCABULARY = "ja-swe36k.txt"
-MAX_LISTED_NAME = 1024  # a longer first line is text (GCS object names end at 1024 bytes, Linux paths at 4096)
+LIST_HEAD_BYTES = 4096  # what _list_kind reads of a file to tell a list from a document
+LISTED_LINES_LOOKED_AT = 20
+MAX_LISTED_NAME = 1024  # a longer line is text (GCS object names end at 1024 bytes, Linux paths at 4096)
 
 
 @dataclass(frozen=True)
@@ -108,28 +110,32 @@ def list_inputs(spec: str) -> list[InputFile]:
 def _list_kind(spec: str) -> str | None:
     """Which list `spec` is: "csv" for a file named exactly `spec` (glob characters and all, as
     `storage.glob` takes it) that is a `.csv` or whose first line starts with `filename,` (the original's
-    test); "plain" for one whose first non-blank line names an existing file (beside the list or from the
-    working directory), alone or followed by a class id (the original's list file); None otherwise: `spec` is
-    a glob of documents, or one document."""
+    test); "plain" for one where any of the first LISTED_LINES_LOOKED_AT non-blank lines names an existing
+    file (beside the list or from the working directory), alone or followed by a class id (the original's list
+    file); None otherwise: `spec` is a glob of documents, or one document. Not the first line alone: a list
+    whose first name was misspelt (or whose first class id was not a number) was encoded as a document, its
+    file names the corpus, with no word; now its reading stops at that line."""
     if not storage.exists(spec) or storage.isdir(spec):
         return None
     if spec.lower().endswith(".csv"):
         return "csv"
     with storage.open_file(spec, "rb") as f:
-        head = f.read(4096).decode("utf-8-sig", errors="replace")
-    if head.startswith("filename,"):
+        head = f.read(LIST_HEAD_BYTES)
+    text = head.decode("utf-8-sig", errors="replace")
+    if text.startswith("filename,"):
         return "csv"
-    first = next((line for line in head.splitlines() if line.strip()), "")
-    return "plain" if len(first) <= MAX_LISTED_NAME and _listed_entry(spec, first) is not None else None
+    lines = text.splitlines()[:-1] if len(head) == LIST_HEAD_BYTES else text.splitlines()  # the last, cut by the read
+    lines = [line for line in lines if line.strip()][:LISTED_LINES_LOOKED_AT]
+    named = (len(line) <= MAX_LISTED_NAME and _listed_entry(spec, line) is not None for line in lines)
+    return "plain" if any(named) else None
 
 
-def _listed_entry(list_path: str, line: str) -> tuple[str, int | None] | None:
-    """(the file a plain list's `line` names, its class id or None), or None when it names no existing file."""
+def _listed_entry(list_path: str, line: str) -> tuple[str, str | None] | None:
+    """(the file a plain list's `line` names, the text after it or None), or None when it names no existing file.
+    The text after the name is its class id, unchecked here."""
     line = line.strip()
-    candidates = [(line, None)]
     parts = line.rsplit(None, 1)
-    if len(parts) == 2 and re.fullmatch(r"-?[0-9]+", parts[1]):
-        candidates.append((parts[0], int(parts[1])))
+    candidates = [(line, None)] + ([(parts[0], parts[1])] if len(parts) == 2 else [])
     for name, class_id in candidates:
         found = _existing_listed(list_path, name) if name else None
         if found is not None:
@@ -146,10 +152,14 @@ def _inputs_from_plain_list(list_path: str) -> list[InputFile]:
         if entry is None:
             raise UserError(f"{list_path}:{line_number}: {line.strip()} not found (a list file names one existing "
                             f"file a line, optionally followed by its integer class id)")
-        path, class_id = entry
-        if class_id is not None and not -(2**63) <= class_id < 2**63:
-            raise UserError(f"{list_path}:{line_number}: the class id must be an integer (int64), got {class_id}")
-        inputs.append(InputFile(path, len(inputs) if class_id is None else class_id, len(inputs)))
+        path, class_text = entry
+        if class_text is None:
+            class_id = len(inputs)
+        elif re.fullmatch(r"-?[0-9]+", class_text) and -(2**63) <= int(class_text) < 2**63:
+            class_id = int(class_text)
+        else:
+            raise UserError(f"{list_path}:{line_number}: the class id must be an integer (int64), got {class_text!r}")
+        inputs.append(InputFile(path, class_id, len(inputs)))
     return inputs
 
 
