@@ -26,9 +26,15 @@ class AbandonsBackgroundWork(UserError):
     Python's exit waited for (4-14 min after the error line). The tool exits right after the line instead."""
 
 
+def refused_path(err: OSError) -> str | None:
+    """The path an OSError is about: for a rename, its destination (the source is the tool's own temporary
+    file, which the message named before: `out/.x.partial-3db1: is a folder` for an output name a folder held)."""
+    return err.filename2 if err.filename2 is not None else err.filename
+
+
 def path_error(err: OSError) -> str:
     """The line for an OSError about a named path (one the system refused): `PATH: what went wrong`."""
-    return f"{err.filename}: {err.strerror or err}"
+    return f"{refused_path(err)}: {err.strerror or err}"
 
 
 def warn(message: str) -> None:
@@ -53,7 +59,7 @@ def cli_main(func: Callable[..., int | None]) -> Callable[..., int]:
                 exit_now(2)
             return 2
         except IsADirectoryError as err:  # a folder given where a file belongs: a user's path, in any tool
-            print(f"error: {err.filename}: is a folder; expected a file", file=sys.stderr)
+            print(f"error: {refused_path(err)}: is a folder; expected a file", file=sys.stderr)
             return 2
         except BrokenPipeError:
             with contextlib.suppress(OSError):  # no second error when Python flushes stdout at exit

@@ -599,6 +599,16 @@ def test_an_output_dir_that_is_a_file(vocab, tmp_path, capsys):
     assert out.read_text() == "notes"
 
 
+def test_an_output_name_a_folder_holds_is_named(vocab, tmp_path, capsys):
+    """The line named the encoder's temporary file (`out/.lm_0000.tfrecord.partial-3db1e6ad: is a folder`)."""
+    write(tmp_path / "a.txt", "あ\n")
+    (tmp_path / "out" / "lm_0000.tfrecord").mkdir(parents=True)
+    assert main(["--vocabulary", vocab, "--output_dir", str(tmp_path / "out"), "--quiet", "--input_files",
+                 str(tmp_path / "a.txt")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'out' / 'lm_0000.tfrecord'}: is a folder; expected a file\n"
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["lm_0000.tfrecord"]
+
+
 def test_encoding_again_with_fewer_files_removes_the_earlier_surplus(vocab, tmp_path, capsys):
     """Encoding into a folder that holds an earlier encoding of the same mode with more files used to leave the
     surplus files there, and a training glob then read the earlier corpus with the new one."""

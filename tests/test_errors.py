@@ -30,6 +30,11 @@ def entry_point_raising(error):
     (PermissionError(errno.EACCES, "Permission denied", "/root/out.jsonl"),
      "error: /root/out.jsonl: Permission denied"),
     (OSError(errno.ENOSPC, "No space left on device", "/tmp/out.npy"), "error: /tmp/out.npy: No space left on device"),
+    # a rename: the destination, not the tool's temporary file, is what the user gave
+    (IsADirectoryError(errno.EISDIR, "Is a directory", "out/.a.partial-1", None, "out/a"),
+     "error: out/a: is a folder; expected a file"),
+    (PermissionError(errno.EACCES, "Permission denied", "out/.a.partial-1", None, "out/a"),
+     "error: out/a: Permission denied"),
 ])
 def test_user_facing_errors_are_one_line_and_status_2(error, line, capsys):
     assert entry_point_raising(error)() == 2
