@@ -238,14 +238,15 @@ def test_a_prompt_that_fills_the_context_is_an_error_naming_the_flag_and_the_lin
     """It said `prompt: 212 tokens leave no room ...`, naming neither the flag nor the line."""
     path, _, _ = swe_model  # num_contexts 64
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("天気\n" + "あ" * 80 + "\n", encoding="utf-8")
+    numbers = "一二三四五六七八九十" * 9  # no runs: a run is encoded as its token and <|bagoftoken|>
+    prompts.write_text("天気\n" + numbers[:88] + "\n", encoding="utf-8")
     proc = run_cli("gptsan.generate.cli", "--model", path, "--vocabulary", vocabulary, "--input_file", prompts,
                    "--spout", "1")
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [f"error: --input_file {prompts}: line 2: the prompt is 82 tokens (and the "
                                         "spout takes one slot): the model's 64-token context leaves no room to "
                                         "generate"]
-    proc = run_cli("gptsan.generate.cli", "--model", path, "--vocabulary", vocabulary, "--context", "あ" * 62)
+    proc = run_cli("gptsan.generate.cli", "--model", path, "--vocabulary", vocabulary, "--context", numbers[:68])
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == ["error: --context: the prompt is 64 tokens: the model's 64-token context "
                                         "leaves no room to generate"]

@@ -36,6 +36,19 @@ def test_masks_are_filled_from_the_preceding_position(tiny, tiny_cases):
     np.testing.assert_allclose(np.asarray(logits), tiny_cases["logits_prefix"][0, 6], atol=1e-3)
 
 
+def test_the_unknown_piece_never_fills_a_mask(tiny, tiny_cases):
+    """SentencePiece's `<unk>` filled masks (printed ` ⁇ `) though no encoded text holds it."""
+    config, params = tiny
+    ids = [int(t) for t in tiny_cases["input_ids"][0, :7]]
+    special = dataclasses.replace(swe_layout(config.num_vocabulary), mask=ids[3])
+    reference = tiny_cases["logits_prefix"][0, :7].astype(np.float64)
+    reference[:, sorted(special.control_ids)] = -np.inf
+    best = int(reference[2].argmax())
+    reference[:, best] = -np.inf  # pretend the best fill is the unknown piece
+    result = fill_masks(config, params, ids, special, pos_vector=-1, unknown_ids=(best,))
+    assert result["output_tokens"][3] == int(reference[2].argmax()) != best
+
+
 def test_bad_inputs_are_user_errors(tiny):
     config, params = tiny
     special = swe_layout(config.num_vocabulary)

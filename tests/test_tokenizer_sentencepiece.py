@@ -68,6 +68,19 @@ def test_spaces_round_trip_where_the_corpus_had_none(sp):
     assert sp.decode(sp.encode(text)) == text
 
 
+def test_generation_never_emits_the_unknown_piece(sp):
+    """A model of a SentencePiece vocabulary generated `<unk>` (id 0), printed as ` ⁇ `."""
+    from gptsan.generate.cli import never_generated
+    from gptsan.generate.prompt import never_sampled
+    from gptsan.tokenizer.swe import SWETokenizer
+    from tests.conftest import shared_path
+
+    swe = SWETokenizer(str(shared_path("vocab", "ja-swe36k.txt")))
+
+    assert never_generated(sp) == (*never_sampled(sp.special), sp.sp.unk_id()) == (sp.pad_id, sp.separator_id, 0)
+    assert never_generated(swe) == never_sampled(swe.special)  # SWE has no unknown piece
+
+
 def test_role_pieces_in_text_are_single_tokens(sp):
     assert sp.encode("<|endoftext|>")[-1] == sp.end_id
     assert sp.decode([sp.start_id, *sp.encode("猫"), sp.end_id]) == "猫"

@@ -88,6 +88,12 @@ def build_prompts(tokenizer, contexts: list[str], prefix: str | None) -> list[Pr
     return [prefix_prompt(prefix_ids, encode(text), special) for text in contexts]
 
 
+def never_generated(tokenizer) -> tuple[int, ...]:
+    """GPTSAN's never-sampled roles, and the vocabulary's unknown piece (SentencePiece's `<unk>` printed as
+    ` ⁇ ` in generated text)."""
+    return never_sampled(tokenizer.special) + tokenizer.unknown_ids
+
+
 def output_text(tokenizer, ids) -> str:
     """Text of generated ids: role tokens dropped, `<|bagoftoken|>` left for decode to expand."""
     special = tokenizer.special
@@ -144,7 +150,7 @@ def generate_texts(args, config, params, tokenizer, contexts) -> list[dict]:
     if args.beam_width > 1:
         spout = parse_spout(args.spout, config.num_spout, len(prompts), args.seed)
         check_room(config, prompts, args, spout is not None)
-        decoder = BeamDecoder(config, args.beam_width, special.end, args.length_penalty, never_sampled(special),
+        decoder = BeamDecoder(config, args.beam_width, special.end, args.length_penalty, never_generated(tokenizer),
                               tokenizer.model_input_map())
         result = decoder.generate(params, left_pad(prompts, special.nottoken), args.max_generate, spout)
         for row, context in enumerate(contexts):
@@ -157,7 +163,7 @@ def generate_texts(args, config, params, tokenizer, contexts) -> list[dict]:
     batch = left_pad([p for p in prompts for _ in range(args.num_generate)], special.nottoken)
     spout = parse_spout(args.spout, config.num_spout, len(rows), args.seed)
     check_room(config, prompts, args, spout is not None)
-    sampler = Sampler(args.temperature, args.top_k, args.top_p, never_sampled(special))
+    sampler = Sampler(args.temperature, args.top_k, args.top_p, never_generated(tokenizer))
     decoder = Decoder(config, sampler, special.end, tokenizer.model_input_map())
     if args.stream:
         ids = stream_one(decoder, params, batch, args, spout, tokenizer)

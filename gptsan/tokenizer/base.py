@@ -102,6 +102,12 @@ class Tokenizer(ABC):
         feed[sorted(self.sentence_end_ids)] = self.special.separator
         return feed
 
+    @property
+    def unknown_ids(self) -> tuple[int, ...]:
+        """Ids that stand for text the vocabulary lacks (SentencePiece's `<unk>`): encoded text never holds
+        them where the vocabulary has byte pieces, so a model should not generate them. SWE has none."""
+        return ()
+
     def encode_body(self, text: str) -> list[int]:
         """`text` as a training record's body holds it (gptsan/data/layout.py): clean-text on, and each run of 3+
         identical ordinary tokens as the token and `<|bagoftoken|>`. Sentence punctuation is kept (the targets

@@ -58,6 +58,10 @@ class SentencePieceTokenizer(Tokenizer):
             raise UserError(f"{self.model_file}: no reserved piece {piece} ({hint})")
         return token_id
 
+    @property
+    def unknown_ids(self) -> tuple[int, ...]:
+        return (self.sp.unk_id(),)
+
     def _is_plain_id(self, token_id: int) -> bool:
         sp = self.sp
         return not (sp.IsByte(token_id) or sp.IsControl(token_id) or sp.IsUnknown(token_id)
