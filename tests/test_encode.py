@@ -447,7 +447,32 @@ def test_csv_without_fileid_column(vocab, tmp_path, capsys):
 def test_csv_naming_a_missing_file(vocab, tmp_path, capsys):
     csv_path = write(tmp_path / "list.csv", "filename,fileid\nmissing.txt,1\n")
     code, err, left = run_cli(vocab, tmp_path, capsys, "--input_files", str(csv_path))
-    assert code == 2 and err == f"error: {csv_path}:2: missing.txt not found" and left == []
+    assert code == 2 and left == []
+    assert err == f"error: {csv_path}:2: missing.txt not found (looked for {tmp_path / 'missing.txt'} and missing.txt)"
+
+
+def test_csv_naming_a_folder(vocab, tmp_path, capsys):
+    """It said the folder was `not found`."""
+    (tmp_path / "docs").mkdir()
+    csv_path = write(tmp_path / "list.csv", "filename,fileid\ndocs,1\n")
+    code, err, left = run_cli(vocab, tmp_path, capsys, "--input_files", str(csv_path))
+    assert code == 2 and err == f"error: {csv_path}:2: docs is a folder; a list names files" and left == []
+
+
+def test_a_folder_as_input_files_gets_a_hint(vocab, tmp_path, capsys):
+    (tmp_path / "docs").mkdir()
+    code, err, left = run_cli(vocab, tmp_path, capsys, "--input_files", str(tmp_path / "docs"))
+    assert code == 2 and left == []
+    assert err == (f"error: --input_files: no file matches {str(tmp_path / 'docs')!r} ({tmp_path / 'docs'} is a "
+                   f"folder: give a pattern such as {tmp_path / 'docs' / '*.txt'})")
+
+
+def test_an_output_dir_that_cannot_be_made_names_the_flag(vocab, tmp_path, capsys):
+    """`error: out/a.txt/sub: Not a directory` did not say which flag."""
+    write(tmp_path / "a.txt", "あ\n")
+    code, err, _ = run_cli(vocab, tmp_path, capsys, "--input_files", str(tmp_path / "a.txt"), "--output_dir",
+                           str(tmp_path / "a.txt" / "sub"))
+    assert code == 2 and err == f"error: --output_dir {tmp_path / 'a.txt' / 'sub'}: Not a directory"
 
 
 @pytest.mark.parametrize("fileid", ["x5", "--5", "²", "99999999999999999999999"])

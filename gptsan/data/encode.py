@@ -103,7 +103,9 @@ def list_inputs(spec: str) -> list[InputFile]:
         return _inputs_from_plain_list(spec)
     paths = storage.glob(spec)
     if not paths:
-        raise UserError(f"--input_files: no file matches {spec!r}")
+        hint = f" ({spec} is a folder: give a pattern such as {storage.join(spec, '*.txt')})" \
+            if storage.isdir(spec) else ""
+        raise UserError(f"--input_files: no file matches {spec!r}{hint}")
     return [InputFile(path, class_id, class_id) for class_id, path in enumerate(paths)]
 
 
@@ -188,17 +190,24 @@ def _inputs_from_csv(csv_path: str) -> list[InputFile]:
 def _resolve_listed(csv_path: str, name: str, line_number: int) -> str:
     found = _existing_listed(csv_path, name)
     if found is None:
-        raise UserError(f"{csv_path}:{line_number}: {name} not found")
+        candidates = _listed_candidates(csv_path, name)
+        if any(storage.isdir(c) for c in candidates):
+            raise UserError(f"{csv_path}:{line_number}: {name} is a folder; a list names files")
+        raise UserError(f"{csv_path}:{line_number}: {name} not found (looked for {' and '.join(candidates)})")
     return found
 
 
+def _listed_candidates(list_path: str, name: str) -> list[str]:
+    """Where a list's `name` may be: beside the list first, then from the working directory."""
+    if storage.is_remote(name) or os.path.isabs(name):
+        return [name]
+    base = list_path.rsplit("/", 1)[0] if storage.is_remote(list_path) else os.path.dirname(list_path)
+    return list(dict.fromkeys([storage.join(base, name), name]))  # one, for a list in the working directory
+
+
 def _existing_listed(list_path: str, name: str) -> str | None:
-    """The existing file a list names `name`: beside the list first, then from the working directory."""
-    candidates = [name] if storage.is_remote(name) or os.path.isabs(name) else []
-    if not candidates:
-        base = list_path.rsplit("/", 1)[0] if storage.is_remote(list_path) else os.path.dirname(list_path)
-        candidates = [storage.join(base, name), name]
-    return next((c for c in candidates if storage.exists(c) and not storage.isdir(c)), None)
+    """The existing file a list names `name` (`_listed_candidates`)."""
+    return next((c for c in _listed_candidates(list_path, name) if storage.exists(c) and not storage.isdir(c)), None)
 
 
 class NotUTF8Error(UserError):
@@ -340,7 +349,10 @@ def run(config: EncodeConfig) -> list[WorkerSummary]:
     remote = storage.is_remote(config.output_dir)
     staging = tempfile.mkdtemp(prefix="gptsan-encode-") if remote else config.output_dir
     made = [] if remote else _missing_folders(staging)
-    os.makedirs(staging, exist_ok=True)
+    try:
+        os.makedirs(staging, exist_ok=True)
+    except OSError as err:  # below a file, in /proc, no permission: name the flag
+        raise UserError(f"--output_dir {path_error(err)}") from None
     run_tag = uuid.uuid4().hex[:8]
     jobs = [
         WorkerJob(
