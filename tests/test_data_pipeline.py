@@ -169,6 +169,28 @@ def test_token_ids_outside_the_vocabulary_name_the_record(corpus_dir):
     assert len(all_batches(every)) == len(records)
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("i", 2**31, "has class id i = 2147483648, past what training reads (a 32-bit integer, "
+                 "-2147483648..2147483647)"),
+    ("num_input", 2**31, "has num_input 2147483648, outside its 32 positions"),
+    ("num_input", T + 1, "has num_input 33, outside its 32 positions"),
+    ("x", -5, "has input id -5: inputs are token ids (0 and up), targets token ids or -1 (no target)"),
+    ("y", -7, "has target id -7: inputs are token ids (0 and up), targets token ids or -1 (no target)"),
+    ("x", 2**31, "has token id 2147483648 but ids are int32 (was the corpus encoded with another vocabulary?)"),
+])
+def test_values_training_cannot_read_name_the_record(tmp_path, field, value, message):
+    """i or num_input past int32 ended in an OverflowError traceback; a negative input id was read as an id from
+    the vocabulary's end; a num_input past the record made the whole record, targets included, the prefix."""
+    good = {"x": np.ones(T, np.int64), "y": np.ones(T, np.int64), "i": [3], "num_input": [1]}
+    bad = dict(good)
+    bad[field] = np.full(T, value, np.int64) if field in ("x", "y") else [value]
+    path = tmp_path / "bad.tfrecord"
+    path.write_bytes(frame(serialize_example(good)) + frame(serialize_example(bad)))
+    with pytest.raises(UserError) as caught:
+        all_batches(make_dataset(str(path), T, 1, seed=0, shuffle=False, repeat=False))
+    assert str(caught.value) == f"{path}: record 1 {message}"
+
+
 def test_corrupt_record_skipped_and_counted(corpus_dir, tmp_path):
     path = corrupt_copy(corpus_dir, tmp_path)
     total = len(python_records([corpus_dir / "part_0.tfrecord"]))

@@ -49,6 +49,7 @@ from gptsan.tf_runtime import tensorflow
 
 CORRUPT_POLICIES = ("stop", "skip")
 RECORDS_PER_CHUNK = 256  # records handed to tf.data per call into Python (`record_chunks`)
+INT32_END = 2**31
 CORRUPT_ERRORS = (ValueError, KeyError, IndexError, DecodeError)  # what a payload that is no record raises
 
 
@@ -201,22 +202,34 @@ class RecordSource:
             raise UserError(f"{record.path}: record {record.index} is corrupt ({err})") from None
 
     def _arrays(self, example, path: str, index: int):
+        """The record's x, y, i and num_input as int32, each checked: a value past int32 was an OverflowError
+        traceback, a negative input id was read as an id counted from the vocabulary's end, and a num_input past
+        the record made all of it, targets included, the bidirectional prefix."""
         feature = example.features.feature
-        x = np.array(feature["x"].int64_list.value, dtype=np.int32)
-        y = np.array(feature["y"].int64_list.value, dtype=np.int32)
+        x = np.array(feature["x"].int64_list.value, dtype=np.int64)
+        y = np.array(feature["y"].int64_list.value, dtype=np.int64)
+        where = f"{path}: record {index}"
         if len(x) != self.num_contexts or len(y) != self.num_contexts:
             raise UserError(
-                f"{path}: record {index} has {len(x)} tokens but the model's num_contexts is "
+                f"{where} has {len(x)} tokens but the model's num_contexts is "
                 f"{self.num_contexts} (encode the corpus with --num_context {self.num_contexts})"
             )
-        if self.num_vocabulary is not None and (x.max() >= self.num_vocabulary or y.max() >= self.num_vocabulary):
-            raise UserError(
-                f"{path}: record {index} has token id {max(x.max(), y.max())} but the model's num_vocabulary is "
-                f"{self.num_vocabulary} (was the corpus encoded with another vocabulary?)"
-            )
-        i = np.int32(feature["i"].int64_list.value[0])
-        num_input = np.int32(feature["num_input"].int64_list.value[0])
-        return x, y, i, num_input
+        vocabulary = self.num_vocabulary or INT32_END
+        if x.max() >= vocabulary or y.max() >= vocabulary:
+            known = f"the model's num_vocabulary is {self.num_vocabulary}" if self.num_vocabulary else "ids are int32"
+            raise UserError(f"{where} has token id {max(x.max(), y.max())} but {known} (was the corpus encoded with "
+                            "another vocabulary?)")
+        if x.min() < 0 or y.min() < -1:
+            raise UserError(f"{where} has {'input' if x.min() < 0 else 'target'} id {min(x.min(), y.min())}: inputs "
+                            "are token ids (0 and up), targets token ids or -1 (no target)")
+        i = feature["i"].int64_list.value[0]
+        if not -INT32_END <= i < INT32_END:
+            raise UserError(f"{where} has class id i = {i}, past what training reads (a 32-bit integer, "
+                            f"{-INT32_END}..{INT32_END - 1})")
+        num_input = feature["num_input"].int64_list.value[0]
+        if not 0 <= num_input <= self.num_contexts:
+            raise UserError(f"{where} has num_input {num_input}, outside its {self.num_contexts} positions")
+        return x.astype(np.int32), y.astype(np.int32), np.int32(i), np.int32(num_input)
 
     def _note_skip(self, message: str) -> None:
         """Counts a skip; warns the first time only (a repeating reader meets the same record every epoch, and
