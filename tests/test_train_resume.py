@@ -610,6 +610,35 @@ def test_resuming_with_another_ignore_list_keeps_what_fits_and_says_so(tmp_path,
     assert steps == [1, 2, 3]
 
 
+def test_freezing_more_on_resume_says_what_happens_to_the_newly_frozen(capsys):
+    """It said "the newly trainable start with zero optimizer moments" with none newly trainable."""
+    from types import SimpleNamespace
+
+    from gptsan.train.loop import warn_of_changed_trainable_set
+
+    warn_of_changed_trainable_set("out", SimpleNamespace(step=5), frozenset({"a"}), frozenset({"a", "b"}))
+    assert capsys.readouterr().err == (
+        "warning: out: resuming step 5 with another --ignore_parameters than the run that saved it (0 parameters "
+        "newly trainable, 1 newly frozen): the newly frozen keep their values and lose their optimizer moments (a "
+        "new train_params.output_dir starts over, at step 0, from these parameters)\n")
+
+
+def test_an_ignore_list_over_a_fresh_initialisation_is_a_warning(tmp_path, capsys):
+    """A fine-tune whose parameter file's folder held no model froze random parameters without a word."""
+    ignore = tmp_path / "ignore.json"
+    ignore.write_text(json.dumps(["model/wte", "model/wpe"]))
+    parameter_file = write_mini_parameters(tmp_path / "m", tmp_path / "out", checkpoint_per_steps=100)
+    common = dict(parameter_file=str(parameter_file), input_files=corpus_files(tmp_path), progress=False,
+                  ignore_parameters=str(ignore))
+    run(RunConfig(max_training_step=1, **common))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: --ignore_parameters {ignore}: no model in {tmp_path / 'm'} (the folder of "
+                        f"--parameter_file) and no checkpoint in train_params.output_dir {tmp_path / 'out'}: the 2 "
+                        f"parameters it freezes stay as freshly initialised (--seed {RunConfig.seed})"]
+    run(RunConfig(max_training_step=2, **common))  # resumed from its checkpoint: no warning
+    assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+
+
 def test_change_trainable_set_carries_the_optimizer_state_by_parameter(tmp_path):
     """The state a resumed run starts from when the ignore list changed: parameters, step and data position as
     saved; moments kept for parameters trainable before and now, zero for the newly trainable; step counts kept."""

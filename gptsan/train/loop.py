@@ -193,10 +193,11 @@ def warn_of_changed_trainable_set(output_dir: str, state: TrainState, saved_froz
     if saved_frozen == frozen_names:
         return
     unfrozen, newly_frozen = len(saved_frozen - frozen_names), len(frozen_names - saved_frozen)
+    effect = ("the newly trainable start with zero optimizer moments at the current learning rate, with no new "
+              "warmup" if unfrozen else "the newly frozen keep their values and lose their optimizer moments")
     warn(f"{output_dir}: resuming step {int(state.step)} with another --ignore_parameters than the run that saved "
-         f"it ({unfrozen} parameters newly trainable, {newly_frozen} newly frozen): the newly trainable start with "
-         "zero optimizer moments at the current learning rate, with no new warmup (a new train_params.output_dir "
-         "starts over, at step 0, from these parameters)")
+         f"it ({unfrozen} parameters newly trainable, {newly_frozen} newly frozen): {effect} (a new "
+         "train_params.output_dir starts over, at step 0, from these parameters)")
 
 
 def warn_of_ignored_prefixes(input_files: str, options: StepOptions, batch: dict) -> None:
@@ -415,6 +416,10 @@ def initial_state(cfg: RunConfig, checked: CheckedRun, checkpointer: Checkpointe
     if (params := load_initial_params(model_dir, config)) is not None:
         params = jax.device_put(params, param_shardings(config, mesh))
         return jax.jit(init, out_shardings=shardings)(params)
+    if frozen_names and jax.process_index() == 0:  # a fine-tune whose model is elsewhere: it trained on silently
+        warn(f"--ignore_parameters {cfg.ignore_parameters}: no model in {model_dir} (the folder of --parameter_file) "
+             f"and no checkpoint in train_params.output_dir {checked.train.output_dir}: the {len(frozen_names)} "
+             f"parameters it freezes stay as freshly initialised (--seed {cfg.seed})")
     return jax.jit(lambda: init(init_params(config, cfg.seed)), out_shardings=shardings)()
 
 
