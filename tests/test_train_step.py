@@ -164,6 +164,22 @@ def test_metrics_file_is_strict_json_when_a_loss_is_not_finite(tmp_path):
                    "expert_load": [[0.25, None]], "skipped": True}
 
 
+def test_a_resumed_run_drops_the_rows_it_trains_again(tmp_path):
+    """A run killed after its last checkpoint had logged steps its successor trains again: they were in the
+    file twice. The rows past the resumed step go (and a line the kill cut), the rows up to it stay."""
+    from gptsan.train.metrics import MetricsWriter
+
+    rows = [json.dumps({"step": step, "split": "train", "loss": 1.0}) + "\n" for step in range(1, 6)]
+    rows.insert(3, json.dumps({"step": 3, "split": "eval", "loss": 2.0}) + "\n")
+    (tmp_path / "metrics.jsonl").write_text("".join(rows) + '{"step": 6, "spl')
+    writer = MetricsWriter(str(tmp_path), enabled=True, total_steps=None, first_step=3, progress=False)
+    writer.write(4, {"loss": 0.5})
+    writer.close()
+    logged = [(row["step"], row["split"]) for row in map(json.loads, (tmp_path / "metrics.jsonl").read_text()
+                                                          .splitlines())]
+    assert logged == [(1, "train"), (2, "train"), (3, "train"), (3, "eval"), (4, "train")]
+
+
 class ImportRecorder(importlib.abc.MetaPathFinder):
     """Records the top-level modules an import statement looks for (and finds none itself)."""
 

@@ -57,6 +57,15 @@ def json_value(value):
     return value
 
 
+def _row_step(line: str) -> int | None:
+    """The step of a metrics.jsonl line, or None for a line that is no whole row."""
+    try:
+        step = json.loads(line).get("step") if line.endswith("\n") else None
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
 class MetricsWriter:
     def __init__(self, output_dir: str, *, enabled: bool, total_steps: int | None, first_step: int,
                  progress: bool = True):
@@ -75,12 +84,22 @@ class MetricsWriter:
         self.scalar_metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=SCALARS_PLUGIN))
         self.tb_dir = tempfile.mkdtemp(prefix="gptsan-tb-") if self.remote else storage.join(output_dir, "tb")
         self.tb = self.tf.summary.create_file_writer(self.tb_dir)
-        if self.remote and storage.exists(self.jsonl):
-            self.lines = storage.read_text(self.jsonl).splitlines(keepends=True)
+        self._keep_rows_up_to(first_step)
         if progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True)
+
+    def _keep_rows_up_to(self, first_step: int) -> None:
+        """Drops the rows of steps after `first_step`, the step this run starts from: a run stopped after its last
+        checkpoint (a second Ctrl-C, a kill, a crash) logged steps its successor trains again, which were then in
+        the file twice. A line cut by such a stop is dropped too."""
+        lines = storage.read_text(self.jsonl).splitlines(keepends=True) if storage.exists(self.jsonl) else []
+        kept = [line for line in lines if _row_step(line) is not None and _row_step(line) <= first_step]
+        if self.remote:
+            self.lines = kept
+        elif kept != lines:
+            storage.write_text_atomic(self.jsonl, "".join(kept))
 
     def write(self, step: int, row: dict, prefix: str = "train") -> None:
         if not self.enabled:
