@@ -73,6 +73,25 @@ def test_eval_files_with_less_than_one_batch(inputs, capsys):
     assert not (inputs / "out").exists()
 
 
+@pytest.mark.parametrize("flag", ["--input_files", "--eval_files"])
+def test_a_glob_matching_nothing_names_its_flag(inputs, capsys, flag):
+    """Both said `error: nothing/*.tfrecord: no tfrecord file matches`: which flag was it?"""
+    files = {"--input_files": str(inputs / "good.tfrecord"), flag: str(inputs / "nothing" / "*.tfrecord")}
+    parameters = write_mini_parameters(inputs / "model", inputs / "out")
+    status, err = call(capsys, "--parameter_file", str(parameters), *(part for item in files.items() for part in item))
+    assert status == 2 and err == [f"error: {flag} {inputs / 'nothing' / '*.tfrecord'}: no tfrecord file matches"]
+    assert not (inputs / "out").exists()
+
+
+def test_one_eval_record_is_counted_in_the_singular(inputs, capsys):
+    write_records(inputs / "one.tfrecord", counting_corpus(1, 16, 128))
+    parameters = write_mini_parameters(inputs / "model", inputs / "out")
+    status, err = call(capsys, "--input_files", str(inputs / "good.tfrecord"), "--parameter_file", str(parameters),
+                       "--eval_files", str(inputs / "one.tfrecord"))
+    assert status == 2 and err == [f"error: --eval_files {inputs / 'one.tfrecord'}: 1 record in "
+                                   f"{inputs / 'one.tfrecord'}, expected at least 8 (one batch)"]
+
+
 @pytest.mark.parametrize("flags, expected", [
     (["--accumulate_steps", "3"], "error: --accumulate_steps 3: must be a positive divisor of the batch size 8"),
     (["--accumulate_steps", "0"], "error: --accumulate_steps 0: must be a positive divisor of the batch size 8"),

@@ -50,6 +50,11 @@ from gptsan.tf_runtime import tensorflow
 CORRUPT_POLICIES = ("stop", "skip")
 RECORDS_PER_CHUNK = 256  # records handed to tf.data per call into Python (`record_chunks`)
 INT32_END = 2**31
+
+
+class NoRecordFiles(UserError):
+    """A glob of tfrecords that matches no file (the caller knows which flag gave it)."""
+
 CORRUPT_ERRORS = (ValueError, KeyError, IndexError, DecodeError)  # what a payload that is no record raises
 
 
@@ -331,7 +336,7 @@ def process_share(pattern: str, num_contexts: int, *, seed: int = 0, shuffle: bo
         raise UserError(f"process_index: expected 0..{process_count - 1}, got {process_index}")
     files = storage.glob(pattern)
     if not files:
-        raise UserError(f"{pattern}: no tfrecord file matches")
+        raise NoRecordFiles(f"{pattern}: no tfrecord file matches")
     by_file = len(files) >= process_count
     return RecordSource(
         files[process_index::process_count] if by_file else files, num_contexts, seed=seed, repeat=repeat,

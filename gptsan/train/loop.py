@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from gptsan import storage
-from gptsan.data.pipeline import count_records, make_dataset, process_share
+from gptsan.data.pipeline import NoRecordFiles, count_records, make_dataset, process_share
 from gptsan.data.schema import FEATURES
 from gptsan.errors import UserError, warn
 from gptsan.model.config import SHAPE_KEYS, ModelConfig, read_parameters_json
@@ -617,8 +617,10 @@ def check_records(flag: str, pattern: str, config: ModelConfig, local_batch: int
                                on_corrupt=on_corrupt, warned=skip_warnings)
         found = count_records(source, local_batch)
         if found < need:
-            problem = (f"{flag} {pattern}: {found} records in {source.describe()}, expected at least {need}"
-                       + (" (one batch)" if need > 1 else ""))
+            problem = (f"{flag} {pattern}: {found} record{'s' * (found != 1)} in {source.describe()}, expected at "
+                       f"least {need}" + (" (one batch)" if need > 1 else ""))
+    except NoRecordFiles as err:  # the same words for --input_files and --eval_files: say which
+        problem = f"{flag} {err}"
     except UserError as err:
         problem = str(err)
     if problem := first_problem(problem):
