@@ -83,6 +83,14 @@ def test_a_glob_matching_nothing_names_its_flag(inputs, capsys, flag):
     assert not (inputs / "out").exists()
 
 
+def test_an_output_dir_that_is_a_file(inputs, capsys):
+    (inputs / "afile").write_text("notes")
+    parameters = write_mini_parameters(inputs / "model", inputs / "afile")
+    status, err = call(capsys, "--input_files", str(inputs / "good.tfrecord"), "--parameter_file", str(parameters))
+    assert status == 2 and err == [f"error: train_params.output_dir {inputs / 'afile'}: is a file; give a folder"]
+    assert (inputs / "afile").read_text() == "notes"
+
+
 def test_one_eval_record_is_counted_in_the_singular(inputs, capsys):
     write_records(inputs / "one.tfrecord", counting_corpus(1, 16, 128))
     parameters = write_mini_parameters(inputs / "model", inputs / "out")
