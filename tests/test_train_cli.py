@@ -91,6 +91,20 @@ def test_an_output_dir_that_is_a_file(inputs, capsys):
     assert (inputs / "afile").read_text() == "notes"
 
 
+def test_half_onehot_with_a_one_wide_spout_is_refused(inputs, capsys):
+    """Half of num_spout 1 is no class: every spout vector was noise, trained without a word."""
+    parameters = write_mini_parameters(inputs / "model", inputs / "out")
+    data = json.loads(parameters.read_text())
+    data["model_params"]["num_spout"] = 1
+    parameters.write_text(json.dumps(data))
+    status, err = call(capsys, "--input_files", str(inputs / "good.tfrecord"), "--parameter_file", str(parameters),
+                       "--spout_vector", "half_onehot")
+    assert status == 2 and err == ["error: --spout_vector half_onehot: the model's num_spout 1 leaves no classes "
+                                   "(half of it); give onehot, or convert the model with gptsan-convert --num_spout "
+                                   "2 or more"]
+    assert not (inputs / "out").exists()
+
+
 def test_one_eval_record_is_counted_in_the_singular(inputs, capsys):
     write_records(inputs / "one.tfrecord", counting_corpus(1, 16, 128))
     parameters = write_mini_parameters(inputs / "model", inputs / "out")

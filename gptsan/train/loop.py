@@ -231,7 +231,11 @@ def step_options(cfg: RunConfig, config: ModelConfig) -> StepOptions:
     mode = cfg.mode or ("lm" if config.train_mode == "lm" else "hybrid")
     if mode not in ("lm", "hybrid"):
         raise UserError(f"--mode: expected lm or hybrid, got {mode!r}")
-    return StepOptions(mode=mode, spout=check_spout_kind(cfg.spout_vector))
+    spout = check_spout_kind(cfg.spout_vector)
+    if one_hot_classes(spout, config.num_spout) == 0:  # half of 1: every vector was noise, without a word
+        raise UserError(f"--spout_vector {spout}: the model's num_spout {config.num_spout} leaves no classes (half "
+                        "of it); give onehot, or convert the model with gptsan-convert --num_spout 2 or more")
+    return StepOptions(mode=mode, spout=spout)
 
 
 def local_batch_size(batch_size: int) -> int:
