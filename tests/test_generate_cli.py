@@ -113,6 +113,13 @@ def test_the_text_to_continue_is_encoded_as_the_encoder_writes_a_body(vocabulary
     assert tokenizer.bag_id in prompt.ids and tokenizer.encode("<URL>")[0] in prompt.ids
 
 
+def test_a_vocabulary_with_more_ids_than_the_model_is_refused(tiny_tf_dir, vocabulary):
+    """Fewer ids than the model's are fine (training takes such a corpus; the rest are never generated)."""
+    proc = run_cli("gptsan.generate.cli", "--model", tiny_tf_dir, "--vocabulary", vocabulary, "--context", "x")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"error: --vocabulary {vocabulary}: 36000 tokens, but the model has 512"]
+
+
 def test_generate_cli_errors_are_one_line_and_write_nothing(swe_model, vocabulary, tmp_path):
     path, _, _ = swe_model
     out = tmp_path / "out.jsonl"

@@ -45,7 +45,7 @@ def test_the_unknown_piece_never_fills_a_mask(tiny, tiny_cases):
     reference[:, sorted(special.control_ids)] = -np.inf
     best = int(reference[2].argmax())
     reference[:, best] = -np.inf  # pretend the best fill is the unknown piece
-    result = fill_masks(config, params, ids, special, pos_vector=-1, unknown_ids=(best,))
+    result = fill_masks(config, params, ids, special, pos_vector=-1, never=(best,))
     assert result["output_tokens"][3] == int(reference[2].argmax()) != best
 
 

@@ -77,8 +77,11 @@ def test_generation_never_emits_the_unknown_piece(sp):
 
     swe = SWETokenizer(str(shared_path("vocab", "ja-swe36k.txt")))
 
-    assert never_generated(sp) == (*never_sampled(sp.special), sp.sp.unk_id()) == (sp.pad_id, sp.separator_id, 0)
-    assert never_generated(swe) == never_sampled(swe.special)  # SWE has no unknown piece
+    size = sp.vocab_size
+    assert never_generated(sp, size) == (*never_sampled(sp.special), sp.sp.unk_id()) == (sp.pad_id, sp.separator_id, 0)
+    assert never_generated(swe, 36000) == never_sampled(swe.special)  # SWE has no unknown piece
+    # a model with more ids than its tokenizer (training allows it): those are never generated either
+    assert never_generated(sp, size + 3) == (sp.pad_id, sp.separator_id, 0, size, size + 1, size + 2)
 
 
 def test_role_pieces_in_text_are_single_tokens(sp):

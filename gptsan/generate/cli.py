@@ -88,10 +88,12 @@ def build_prompts(tokenizer, contexts: list[str], prefix: str | None) -> list[Pr
     return [prefix_prompt(prefix_ids, encode(text), special) for text in contexts]
 
 
-def never_generated(tokenizer) -> tuple[int, ...]:
-    """GPTSAN's never-sampled roles, and the vocabulary's unknown piece (SentencePiece's `<unk>` printed as
-    ` ⁇ ` in generated text)."""
-    return never_sampled(tokenizer.special) + tokenizer.unknown_ids
+def never_generated(tokenizer, num_vocabulary: int) -> tuple[int, ...]:
+    """GPTSAN's never-sampled roles, the vocabulary's unknown piece (SentencePiece's `<unk>` printed as ` ⁇ ` in
+    generated text), and the model's ids past the tokenizer's (a model may have more ids than its tokenizer, as
+    training allows: a SentencePiece model trained for 512 pieces can come out with fewer)."""
+    return never_sampled(tokenizer.special) + tokenizer.unknown_ids + tuple(range(tokenizer.vocab_size,
+                                                                                   num_vocabulary))
 
 
 def output_text(tokenizer, ids) -> str:
@@ -132,7 +134,7 @@ def load(args: argparse.Namespace):
 
     tokenizer = load_tokenizer(args.tokenizer, args.vocabulary)
     config, params = load_model(args.model, dtype=args.dtype)
-    if config.num_vocabulary != tokenizer.vocab_size:
+    if tokenizer.vocab_size > config.num_vocabulary:  # fewer is fine: the ids past it are never generated
         raise UserError(f"--vocabulary {args.vocabulary}: {tokenizer.vocab_size} tokens, but the model has "
                         f"{config.num_vocabulary}")
     return config, jax.device_put(cast_for_compute(params, args.dtype)), tokenizer
@@ -150,7 +152,8 @@ def generate_texts(args, config, params, tokenizer, contexts) -> list[dict]:
     if args.beam_width > 1:
         spout = parse_spout(args.spout, config.num_spout, len(prompts), args.seed)
         check_room(config, prompts, args, spout is not None)
-        decoder = BeamDecoder(config, args.beam_width, special.end, args.length_penalty, never_generated(tokenizer),
+        decoder = BeamDecoder(config, args.beam_width, special.end, args.length_penalty,
+                              never_generated(tokenizer, config.num_vocabulary),
                               tokenizer.model_input_map())
         result = decoder.generate(params, left_pad(prompts, special.nottoken), args.max_generate, spout)
         for row, context in enumerate(contexts):
@@ -163,7 +166,7 @@ def generate_texts(args, config, params, tokenizer, contexts) -> list[dict]:
     batch = left_pad([p for p in prompts for _ in range(args.num_generate)], special.nottoken)
     spout = parse_spout(args.spout, config.num_spout, len(rows), args.seed)
     check_room(config, prompts, args, spout is not None)
-    sampler = Sampler(args.temperature, args.top_k, args.top_p, never_generated(tokenizer))
+    sampler = Sampler(args.temperature, args.top_k, args.top_p, never_generated(tokenizer, config.num_vocabulary))
     decoder = Decoder(config, sampler, special.end, tokenizer.model_input_map())
     if args.stream:
         ids = stream_one(decoder, params, batch, args, spout, tokenizer)

@@ -52,7 +52,7 @@ def masked_input(tokenizer, context: str, mask: str) -> list[int]:
     return ids + [special.segmenter]
 
 
-def fill_masks(config, params, ids: list[int], special, pos_vector: int, unknown_ids: tuple[int, ...] = ()) -> dict:
+def fill_masks(config, params, ids: list[int], special, pos_vector: int, never: tuple[int, ...] = ()) -> dict:
     """One forward pass with the whole input as prefix: the filled tokens, their probabilities and the
     concatenated hidden states at `pos_vector`."""
     import jax
@@ -67,8 +67,8 @@ def fill_masks(config, params, ids: list[int], special, pos_vector: int, unknown
     out = GPTSAN(config).apply({"params": params}, jnp.asarray([ids]),
                                num_precontext=jnp.asarray([len(ids)]), return_hidden=True)
     logits = np.array(out.logits[0], np.float64)
-    # roles (not-token, separator, mask, ...) and the vocabulary's unknown piece never fill
-    logits[:, sorted(special.control_ids | set(unknown_ids))] = -np.inf
+    # roles (not-token, separator, mask, ...) never fill, nor what generation never emits (`never_generated`)
+    logits[:, sorted(special.control_ids | set(never))] = -np.inf
     probs = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1))
     filled, scores = list(ids), []
     for j, token in enumerate(ids):
@@ -88,14 +88,15 @@ def main(argv: list[str] | None = None) -> int:
         check_utf8_text(flag, text)
     if args.output:
         storage.check_output_file(args.output, "--output")
-    from gptsan.generate.cli import load, output_text
+    from gptsan.generate.cli import load, never_generated, output_text
 
     config, params, tokenizer = load(args)
     if config.train_mode == "lm":  # the original ran such a model causally and filled nothing
         warn(f"{args.model}: train_mode is lm, so the model never saw a bidirectional prefix or masks; its fills "
              "mean little")
     ids = masked_input(tokenizer, args.context, args.mask)
-    result = fill_masks(config, params, ids, tokenizer.special, args.pos_vector, tokenizer.unknown_ids)
+    result = fill_masks(config, params, ids, tokenizer.special, args.pos_vector,
+                        never_generated(tokenizer, config.num_vocabulary))
     record = {"input_text": args.context, "input_tokens": ids,
               "output_text": output_text(tokenizer, result["output_tokens"]), **result}
     text = json.dumps(record, ensure_ascii=False)
