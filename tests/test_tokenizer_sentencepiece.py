@@ -150,6 +150,17 @@ def test_train_tool_refuses_a_tiny_vocabulary(tmp_path):
         train_sentencepiece([str(tmp_path / "corpus.txt")], str(tmp_path / "m"), vocab_size=100)
 
 
+@pytest.mark.parametrize("coverage", [0.97, 1.5, float("nan")])
+def test_train_tool_refuses_a_coverage_sentencepiece_refuses(tmp_path, coverage):
+    """SentencePiece's own check was the message: `INTERNAL: ... character_coverage() >= 0.98`."""
+    (tmp_path / "corpus.txt").write_text("猫\n", encoding="utf-8")
+    with pytest.raises(UserError, match=rf"^--character_coverage: expected 0.98 to 1 \(SentencePiece's range\), "
+                                        rf"got {coverage}$"):
+        train_sentencepiece([str(tmp_path / "corpus.txt")], str(tmp_path / "m"), vocab_size=500,
+                            character_coverage=coverage)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt"]
+
+
 def test_train_tool_refuses_a_gs_model_prefix_before_training(tmp_path):
     """SentencePiece writes local files: a gs:// prefix made a local `gs:` folder, then a misleading error."""
     (tmp_path / "corpus.txt").write_text("\n".join(japanese_lines(50)), encoding="utf-8")

@@ -26,6 +26,7 @@ CLEAN_TEXT_TAGS = ("<TAB>", "<URL>", "<EMAIL>", "<TEL>", "<DATE>", "<PRICE>", "<
 RESERVED_PIECES = tuple(ROLE_PIECES.values()) + CLEAN_TEXT_TAGS
 DECODED_TAGS = {"<BR>": "\n", "<TAB>": "\t"}
 MODEL_TYPES = ("unigram", "bpe", "char", "word")
+MIN_CHARACTER_COVERAGE = 0.98
 
 
 def _to_pieces_text(text: str) -> str:
@@ -144,6 +145,9 @@ def train_sentencepiece(paths: Sequence[str], model_prefix: str, *, vocab_size: 
         raise UserError(f"--model_type: expected one of {', '.join(MODEL_TYPES)}, got {model_type!r}")
     if vocab_size <= len(RESERVED_PIECES) + 256 + 1:
         raise UserError(f"--vocab_size: must exceed {len(RESERVED_PIECES) + 257} (reserved + byte pieces)")
+    if not MIN_CHARACTER_COVERAGE <= character_coverage <= 1:  # SentencePiece's own "INTERNAL: ..." line otherwise
+        raise UserError(f"--character_coverage: expected {MIN_CHARACTER_COVERAGE} to 1 (SentencePiece's range), "
+                        f"got {character_coverage}")
     with tempfile.TemporaryDirectory(prefix="gptsan-spm-") as tmp:
         corpus = os.path.join(tmp, "sentences.txt")
         with open(corpus, "w", encoding="utf-8") as out:
