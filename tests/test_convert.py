@@ -97,6 +97,12 @@ def test_plain_conversion_by_the_script_reproduces_fixture_logits(tmp_path, tiny
                "--output", str(dst), "--add_extra_stage", "0"]
     result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+    # what config.json could not say, said (the converted parameters.json took 1 and lm without a word)
+    assert result.stderr.splitlines() == [
+        f"warning: {tiny_hf_dir}: an HF config.json has no num_pallarelizm or train_mode; {dst} gets "
+        "num_pallarelizm 1 (heads and experts not split over devices; GPTSAN-2.8B's release used 8) and train_mode "
+        "lm (the port's models are prefix-LMs: train them with gptsan-train --mode hybrid); edit its parameters.json "
+        "to change them"]
     config, flat = load_flat(str(dst))
     assert set(flat) == set(tiny_names)
     assert read_json(dst / "transformer-params.json") == sorted(tiny_names)

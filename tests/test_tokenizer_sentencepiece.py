@@ -84,6 +84,26 @@ def test_generation_never_emits_the_unknown_piece(sp):
     assert never_generated(sp, size + 3) == (sp.pad_id, sp.separator_id, 0, size, size + 1, size + 2)
 
 
+def test_mask_filling_warns_of_an_lm_model_only_where_its_train_mode_is_known(model_path, sp, tiny_tf_dir,
+                                                                             tiny_hf_dir, tmp_path):
+    """An HF config.json keeps no train_mode, and the port's models are prefix-LMs: the warning that an lm
+    model's fills mean little was given for every HF folder. (The 400-piece vocabulary fills the 512-id tiny
+    model's first ids, as training takes it.)"""
+    def fill(model):
+        command = [sys.executable, "-m", "gptsan.generate.languagemodel", "--model", str(model), "--tokenizer",
+                   "sentencepiece", "--vocabulary", model_path, "--context", "猫は[MASK]へ", "--output",
+                   str(tmp_path / "out.json")]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert done.returncode == 0, done.stderr
+        filled = json.loads((tmp_path / "out.json").read_text())["output_tokens"]
+        assert all(token < sp.vocab_size for token in filled)  # never an id past the tokenizer's
+        return done.stderr
+
+    assert fill(tiny_hf_dir) == ""
+    assert fill(tiny_tf_dir) == (f"warning: {tiny_tf_dir}: train_mode is lm, so the model never saw a bidirectional "
+                                 "prefix or masks; its fills mean little\n")
+
+
 def test_role_pieces_in_text_are_single_tokens(sp):
     assert sp.encode("<|endoftext|>")[-1] == sp.end_id
     assert sp.decode([sp.start_id, *sp.encode("猫"), sp.end_id]) == "猫"

@@ -70,7 +70,7 @@ def source_train_params(src: str, dst: str) -> dict[str, Any]:
 def convert(src: str, dst: str, add_extra_stage: int = 0, num_spout: int | None = None,
             freeze_spout: bool = False, dtype: str = "float32", seed: int = 0) -> dict[str, list[str]]:
     """Write the converted model to `dst` (all or nothing); returns the name lists written beside it."""
-    from gptsan.checkpoint import load_flat, native
+    from gptsan.checkpoint import detect_format, load_flat, native
     from gptsan.checkpoint.staging import refuse_existing, staged_output
     from gptsan.convert.extend import add_extended_layers, resize_spout
 
@@ -81,6 +81,11 @@ def convert(src: str, dst: str, add_extra_stage: int = 0, num_spout: int | None 
     refuse_existing(dst)  # before the (possibly long) load
     train_params = source_train_params(src, dst)
     config, source = load_flat(src)
+    if detect_format(src) == "hf":  # its config.json has no field for them: say what parameters.json gets
+        warn(f"{src}: an HF config.json has no num_pallarelizm or train_mode; {dst} gets num_pallarelizm "
+             f"{config.num_pallarelizm} (heads and experts not split over devices; GPTSAN-2.8B's release used 8) and "
+             f"train_mode {config.train_mode} (the port's models are prefix-LMs: train them with gptsan-train --mode "
+             "hybrid); edit its parameters.json to change them")
     new_config, flat = add_extended_layers(config, source, add_extra_stage, seed)
     if num_spout is not None:
         new_config, flat = resize_spout(new_config, flat, num_spout, seed)

@@ -91,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     from gptsan.generate.cli import load, never_generated, output_text
 
     config, params, tokenizer = load(args)
-    if config.train_mode == "lm":  # the original ran such a model causally and filled nothing
+    from gptsan.checkpoint import detect_format
+
+    # the original ran such a model causally and filled nothing; an HF config.json keeps no train_mode (the
+    # port's models are prefix-LMs), so there it is not known to be lm
+    if config.train_mode == "lm" and detect_format(args.model) != "hf":
         warn(f"{args.model}: train_mode is lm, so the model never saw a bidirectional prefix or masks; its fills "
              "mean little")
     ids = masked_input(tokenizer, args.context, args.mask)
