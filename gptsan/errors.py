@@ -42,6 +42,12 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
+@functools.cache
+def warn_once(message: str) -> None:
+    """`warn(MESSAGE)`, the first time this process meets MESSAGE."""
+    warn(message)
+
+
 def cli_main(func: Callable[..., int | None]) -> Callable[..., int]:
     """Wrap a console-script entry point: a UserError, or an OSError about a named path (a folder opened as a
     file, a missing folder, no permission, a full disk), becomes `error: ...` on stderr and exit status 2.

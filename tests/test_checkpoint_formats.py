@@ -444,7 +444,7 @@ def test_a_tf_checkpoint_without_its_index_is_one_error_line(tmp_path, tiny_tf_d
     result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr == ("error: noidx: expected one TF checkpoint (`checkpoint` file or a single *.index), "
-                             "found 0 index files\n")
+                             "found 0 index files; the `checkpoint` file names model, which is not here\n")
     assert not (tmp_path / "out").exists()
 
 
@@ -469,7 +469,24 @@ def test_a_garbled_state_file_beside_several_indexes_is_one_error(tmp_path, tiny
     with pytest.raises(UserError) as caught:
         load_flat(str(source))
     assert str(caught.value) == (f"{source}: expected one TF checkpoint (`checkpoint` file or a single *.index), "
-                                 "found 2 index files")
+                                 "found 2 index files (model, other)")
+
+
+def test_a_state_file_naming_a_step_that_is_not_there_is_said(tmp_path, tiny_tf_dir, tiny_names, capsys):
+    """It read the folder's only other checkpoint without a word; with two others, the error did not say which
+    step was missing."""
+    source = tmp_path / "stale"
+    shutil.copytree(tiny_tf_dir, source)
+    (source / "checkpoint").write_text('model_checkpoint_path: "/old/run/model-200"\n')
+    assert_same_params(load_flat(str(source))[1], tiny_names)
+    assert capsys.readouterr().err == (f"warning: {source}: the `checkpoint` file names model-200, which is not "
+                                       "here; reading model, the folder's only checkpoint\n")
+    shutil.copy(source / "model.index", source / "model-50.index")
+    with pytest.raises(UserError) as caught:
+        load_flat(str(source))
+    assert str(caught.value) == (f"{source}: expected one TF checkpoint (`checkpoint` file or a single *.index), "
+                                 "found 2 index files (model, model-50); the `checkpoint` file names model-200, "
+                                 "which is not here")
 
 
 def test_the_state_file_chooses_among_checkpoints_by_its_last_path_part(tmp_path, tiny_tf_dir, tiny_names):

@@ -21,7 +21,7 @@ from gptsan import storage
 from gptsan.checkpoint.dtypes import FLOAT_STORAGE_DTYPES
 from gptsan.checkpoint.names import is_tf_parameter
 from gptsan.checkpoint.validate import check_tensors, error_summary, refuse_not_floating
-from gptsan.errors import UserError
+from gptsan.errors import UserError, warn_once
 from gptsan.tf_runtime import tensorflow
 
 STATE_FILE = "checkpoint"
@@ -48,10 +48,15 @@ def _checkpoint_prefix(path: str) -> str:
     named = _named_in_state_file(path)
     if named and f"{named}.index" in indexes:
         return storage.join(path, named)
+    missing = f"the `checkpoint` file names {named}, which is not here" if named else None
     if len(indexes) != 1:
-        raise UserError(f"{path}: expected one TF checkpoint (`checkpoint` file or a single *.index), "
-                        f"found {len(indexes)} index files")
-    return storage.join(path, indexes[0][: -len(".index")])
+        found = f" ({', '.join(sorted(name[: -len('.index')] for name in indexes))})" if indexes else ""
+        raise UserError(f"{path}: expected one TF checkpoint (`checkpoint` file or a single *.index), found "
+                        f"{len(indexes)} index files{found}" + (f"; {missing}" if missing else ""))
+    only = indexes[0][: -len(".index")]
+    if missing:  # it read the other step without a word
+        warn_once(f"{path}: {missing}; reading {only}, the folder's only checkpoint")
+    return storage.join(path, only)
 
 
 def _named_in_state_file(path: str) -> str | None:

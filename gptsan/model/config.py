@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from functools import cache
 from pathlib import Path
 from typing import Any
 
-from gptsan.errors import UserError, warn
+from gptsan.errors import UserError, warn_once
 
 DEFAULT_NUM_SPOUT = 128
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -217,12 +216,6 @@ def json_text(value: Any) -> str:
 def whole_number(value: Any) -> Any:
     """An integral float (64.0) as the int it spells; any other value unchanged, for validation to judge."""
     return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-@cache
-def warn_once(message: str) -> None:
-    """`warn(MESSAGE)`, the first time this process meets MESSAGE."""
-    warn(message)
 
 
 def read_parameters_json(path: str | Path) -> dict[str, Any]:
