@@ -104,6 +104,13 @@ def test_mask_filling_warns_of_an_lm_model_only_where_its_train_mode_is_known(mo
                                  "prefix or masks; its fills mean little\n")
 
 
+def test_a_sentencepiece_model_read_as_a_swe_vocabulary_gets_a_hint(model_path):
+    """It said only `vocabulary is not UTF-8 (invalid start byte at byte 4681)`."""
+    with pytest.raises(UserError, match=r"vocabulary is not UTF-8 \(.*\) \(a SentencePiece model\? give "
+                                        r"--tokenizer sentencepiece\)$"):
+        load_tokenizer("swe", model_path)
+
+
 def test_role_pieces_in_text_are_single_tokens(sp):
     assert sp.encode("<|endoftext|>")[-1] == sp.end_id
     assert sp.decode([sp.start_id, *sp.encode("猫"), sp.end_id]) == "猫"

@@ -62,7 +62,8 @@ def read_vocabulary(path: str) -> list[list[str]]:
     except FileNotFoundError:
         raise UserError(f"{path}: vocabulary file not found") from None
     except UnicodeDecodeError as err:
-        raise UserError(f"{path}: vocabulary is not UTF-8 ({err.reason} at byte {err.start})") from None
+        hint = " (a SentencePiece model? give --tokenizer sentencepiece)" if str(path).endswith(".model") else ""
+        raise UserError(f"{path}: vocabulary is not UTF-8 ({err.reason} at byte {err.start}){hint}") from None
     lines = text.removeprefix("\ufeff").split("\n")
     if lines and lines[-1] == "":
         lines.pop()
