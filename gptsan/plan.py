@@ -24,7 +24,7 @@ import math
 import os
 import sys
 
-from gptsan.errors import UserError, cli_main
+from gptsan.errors import UserError, cli_main, warn
 
 GiB = 1024**3
 DEVICES_GIB = {"TPU v3 core": 16, "TPU v4 chip": 32, "A100 80GB": 80, "H100 80GB": 80}
@@ -48,12 +48,21 @@ def parse_mesh(text: str | None, devices: int, num_pallarelizm: int) -> tuple[in
         raise UserError(f"--mesh: expected data,expert,model sizes such as 1,1,8, got {text!r}")
     if math.prod(shape) != devices:
         raise UserError(f"--mesh: {text} is {math.prod(shape)} devices, but --devices is {devices}")
+    from gptsan.model.sharding import model_axis_size
+
+    trained = model_axis_size(num_pallarelizm, devices // shape[1])
+    if shape[2] != trained:  # a what-if: training on these devices lays the model out otherwise
+        warn(f"--mesh {text}: gptsan-train takes a model axis of {trained} here (model_params.num_pallarelizm "
+             f"{num_pallarelizm} as far as {devices // shape[1]} devices allow), not {shape[2]}; set num_pallarelizm "
+             f"to {shape[2]} to train as planned")
     return shape
 
 
 def frozen_names(trainable: str, config) -> frozenset[str]:
-    """The names not trained. "extended": the converter's fine-tune ignore list (everything but the
-    extended layers `att/an/ln/mlp{l}` for l >= num_switch_layers, `ete` and the spout network)."""
+    """The names not trained. "extended": everything but the extended layers `att/an/ln/mlp{l}` for
+    l >= num_switch_layers, `ete` and the spout network (the converter's fine-tune ignore list for a source
+    without extended layers; from one with them, the converter freezes those too: give its ignore-params.json)."""
+    from gptsan import storage
     from gptsan.model.params import expected_shapes
     from gptsan.train.loop import read_ignore_list
 
@@ -61,6 +70,8 @@ def frozen_names(trainable: str, config) -> frozenset[str]:
         return frozenset()
     if trainable == "extended":
         return frozenset(name for name in expected_shapes(config) if not is_extended(name, config))
+    if not storage.exists(trainable):  # a typo of a choice ("extend") was "extend: ... file not found"
+        raise UserError(f"--trainable {trainable}: expected all, extended or an ignore-params.json file")
     return read_ignore_list(trainable, config)
 
 

@@ -92,6 +92,25 @@ def test_bad_mesh_is_a_user_error(capsys):
                                                "model's 16 experts")
 
 
+def test_a_mesh_training_would_not_take_is_said(capsys):
+    """--mesh 1,1,32 planned 0.78 GiB of parameters a device where training (num_pallarelizm 8) holds 1.45."""
+    config = str(ROOT / "configs" / "gptsan-3b-finetune.json")
+    assert main(["--parameter_file", config, "--devices", "32", "--mesh", "1,1,32", "--skip_activations"]) == 0
+    assert capsys.readouterr().err == ("warning: --mesh 1,1,32: gptsan-train takes a model axis of 8 here "
+                                       "(model_params.num_pallarelizm 8 as far as 32 devices allow), not 32; set "
+                                       "num_pallarelizm to 32 to train as planned\n")
+    assert main(["--parameter_file", config, "--devices", "32", "--mesh", "4,1,8", "--skip_activations"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_a_trainable_that_is_neither_a_choice_nor_a_file_names_the_flag(capsys):
+    """A typo of `extended` was `error: extend: ignore-parameters file not found`."""
+    config = str(ROOT / "configs" / "tiny.json")
+    assert main(["--parameter_file", config, "--devices", "1", "--trainable", "extend", "--skip_activations"]) == 2
+    expected = "error: --trainable extend: expected all, extended or an ignore-params.json file\n"
+    assert capsys.readouterr().err == expected
+
+
 def mini_parameter_file(tmp_path, train_params) -> str:
     from tests.train_support import MINI_MODEL_PARAMS  # 2 experts
 
