@@ -129,10 +129,13 @@ def test_source_without_ete_gets_zero_ete(tmp_path, tiny_tf_dir, tiny_names):
     assert "model/ete" not in read_json(tmp_path / "dst" / "ignore-params.json")
 
 
-def test_num_spout_freeze_and_bfloat16_storage(tmp_path, tiny_tf_dir, tiny_names):
+def test_num_spout_freeze_and_bfloat16_storage(tmp_path, tiny_tf_dir, tiny_names, capsys):
     dst = tmp_path / "spout8"
     assert main(["--checkpoint", str(tiny_tf_dir), "--output", str(dst), "--num_spout", "8",
                  "--freeze", "spout", "--dtype", "bfloat16"]) == 0
+    # said at once, not when a training run starts
+    assert capsys.readouterr().err == (f"warning: {dst}: ignore-params.json lists every parameter, so training with "
+                                       "it will change nothing (--freeze spout with no --add_extra_stage)\n")
     config, flat = load_flat(str(dst))
     assert config.num_spout == 8
     assert flat["pasts/mlp3/kernel"].shape == (8, 8) and flat["pasts/out/kernel"].shape == (8, 4 * 2 * 64)

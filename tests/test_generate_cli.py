@@ -230,6 +230,28 @@ def test_languagemodel_cli_fills_masks(swe_model, vocabulary, tmp_path):
     assert record["input_text"] == "今日は[MASK]です。[MASK]"
 
 
+def test_languagemodel_fills_with_whole_pieces_and_says_when_there_is_no_mask(swe_model, vocabulary, monkeypatch,
+                                                                             capsys):
+    """A mask was filled with a byte piece alone (part of a character, printed `�`); a context without the mask
+    string printed the input back without a word."""
+    from gptsan.generate import languagemodel
+    from gptsan.tokenizer import load_tokenizer
+
+    path, _, _ = swe_model
+    seen = {}
+
+    def recording(config, params, ids, special, pos_vector, never=()):
+        seen["never"] = set(never)
+        return {"output_tokens": ids, "output_scores": [], "output_vector": []}
+
+    monkeypatch.setattr(languagemodel, "fill_masks", recording)
+    assert languagemodel.main(["--model", str(path), "--vocabulary", str(vocabulary), "--context", "猫"]) == 0
+    assert capsys.readouterr().err.splitlines()[-1] == "warning: --context has no --mask [MASK]: nothing to fill"
+    tokenizer = load_tokenizer("swe", str(vocabulary))
+    bytes_ = {i for i in range(tokenizer.vocab_size) if tokenizer.spellings[i][0].startswith("<|byte")}
+    assert len(bytes_) > 200 and bytes_ <= seen["never"] and tokenizer.encode("猫")[0] not in seen["never"]
+
+
 def test_input_file_lines_end_at_newlines_only_and_a_byte_order_mark_is_not_text(tmp_path):
     """str.splitlines made two contexts of a line holding U+2028 or a form feed, and a BOM (Notepad's UTF-8) was
     the first context's first character, which changed what the model generated."""

@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.output}: {len(lists['all-params.json'])} parameters, "
           f"{len(lists['transformer-params.json'])} copied from {args.checkpoint}, "
           f"{len(lists['ignore-params.json'])} frozen")
+    if len(lists["ignore-params.json"]) == len(lists["all-params.json"]):  # said only when training starts
+        warn(f"{args.output}: ignore-params.json lists every parameter, so training with it will change nothing "
+             "(--freeze spout with no --add_extra_stage)")
     return 0
 
 

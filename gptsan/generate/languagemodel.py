@@ -99,14 +99,19 @@ def main(argv: list[str] | None = None) -> int:
         warn(f"{args.model}: train_mode is lm, so the model never saw a bidirectional prefix or masks; its fills "
              "mean little")
     ids = masked_input(tokenizer, args.context, args.mask)
+    if args.mask not in args.context:  # the output is the input, unchanged
+        warn(f"--context has no --mask {args.mask}: nothing to fill")
+    # a mask is one token: a byte piece alone is part of a character (printed as U+FFFD) and never fills one
+    not_plain = tuple(int(i) for i in np.flatnonzero(~tokenizer.plain_token_mask()))
     result = fill_masks(config, params, ids, tokenizer.special, args.pos_vector,
-                        never_generated(tokenizer, config.num_vocabulary))
+                        never_generated(tokenizer, config.num_vocabulary) + not_plain)
     record = {"input_text": args.context, "input_tokens": ids,
               "output_text": output_text(tokenizer, result["output_tokens"]), **result}
     text = json.dumps(record, ensure_ascii=False)
     if args.output:
         storage.write_text_atomic(args.output, text + "\n")
-        print(f"filled {len(result['output_scores'])} masks; wrote {args.output}",
+        filled = len(result["output_scores"])
+        print(f"filled {filled} mask{'s' * (filled != 1)}; wrote {args.output}",
               file=storage.status_stream(args.output))
     else:
         print(text)
