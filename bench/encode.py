@@ -23,8 +23,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.flags import default_vocabulary, positive_integer, positive_number  # noqa: E402
 from gptsan.data.encode import EncodeConfig, TokenizerSpec, run  # noqa: E402
 from gptsan.data.layout import LayoutSettings  # noqa: E402
+from gptsan.errors import cli_main  # noqa: E402
 from gptsan.tokenizer.swe import SWETokenizer  # noqa: E402
 from gptsan.tokenizer.swe_reference import naive_encode  # noqa: E402
 
@@ -119,21 +121,24 @@ def report(bench: str, batch: int, dtype: str, tokens: int, timer: Timer, **extr
     return result
 
 
-def main() -> None:
+@cli_main
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--vocabulary",
-        default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "vocab", "ja-swe36k.txt"),
-    )
+    p.add_argument("--vocabulary", default=str(default_vocabulary()),
+                   help="ja-swe36k.txt (default: $GPTSAN_SHARED/vocab, else ../shared/vocab beside the repository)")
     p.add_argument("--config", default="swe", choices=["swe"], help="tokenizer (only swe is benchmarked)")
-    p.add_argument(
-        "--batch", type=int, action="append", help="process counts for end-to-end (default 1 and 2)"
-    )
+    p.add_argument("--batch", type=positive_integer, action="append",
+                   help="process counts for end-to-end (default 1 and 2)")
     p.add_argument("--dtype", default="int64", choices=["int64"], help="the tfrecord feature type")
-    p.add_argument("--size_mb", type=float, default=12.0)
-    p.add_argument("--naive_mb", type=float, default=1.0)
+    p.add_argument("--size_mb", type=positive_number, default=12.0,
+                   help="corpus size (written in files of 2,000 lines, so at least one such file)")
+    p.add_argument("--naive_mb", type=positive_number, default=1.0)
     p.add_argument("--num_context", type=int, default=1280)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    processes = args.batch or [1, 2]
+    EncodeConfig(input_files="", tokenizer=TokenizerSpec("swe", args.vocabulary),  # bad values: before any work
+                 layout=LayoutSettings(mode="lm", num_context=args.num_context), num_process=max(processes),
+                 output_dir=tempfile.gettempdir()).validate()
     tokenizer = SWETokenizer(args.vocabulary)
     with tempfile.TemporaryDirectory(prefix="gptsan-bench-") as tmp:
         corpus_dir = os.path.join(tmp, "corpus")
@@ -167,13 +172,13 @@ def main() -> None:
         tokens, timer = time_tokenizer(tokenizer.encode, read_lines(paths))
         report("swe_tokenizer_fast", 1, args.dtype, tokens, timer, corpus_mb=round(size_mb, 2))
 
-        for processes in args.batch or [1, 2]:
+        for count in processes:
             config = EncodeConfig(
                 input_files=os.path.join(corpus_dir, "*.txt"),
                 tokenizer=TokenizerSpec("swe", args.vocabulary),
                 layout=LayoutSettings(mode="lm", num_context=args.num_context),
-                output_dir=os.path.join(tmp, f"out{processes}"),
-                num_process=processes,
+                output_dir=os.path.join(tmp, f"out{count}"),
+                num_process=count,
                 progress=False,
             )
             with Timer() as timer:
@@ -182,7 +187,7 @@ def main() -> None:
             records = sum(s.records for s in summaries)
             report(
                 "encode_end_to_end",
-                processes,
+                count,
                 args.dtype,
                 written,
                 timer,
@@ -190,7 +195,8 @@ def main() -> None:
                 records=records,
                 mb_per_s=round(size_mb / timer.wall, 2),
             )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -35,7 +35,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gptsan.errors import cli_main  # noqa: E402
+from bench.flags import config_path, positive_integer  # noqa: E402
+from gptsan.errors import UserError, cli_main  # noqa: E402
 from gptsan.generate.decode import Decoder  # noqa: E402
 from gptsan.generate.prompt import Prompt, left_pad  # noqa: E402
 from gptsan.generate.sampling import Sampler  # noqa: E402
@@ -45,7 +46,6 @@ from gptsan.model import flatten, init_params, load_config  # noqa: E402
 from gptsan.model.dense import matmul  # noqa: E402
 from gptsan.model.inference import to_inference_layout  # noqa: E402
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PROMPT_TOKENS = 16
 BANDWIDTH_BYTES = 512 * 2**20
 
@@ -141,7 +141,11 @@ def lower_median(values: list):
 def run(config_name: str, batch: int, dtype: str, new_tokens: int, repeats: int, top_k: int = 120,
         top_p: float = 1.0) -> dict:
     sampler = Sampler(top_k=top_k, top_p=top_p)  # bad settings fail here, before any work
-    config = load_config(CONFIGS / f"{config_name}.json", dtype=dtype)
+    config = load_config(config_path(config_name), dtype=dtype)
+    room = config.num_contexts - PROMPT_TOKENS
+    if not 2 <= new_tokens <= room:  # the decoder stops at the context's end: steps not run were counted as run
+        raise UserError(f"--new_tokens: expected 2 to {room} (the {PROMPT_TOKENS}-token prompt's room in "
+                        f"{config_name}'s {config.num_contexts}-token context), got {new_tokens}")
     params = cast_for_compute(init_params(config), dtype)
     weights = to_inference_layout(params, batch)  # as gptsan-generate reads them
     rng = np.random.default_rng(0)
@@ -197,11 +201,11 @@ def run(config_name: str, batch: int, dtype: str, new_tokens: int, repeats: int,
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="bench-small", help="configs/NAME.json")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1])
+    parser.add_argument("--config", default="bench-small", help="preset under configs/ or a parameters.json")
+    parser.add_argument("--batch", type=positive_integer, nargs="+", default=[1])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--new_tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new_tokens", type=int, default=128, help="2 up to the context's room after the prompt")
+    parser.add_argument("--repeats", type=positive_integer, default=3)
     parser.add_argument("--top_k", type=int, default=120, help="sample among the k likeliest (0 = all)")
     parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     args = parser.parse_args(argv)

@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import train as ours  # noqa: E402  (bench/train.py)
 
-from gptsan.errors import cli_main  # noqa: E402
+from bench.flags import config_path, positive_integer  # noqa: E402
+from gptsan.errors import UserError, cli_main  # noqa: E402
 from gptsan.memory import keep_freed_memory  # noqa: E402
 from gptsan.model.config import ModelConfig, load_config  # noqa: E402
 
@@ -79,8 +80,8 @@ def prepare_hf_train(config: ModelConfig, batch: int, trainable: str, keep_memor
         parameter.requires_grad_(trainable == "all" or hf_trainable(name, config))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     data = ours.random_batch(config, batch)
-    x = torch.as_tensor(np.asarray(data["x"]), dtype=torch.long)
-    y = torch.as_tensor(np.asarray(data["y"]), dtype=torch.long)
+    x = torch.as_tensor(np.array(data["x"]), dtype=torch.long)  # a copy: torch warned of a read-only array
+    y = torch.as_tensor(np.array(data["y"]), dtype=torch.long)
 
     def one_step():
         loss = model(input_ids=x, labels=y, use_cache=False).loss
@@ -92,8 +93,8 @@ def prepare_hf_train(config: ModelConfig, batch: int, trainable: str, keep_memor
     return one_step, ours.warm_up(one_step, max_steps=ours.MAX_WARMUP_STEPS if keep_memory else 2)
 
 
-def measure_hf_decode(config: ModelConfig, repeats: int) -> dict:
-    """Batch-1 cached decoding: 127 steps' time = generate(128 new) - generate(1 new) (the prefill).
+def measure_hf_decode(config: ModelConfig, repeats: int, new_tokens: int) -> dict:
+    """Batch-1 cached decoding: new_tokens - 1 steps' time = generate(new_tokens) - generate(1 new) (the prefill).
     Timed with torch on every core and on one thread (a busy machine makes the port's many small ops wait on
     each other's threads); the port is credited with the faster."""
     import torch
@@ -102,12 +103,12 @@ def measure_hf_decode(config: ModelConfig, repeats: int) -> dict:
     rng = np.random.default_rng(0)
     prompt = torch.as_tensor(rng.integers(0, config.num_vocabulary - 8, (1, PROMPT_TOKENS)), dtype=torch.long)
 
-    def generate(new_tokens: int) -> float:
+    def generate(count: int) -> float:
         start = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
+            out = model.generate(prompt, max_new_tokens=count, min_new_tokens=count, do_sample=True,
                                  top_k=TOP_K, use_cache=True, pad_token_id=config.num_vocabulary - 4)
-        if out.shape[1] != PROMPT_TOKENS + new_tokens:
+        if out.shape[1] != PROMPT_TOKENS + count:
             raise RuntimeError(f"HF generate returned {out.shape[1] - PROMPT_TOKENS} new tokens")
         return time.perf_counter() - start
 
@@ -116,13 +117,13 @@ def measure_hf_decode(config: ModelConfig, repeats: int) -> dict:
         torch.set_num_threads(threads)
         generate(2)
         prefill = min(generate(1) for _ in range(repeats))
-        full = min(generate(NEW_TOKENS) for _ in range(repeats))
-        rates[threads] = (NEW_TOKENS - 1) / (full - prefill)
+        full = min(generate(new_tokens) for _ in range(repeats))
+        rates[threads] = (new_tokens - 1) / (full - prefill)
     torch.set_num_threads(os.cpu_count())
     return {"tokens_per_s": max(rates.values()), "tokens_per_s_by_threads": rates}
 
 
-def ours_decode(name: str, repeats: int) -> dict | None:
+def ours_decode(name: str, repeats: int, new_tokens: int) -> dict | None:
     """bench/generate.py's batch-1 figure (the generation engineer's bench), or None where it is absent."""
     path = Path(__file__).resolve().parent / "generate.py"
     if not path.exists():
@@ -130,7 +131,7 @@ def ours_decode(name: str, repeats: int) -> dict | None:
     spec = importlib.util.spec_from_file_location("bench_generate", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.run(name, 1, "float32", NEW_TOKENS, repeats)
+    return module.run(name, 1, "float32", new_tokens, repeats)
 
 
 class HFTrainWorker:
@@ -169,7 +170,7 @@ def serve_hf_steps(name: str, batch: int, trainable: str, keep_memory: bool) -> 
     """The worker's side: prepare the port's step, then run one per `step` line on stdin."""
     if keep_memory:
         keep_freed_memory()
-    step, warmup_steps = prepare_hf_train(load_config(ours.config_path(name), dtype="float32"), batch, trainable,
+    step, warmup_steps = prepare_hf_train(load_config(config_path(name), dtype="float32"), batch, trainable,
                                           keep_memory)
     print(f"ready {warmup_steps}", flush=True)
     for line in sys.stdin:
@@ -220,14 +221,16 @@ def train_part(name: str, config: ModelConfig, batch: int, trainable: str, steps
 
 
 def decode_part(name: str, config: ModelConfig, repeats: int) -> dict:
+    # as many as the context holds after the prompt (tiny: 48): steps the context has no room for were counted
+    new_tokens = min(NEW_TOKENS, config.num_contexts - PROMPT_TOKENS)
     started = time.perf_counter()
-    mine = ours_decode(name, repeats)  # first: torch's idle OpenMP threads keep spinning after the port's runs
+    mine = ours_decode(name, repeats, new_tokens)  # first: torch's idle OpenMP threads keep spinning after the port's
     ours_done = time.perf_counter()
-    theirs = measure_hf_decode(config, repeats)
+    theirs = measure_hf_decode(config, repeats, new_tokens)
     print(f"# peer_hf.py decode: ours in {ours_done - started:.0f} s, HF in {time.perf_counter() - ours_done:.0f} s",
           file=sys.stderr)
     record = {"bench": "peer_hf_decode", "config": name, "batch": 1, "dtype": "float32",
-              "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
+              "prompt_tokens": PROMPT_TOKENS, "new_tokens": new_tokens,
               "hf_tokens_per_s": round(theirs["tokens_per_s"], 2),
               "hf_tokens_per_s_by_threads": {k: round(v, 2) for k, v in theirs["tokens_per_s_by_threads"].items()},
               "tokens_per_s": round(mine["tokens_per_s"], 2) if mine else None,
@@ -240,7 +243,7 @@ def decode_part(name: str, config: ModelConfig, repeats: int) -> dict:
 
 
 def run(name: str, batch: int, steps: int, parts: list[str], hf_kept_memory: bool = False) -> list[dict]:
-    config = load_config(ours.config_path(name), dtype="float32")
+    config = load_config(config_path(name), dtype="float32")
     records = []
     for part in parts:
         if part == "decode":
@@ -254,8 +257,8 @@ def run(name: str, batch: int, steps: int, parts: list[str], hf_kept_memory: boo
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="bench-small", help="preset under configs/ or a parameters.json")
-    parser.add_argument("--batch", type=int, default=4, help="training batch (decoding is batch 1)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps (decode: repeats)")
+    parser.add_argument("--batch", type=positive_integer, default=4, help="training batch (decoding is batch 1)")
+    parser.add_argument("--steps", type=positive_integer, default=3, help="timed steps (decode: repeats)")
     parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated: all, extended, decode")
     parser.add_argument("--hf_kept_memory", action="store_true",
                         help="also time the port's training with gptsan's malloc setting (keep_freed_memory)")
@@ -271,6 +274,10 @@ def main(argv=None) -> int:
     if args.worker:
         serve_hf_steps(args.config, args.batch, args.parts[0], args.worker == "keep_memory")
         return 0
+    missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+    if missing:  # found before our step compiles, not as two tracebacks after it
+        raise UserError(f"peer_hf.py needs {' and '.join(missing)}: pip install -e \".[peer]\"")
+    config_path(args.config)  # a bad --config, before anything runs
     keep_freed_memory()  # as gptsan's commands do (the HF decode part runs here too)
     run(args.config, args.batch, args.steps, args.parts, args.hf_kept_memory)
     return 0

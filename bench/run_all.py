@@ -10,7 +10,7 @@ on a 2-vCPU Intel Xeon with AVX-512 and AMX (bench/RESULTS.md).
 peer_hf.py measures training (ours and the HF port, all-trainable and extended-only) and batch-1 decoding
 (ours through bench/generate.py's `run`, and the port); train.py adds bfloat16 training where the CPU has
 bfloat16 instructions (`--bfloat16`); encode.py the tokenizer and tfrecord encoding on a 2 MB corpus. A bench
-that fails is reported and the rest still run.
+that fails is reported and the rest still run; the run then ends with an error line naming it (exit status 2).
 """
 
 from __future__ import annotations
@@ -24,7 +24,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_VOCABULARY = ROOT.parent / "shared" / "vocab" / "ja-swe36k.txt"
+sys.path.insert(0, str(ROOT))
+
+from bench.flags import default_vocabulary  # noqa: E402
+from gptsan import storage  # noqa: E402
+from gptsan.errors import UserError, cli_main  # noqa: E402
+
 HALTPOLL_NS = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
 
 
@@ -65,7 +70,8 @@ BF16_SKIPPED = ("this CPU has no bfloat16 instructions, so XLA converts to float
                 "tokens/s for float32 on a Zen 1 host; --bfloat16 always runs it")
 
 
-def run_bench(script: str, arguments: list[str]) -> list[dict]:
+def run_bench(script: str, arguments: list[str]) -> tuple[list[dict], int]:
+    """The bench's JSON records, and its exit status."""
     path = ROOT / "bench" / script
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
@@ -75,7 +81,7 @@ def run_bench(script: str, arguments: list[str]) -> list[dict]:
           file=sys.stderr)
     if result.returncode:
         print(result.stderr[-2000:], file=sys.stderr)
-    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")], result.returncode
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -126,32 +132,40 @@ def target_lines(records: list[dict]) -> list[str]:
     return lines
 
 
+@cli_main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--vocabulary", type=Path, default=DEFAULT_VOCABULARY)
-    parser.add_argument("--json", type=Path, help="also write every record to this JSON-lines file")
+    parser.add_argument("--vocabulary", type=Path, default=default_vocabulary(),
+                        help="ja-swe36k.txt for encode.py (default: $GPTSAN_SHARED/vocab, else ../shared/vocab)")
+    parser.add_argument("--json", help="also write every record to this JSON-lines file")
     parser.add_argument("--bfloat16", choices=["auto", "always", "never"], default="auto",
                         help="the bfloat16 training row: auto = where the CPU has bfloat16 instructions")
     parser.add_argument("--hf_kept_memory", action="store_true",
                         help="also time the HF port's training with gptsan's malloc setting (peer_hf.py)")
     args = parser.parse_args(argv)
+    if args.json:  # before minutes of benches, not after them
+        storage.check_output_file(args.json, "--json")
     bfloat16 = args.bfloat16 == "always" or (args.bfloat16 == "auto" and cpu_has_bfloat16())
     if not bfloat16:
         print(f"# train.py bfloat16: skipped ({'--bfloat16 never' if args.bfloat16 == 'never' else BF16_SKIPPED})",
               file=sys.stderr)
-    records = []
+    records, failed = [], []
     for script, arguments in benches(args.vocabulary, bfloat16, args.hf_kept_memory):
         if script == "encode.py" and not args.vocabulary.exists():
             print(f"# encode.py: vocabulary {args.vocabulary} not found, skipped", file=sys.stderr)
             continue
-        records += run_bench(script, arguments)
+        found, status = run_bench(script, arguments)
+        records += found
+        if status:
+            failed.append(f"{script} (exit {status})")
     print(f"machine load {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs{idle_polling()}")
     print(table(records))
     print("\n".join(target_lines(records)))
     if args.json:
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        tmp.replace(args.json)
+        storage.write_text_atomic(args.json, "".join(json.dumps(r) + "\n" for r in records))
+    if failed:  # the table holds what the others measured; the run as a whole did not succeed
+        raise UserError(f"{len(failed)} bench{'es' * (len(failed) > 1)} failed: {', '.join(failed)} (their output "
+                        "above)")
     return 0
 
 

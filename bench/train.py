@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from bench.flags import config_path, positive_integer  # noqa: E402
 from gptsan.errors import UserError, cli_main  # noqa: E402
 from gptsan.memory import keep_freed_memory  # noqa: E402
 from gptsan.model.config import ModelConfig, load_config  # noqa: E402
@@ -60,17 +61,6 @@ LAYER_SCOPE = re.compile(r"model/(?:att|an|ln|mlp)(\d+)/")
 
 
 # Configuration and FLOP counts.
-def config_path(name: str) -> Path:
-    """A preset name under configs/ or a path to a parameters.json."""
-    path = ROOT / "configs" / f"{name}.json"
-    if path.exists():
-        return path
-    if Path(name).exists():
-        return Path(name)
-    presets = ", ".join(sorted(p.stem for p in (ROOT / "configs").glob("*.json")))
-    raise UserError(f"--config: expected a preset ({presets}) or a parameters.json path, got {name!r}")
-
-
 def extended_trainable(name: str, config: ModelConfig) -> bool:
     """Whether `name` stays trainable when fine-tuning only the extended layers (the converter's list)."""
     if name.startswith("pasts/") or name == "model/ete":
@@ -310,14 +300,13 @@ def comma_list(value: str, allowed: tuple[str, ...], flag: str) -> list[str]:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="bench-small", help="preset under configs/ or a parameters.json")
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch", type=positive_integer, default=4)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--steps", type=int, default=5, help="timed steps, after the warm-up (see warm_up)")
+    parser.add_argument("--steps", type=positive_integer, default=5,
+                        help="timed steps, after the warm-up (see warm_up)")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: all, extended")
     args = parser.parse_args(argv)
     args.modes = comma_list(args.modes, MODES, "--modes")
-    if args.batch < 1 or args.steps < 1:
-        raise UserError("--batch and --steps: expected positive integers")
     return args
 
 

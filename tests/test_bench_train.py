@@ -140,3 +140,48 @@ def test_run_all_notes_how_idle_vcpus_wait(monkeypatch, tmp_path):
     assert run_all.idle_polling() == ", haltpoll guest_halt_poll_ns 200000"
     monkeypatch.setattr(run_all, "HALTPOLL_NS", tmp_path / "absent")
     assert run_all.idle_polling() == ""
+
+
+def test_run_all_ends_with_an_error_when_a_bench_fails(monkeypatch, tmp_path, capsys):
+    """A failed bench showed only in its stderr tail, and the run exited 0 with the row missing from the table.
+    The records of the others are still printed and written."""
+    monkeypatch.setattr(run_all, "benches", lambda *args, **kwargs: [("good", []), ("bad", [])])
+    outcomes = {"good": ([{"bench": "train", "tokens_per_s": 5.0}], 0), "bad": ([], 1)}
+    monkeypatch.setattr(run_all, "run_bench", lambda script, arguments: outcomes[script])
+    out = tmp_path / "all.jsonl"
+    assert run_all.main(["--json", str(out), "--vocabulary", str(tmp_path / "absent.txt")]) == 2
+    printed = capsys.readouterr()
+    assert printed.err.splitlines()[-1] == "error: 1 bench failed: bad (exit 1) (their output above)"
+    assert "| train |" in printed.out and json.loads(out.read_text()) == {"bench": "train", "tokens_per_s": 5.0}
+
+
+def test_run_all_refuses_a_json_path_it_cannot_write_before_any_bench(monkeypatch, tmp_path, capsys):
+    """A folder as --json was an IsADirectoryError traceback after minutes of benches (and a stray `.tmp`)."""
+    monkeypatch.setattr(run_all, "run_bench", lambda *args: pytest.fail("a bench ran"))
+    assert run_all.main(["--json", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: --json {tmp_path}: is a folder; give a file name\n"
+    assert list(tmp_path.parent.glob(f"{tmp_path.name}.tmp*")) == []
+
+
+@pytest.mark.parametrize("script, flags, line", [
+    ("train.py", ["--batch", "0"], "train.py: error: argument --batch: expected a positive integer, got '0'"),
+    ("train.py", ["--steps", "x"], "train.py: error: argument --steps: expected a positive integer, got 'x'"),
+    ("generate.py", ["--repeats", "0"], "generate.py: error: argument --repeats: expected a positive integer, got '0'"),
+    ("generate.py", ["--config", "tiny", "--new_tokens", "128"],
+     "error: --new_tokens: expected 2 to 48 (the 16-token prompt's room in tiny's 64-token context), got 128"),
+    ("generate.py", ["--config", "tiny", "--new_tokens", "1"],
+     "error: --new_tokens: expected 2 to 48 (the 16-token prompt's room in tiny's 64-token context), got 1"),
+    ("generate.py", ["--config", "nosuch"],
+     "error: --config: expected a preset (bench-small, gptsan-2.8b, gptsan-3b-finetune, tiny) or a parameters.json "
+     "path, got 'nosuch'"),
+    ("peer_hf.py", ["--steps", "0"], "peer_hf.py: error: argument --steps: expected a positive integer, got '0'"),
+    ("encode.py", ["--size_mb", "0"], "encode.py: error: argument --size_mb: expected a positive number, got '0'"),
+    ("encode.py", ["--vocabulary", "nosuch.txt"], "error: nosuch.txt: vocabulary file not found"),
+])
+def test_bench_flags_a_script_cannot_use_are_one_line(script, flags, line):
+    """Each was a traceback, a figure from steps never run (--new_tokens past the context: a bandwidth fraction
+    above 1), or a line naming another flag."""
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / script), *flags], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines()[-1] == line
