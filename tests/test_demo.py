@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from gptsan.demo.corpus import CLASS_NAMES, classify, write_corpus
 from tests.train_support import one_device_xla_flags
 
@@ -93,3 +95,35 @@ def test_the_training_glob_takes_the_workdir_literally(tmp_path):
         (tmp_path / name / "data" / "lm_0000.tfrecord").write_bytes(b"")
     own = tmp_path / "demo*?" / "data"
     assert storage.glob(tfrecord_glob(own)) == [str(own / "lm_0000.tfrecord")]
+
+
+@pytest.mark.parametrize("stop, left", [(KeyboardInterrupt, False), ("step", True)])
+def test_a_demo_stopped_midway(tmp_path, monkeypatch, capsys, stop, left):
+    """Ctrl-C left a half-made --workdir that a rerun with it refused ("already exists"); a failed step now says
+    where its outputs are, and a Ctrl-C takes them away."""
+    from gptsan.demo import run
+    from gptsan.errors import UserError
+
+    def midway(self):
+        (self.workdir / "corpus").mkdir()
+        if stop is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        raise UserError("demo step failed: gptsan.train.cli exited with 2")
+
+    monkeypatch.setattr(run.Pipeline, "run", midway)
+    from gptsan import errors
+
+    def exit_now(status):  # cli_main's way out after a Ctrl-C (os._exit), which would end pytest too
+        raise SystemExit(status)
+
+    monkeypatch.setattr(errors, "exit_now", exit_now)
+    workdir = tmp_path / "demo"
+    if stop is KeyboardInterrupt:
+        with pytest.raises(SystemExit) as caught:
+            run.main(["--quick", "--workdir", str(workdir)])
+        assert caught.value.code == 130
+    else:
+        assert run.main(["--quick", "--workdir", str(workdir)]) == 2
+        assert capsys.readouterr().err == ("error: demo step failed: gptsan.train.cli exited with 2 (what the demo "
+                                           f"wrote so far is in {workdir})\n")
+    assert workdir.exists() == left

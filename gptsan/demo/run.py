@@ -16,6 +16,7 @@ import argparse
 import glob
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -88,13 +89,17 @@ class Pipeline:
         self.say(f"writing the sample corpus ({size.docs_per_class} documents per class) to {w / 'corpus'}")
         csv_path = write_corpus(w / "corpus", size.docs_per_class, self.seed)
 
-        self.say("training a SentencePiece tokenizer")
         from gptsan.tokenizer import load_tokenizer
         from gptsan.tokenizer.sentencepiece import train_sentencepiece
 
         texts = sorted(str(p) for p in (w / "corpus" / "texts").glob("*.txt"))
+        prefix = w / "tokenizer" / "sp"
+        # in this process (tools/ is not installed with the package), as this command of a clone does:
+        self.say("training a SentencePiece tokenizer, as $ python tools/train_tokenizer.py --input_files "
+                 f"{shlex.quote(glob.escape(str(w / 'corpus' / 'texts')) + '/*.txt')} --model_prefix "
+                 f"{shlex.quote(str(prefix))} --vocab_size {size.vocab_size}")
         (w / "tokenizer").mkdir()
-        sp_model = train_sentencepiece(texts, str(w / "tokenizer" / "sp"), vocab_size=size.vocab_size)
+        sp_model = train_sentencepiece(texts, str(prefix), vocab_size=size.vocab_size)
         vocab_size = load_tokenizer("sentencepiece", sp_model).vocab_size
         tok = ["--tokenizer", "sentencepiece", "--vocabulary", sp_model]
 
@@ -112,6 +117,8 @@ class Pipeline:
                      "--max_training_step", str(size.pretrain_steps), "--seed", str(self.seed), "--no_progress",
                      "--routing", "dropless")
 
+        self.say("generating from the base model for each class's spout vector: its spout network never learned "
+                 "the classes (the contrast)")
         untrained = self.accuracy(base, tok, "without spout training")
         finetune = w / "finetune"
         self.say("adding 2 extended stages and a fresh spout network for the class vectors")
@@ -167,7 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     if workdir.exists():
         raise UserError(f"--workdir: {workdir} already exists; give a new folder")
     workdir.mkdir(parents=True)
-    trained, untrained = Pipeline(workdir, QUICK if args.quick else FULL, args.seed).run()
+    try:
+        trained, untrained = Pipeline(workdir, QUICK if args.quick else FULL, args.seed).run()
+    except KeyboardInterrupt:  # stopped on purpose: no half-made workdir that a rerun with it refuses
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    except UserError as err:  # a step failed: what it wrote so far stays, to look at
+        raise UserError(f"{err} (what the demo wrote so far is in {workdir})") from None
     if args.quick:
         print(f"--quick: {QUICK.finetune_steps} fine-tuning steps are too few to learn the classes; the figures "
               "below show that the pipeline ran, not what it learns (run without --quick for that)")
