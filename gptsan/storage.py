@@ -4,6 +4,7 @@ STORAGE_EMULATOR_HOST, so the same code runs against real GCS and a local emulat
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import logging
@@ -88,28 +89,45 @@ logging.getLogger("gcsfs").addFilter(NotForTheUser())
 GCS_ENDPOINT_VARIABLES = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")  # gcsfs's, tensorstore's
 
 
-def check_gcs_endpoints(path: str, flag: str) -> None:
+def check_gcs_endpoints(path: str, flag: str | None = None) -> None:
     """For a gs:// `path` that Orbax (tensorstore) reads or writes as well as gcsfs: both are pointed at an
     emulator or neither is. With one variable of the two set, files went to the emulator and checkpoints to
     real GCS (or the other way round): offline, the first save retried for minutes, then failed with pages of
-    tracebacks, the run's steps lost."""
+    tracebacks, the run's steps lost; a model read or written by the other tools hung without a word."""
     if not str(path).startswith("gs://"):
         return
     given = [name for name in GCS_ENDPOINT_VARIABLES if os.environ.get(name)]
     if len(given) == 1:
         other = next(name for name in GCS_ENDPOINT_VARIABLES if name not in given)
-        raise UserError(f"{flag} {path}: {given[0]} is set but {other} is not, so gcsfs and tensorstore (Orbax) would "
-                        f"reach different servers; set {other} to the same URL for an emulator, or unset {given[0]} "
-                        "for real GCS (docs/gcs.md)")
+        raise UserError(f"{_named(path, flag)}: {given[0]} is set but {other} is not, so gcsfs and tensorstore "
+                        f"(Orbax) would reach different servers; set {other} to the same URL for an emulator, or unset "
+                        f"{given[0]} for real GCS (docs/gcs.md)")
 
 
-def check_orbax_folder(path: str, flag: str) -> None:
+def check_orbax_folder(path: str, flag: str | None = None) -> None:
     """A folder that Orbax saves a checkpoint in has no `[` in its path: Orbax finds the parts it has just
     written by globbing the folder, where `out[1]` matches `out1`, not itself, so it left the checkpoint
-    unmerged (no manifest) and unreadable, after reporting it saved."""
+    unmerged (no manifest) and unreadable, after reporting it saved. And `check_orbax_url`."""
     if "[" in str(path) if is_remote(path) else "[" in os.path.abspath(os.path.expanduser(str(path))):
-        raise UserError(f"{flag} {path}: a path with '[' is not supported (Orbax saves unreadable checkpoints "
-                        "under it); give one without '['")
+        raise UserError(f"{_named(path, flag)}: a path with '[' is not supported (Orbax saves unreadable "
+                        "checkpoints under it); give one without '['")
+    check_orbax_url(path, flag)
+
+
+def check_orbax_url(path: str, flag: str | None = None) -> None:
+    """A gs:// folder Orbax reads or writes has no `#` or `?`: tensorstore takes the URL's rest from them on as a
+    fragment or query, so `gs://b/m#1` kept its arrays in `gs://b/m/`, shared with every other such folder there
+    (a model then read another's weights, with no error). And both servers' variables agree
+    (`check_gcs_endpoints`)."""
+    if is_remote(path) and (mark := next((c for c in "#?" if c in str(path)), None)):
+        raise UserError(f"{_named(path, flag)}: a gs:// path with '{mark}' is not supported (tensorstore, which "
+                        "Orbax reads and writes through, takes it as the end of the object name); give one without "
+                        "'#' or '?'")
+    check_gcs_endpoints(path, flag)
+
+
+def _named(path: str, flag: str | None) -> str:
+    return f"{flag} {path}" if flag else str(path)
 
 
 def filesystem(path: str):
@@ -158,7 +176,18 @@ def isdir(path: str) -> bool:
 
 def read_text(path: str) -> str:
     with remote_errors_named(path), fsspec.open(checked(path), "r", encoding="utf-8") as f:
-        return f.read()
+        text = f.read()
+    if not text:
+        refuse_remote_folder(path)
+    return text
+
+
+def refuse_remote_folder(path: str) -> None:
+    """An IsADirectoryError for a gs:// "folder" (a prefix of objects) read as a file, as a local folder raises:
+    gcsfs opens it as an empty file, so a folder given as a vocabulary or --parameter_file was "empty" or "not
+    valid JSON"."""
+    if is_remote(path) and isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
 
 
 def read_json(path: str) -> Any:
@@ -174,7 +203,10 @@ def read_json(path: str) -> Any:
 
 def read_bytes(path: str) -> bytes:
     with remote_errors_named(path), fsspec.open(checked(path), "rb") as f:
-        return f.read()
+        data = f.read()
+    if not data:
+        refuse_remote_folder(path)
+    return data
 
 
 def write_text_atomic(path: str, text: str) -> None:
@@ -305,8 +337,12 @@ def check_output_file(path: str, flag: str) -> None:
 
 def check_output_parent(path: str, flag: str) -> None:
     """Fail before any work if (local) the nearest existing folder above `flag`'s `path` is a file or not
-    writable: the folders missing in between are made when `path` is written."""
+    writable: the folders missing in between are made when `path` is written; or (gs://) its bucket is not
+    there."""
     if is_remote(path):
+        bucket = str(path).split("://", 1)[1].split("/", 1)[0]
+        if str(path).startswith("gs://") and not exists(f"gs://{bucket}"):  # found after the work, it was an
+            raise UserError(f"{flag} {path}: bucket {bucket} does not exist")  # upload URL's traceback (encode)
         return
     folder = parent(path)
     while not os.path.exists(folder):
@@ -366,5 +402,7 @@ def open_file(path: str, mode: str = "rb"):
     """A file object; remote binary reads go through an 8 MiB buffer, so record-by-record readers make one
     object-store call per buffer rather than one per small read (each of which costs a round of gcsfs's
     event-loop machinery)."""
+    if mode.startswith("r"):
+        refuse_remote_folder(path)
     with remote_errors_named(path), fsspec.open(checked(path), mode) as f:
         yield io.BufferedReader(f, READ_BUFFER_BYTES) if mode == "rb" and is_remote(path) else f

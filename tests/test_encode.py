@@ -472,7 +472,8 @@ def test_an_output_dir_that_cannot_be_made_names_the_flag(vocab, tmp_path, capsy
     write(tmp_path / "a.txt", "あ\n")
     code, err, _ = run_cli(vocab, tmp_path, capsys, "--input_files", str(tmp_path / "a.txt"), "--output_dir",
                            str(tmp_path / "a.txt" / "sub"))
-    assert code == 2 and err == f"error: --output_dir {tmp_path / 'a.txt' / 'sub'}: Not a directory"
+    assert code == 2 and err == (f"error: --output_dir {tmp_path / 'a.txt' / 'sub'}: {tmp_path / 'a.txt'} is a file, "
+                                 "not a folder")
 
 
 @pytest.mark.parametrize("fileid", ["x5", "--5", "²", "99999999999999999999999"])

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import shared_path
 from tests.gcs_emulator import serving_this_process
 from tests.train_support import (
     MINI_MODEL_PARAMS,
@@ -230,3 +231,73 @@ def test_a_gs_output_dir_takes_one_training_run_at_a_time(emulator, monkeypatch,
         "to see whether that run is still writing",
         f"warning: train_params.output_dir {out}: the lock of a run that is gone ({gone}) was not renewed for 3 s; "
         "taking it over"]
+
+
+@pytest.mark.parametrize("given, missing", [("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL"),
+                                            ("TENSORSTORE_GCS_HTTP_URL", "STORAGE_EMULATOR_HOST")])
+def test_a_model_read_or_written_with_one_emulator_variable_is_one_error(tmp_path, monkeypatch, given, missing):
+    """Training said so; gptsan-convert, -generate, -logits and -export hung without a word (and a Ctrl-C was
+    ignored), leaving a partial --output on the bucket."""
+    from gptsan.checkpoint import native
+    from gptsan.convert.cli import main as convert
+    from gptsan.errors import UserError
+    from gptsan.model import load_config
+
+    monkeypatch.setenv(given, "http://127.0.0.1:9")
+    monkeypatch.delenv(missing, raising=False)
+    config = load_config(shared_path("fixtures", "gptsan_tiny", "gptsan_tf", "parameters.json"))
+    with pytest.raises(UserError, match=rf"^gs://{BUCKET}/m: {given} is set but {missing} is not"):
+        native.read_params(f"gs://{BUCKET}/m", config)
+    tf = str(shared_path("fixtures", "gptsan_tiny", "gptsan_tf"))
+    with pytest.raises(UserError, match=rf"^--output gs://{BUCKET}/out: {given} is set but {missing} is not"):
+        convert.__wrapped__(["--checkpoint", tf, "--output", f"gs://{BUCKET}/out"])
+
+
+@pytest.mark.parametrize("mark", ["#", "?"])
+def test_a_gs_model_folder_with_a_fragment_or_query_mark_is_refused(mark):
+    """tensorstore took `gs://b/q2/a#b` as `gs://b/q2/a`: two such models shared their arrays, and one read the
+    other's weights with no error."""
+    from gptsan import storage
+    from gptsan.errors import UserError
+
+    with pytest.raises(UserError) as caught:
+        storage.check_orbax_folder(f"gs://{BUCKET}/q2/a{mark}b", "--output")
+    assert str(caught.value) == (f"--output gs://{BUCKET}/q2/a{mark}b: a gs:// path with '{mark}' is not supported "
+                                 "(tensorstore, which Orbax reads and writes through, takes it as the end of the "
+                                 "object name); give one without '#' or '?'")
+    storage.check_orbax_folder(f"/tmp/q2/a{mark}b", "--output")  # a local one is taken as it is
+
+
+def test_outputs_in_a_bucket_that_does_not_exist_are_refused_before_the_work(emulator, tmp_path):
+    """gptsan-encode encoded everything, then ended in a traceback naming an upload URL; gptsan-export's line was
+    that URL."""
+    from gptsan.convert.export import main as export
+    from gptsan.data.encode import main as encode
+
+    (tmp_path / "a.txt").write_text("猫です。\n", encoding="utf-8")
+    vocabulary = str(shared_path("vocab", "ja-swe36k.txt"))
+    with pytest.raises(Exception) as caught:
+        encode.__wrapped__(["--input_files", str(tmp_path / "a.txt"), "--vocabulary", vocabulary, "--output_dir",
+                            "gs://no-such-bucket/data", "--quiet"])
+    assert str(caught.value) == "--output_dir gs://no-such-bucket/data: bucket no-such-bucket does not exist"
+    model = str(shared_path("fixtures", "gptsan_tiny", "gptsan_tf"))
+    with pytest.raises(Exception) as caught:
+        export.__wrapped__(["--model", model, "--format", "hf", "--output", "gs://no-such-bucket/hf"])
+    assert str(caught.value) == "--output gs://no-such-bucket/hf: bucket no-such-bucket does not exist"
+
+
+def test_a_gs_folder_read_as_a_file_is_named_a_folder(emulator, tmp_path, capsys):
+    """gcsfs opens a prefix as an empty file: a folder given as the vocabulary was "empty", as --parameter_file
+    "not valid JSON", as --input_file "no lines"; a local folder is "is a folder; expected a file"."""
+    from gptsan import storage
+    from gptsan.tokenize_cli import main as tokenize
+
+    storage.write_text_atomic(f"gs://{BUCKET}/vocab/ja-swe36k.txt", "あ\n")
+    for read in (storage.read_text, storage.read_bytes):
+        with pytest.raises(IsADirectoryError) as caught:
+            read(f"gs://{BUCKET}/vocab")
+        assert caught.value.filename == f"gs://{BUCKET}/vocab"
+    assert tokenize(["--vocabulary", f"gs://{BUCKET}/vocab", "--text", "x"]) == 2
+    assert capsys.readouterr().err == f"error: gs://{BUCKET}/vocab: is a folder; expected a file\n"
+    storage.write_text_atomic(f"gs://{BUCKET}/empty.txt", "")
+    assert storage.read_text(f"gs://{BUCKET}/empty.txt") == ""  # an empty file is no folder

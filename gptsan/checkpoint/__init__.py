@@ -36,6 +36,7 @@ def detect_format(path: str) -> str:
     from gptsan.checkpoint import hf, native, tf_checkpoint
 
     path = str(path)
+    storage.check_gcs_endpoints(path)  # a gs:// model dir: both servers agree (a native one is read through Orbax)
     if not storage.isdir(path):
         if storage.exists(path):
             raise UserError(f"{path}: is a file; expected a model directory")

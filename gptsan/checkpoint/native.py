@@ -113,6 +113,7 @@ def read_params(path: str, config: ModelConfig) -> dict[str, np.ndarray]:
     """GPTSAN-named float32 arrays, checked against `config`'s names and shapes: from the newest training
     checkpoint in `path` when training has saved one (a run's output_dir), else from `path/params`; from that
     step when `path` is one step of a run (`<output_dir>/<step>`)."""
+    storage.check_orbax_url(path)  # before the first lookup: with mismatched servers that took minutes of retries
     trained = training_step(path) or latest_training_checkpoint(path)
     if trained is not None:
         return _restore_params(trained, config, TRAINED_SUBTREES)
@@ -122,6 +123,7 @@ def read_params(path: str, config: ModelConfig) -> dict[str, np.ndarray]:
 def _restore_params(directory: str, config: ModelConfig,
                     subtrees: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
     """Restore a parameter tree (or the union of `subtrees` of a larger tree) as float32 numpy arrays."""
+    storage.check_orbax_url(directory)  # a read through a URL tensorstore takes otherwise hung or misread
     with _checkpointer() as checkpointer:  # released on every path, the failing ones too
         return _restore_with(checkpointer, directory, config, subtrees)
 
@@ -180,6 +182,7 @@ def write(path: str, config: ModelConfig, flat: dict[str, Any], train_params: di
         raise UserError(f"--dtype: expected one of {', '.join(NATIVE_STORAGE_DTYPES)}, got {dtype!r}")
     check_tensors(str(path), {k: np.shape(v) for k, v in flat.items()}, expected_shapes(config), "parameters")
     tree = unflatten({name: np.asarray(jnp.asarray(value, dtype)) for name, value in flat.items()})
+    storage.check_orbax_folder(path)
     with ctrl_c_deferred(), _checkpointer() as checkpointer:  # no Orbax writes left running after a Ctrl-C
         checkpointer.save(storage.absolute(storage.join(path, PARAMS_DIR)), tree)
     parameters = {"train_params": dict(train_params or {}), "model_params": config.to_model_params()}

@@ -30,6 +30,7 @@ def staged_output(dst: str, flag: str = "--output") -> Iterator[str]:
     dst = str(dst)
     refuse_existing(dst, flag)
     if storage.is_remote(dst):
+        storage.check_output_parent(dst, flag)  # its bucket, before the work
         fs, path = storage.filesystem(dst)
         try:
             yield dst
@@ -60,5 +61,7 @@ def _named(err: BaseException, flag: str, dst: str) -> BaseException:
     """A write error that names no file (a full disk, as fsspec and the TF writer report it) as a UserError naming
     the output; any other error as it is."""
     if isinstance(err, OSError) and err.filename is None:
-        return UserError(f"{flag} {dst}: {err.strerror or err}")
+        # gcsfs's name an upload URL (`http://.../upload/storage/v1/b/BUCKET/o?name=...`): say what failed
+        what = storage.remote_failure(dst, err) if storage.is_remote(dst) else err.strerror or err
+        return UserError(f"{flag} {dst}: {what}")
     return err

@@ -109,6 +109,7 @@ def convert(src: str, dst: str, add_extra_stage: int = 0, num_spout: int | None 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     storage.check_orbax_folder(args.output, "--output")
+    storage.check_orbax_url(args.checkpoint, "--checkpoint")  # a native source is read through Orbax
     lists = convert(args.checkpoint, args.output, args.add_extra_stage, args.num_spout,
                     "spout" in args.freeze, args.dtype, args.seed)
     print(f"wrote {args.output}: {len(lists['all-params.json'])} parameters, "

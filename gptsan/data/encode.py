@@ -337,6 +337,7 @@ class EncodeConfig:
         if not storage.is_remote(self.output_dir) and os.path.exists(self.output_dir) \
                 and not os.path.isdir(self.output_dir):
             raise UserError(f"--output_dir {self.output_dir}: is a file; give a folder")
+        storage.check_output_parent(self.output_dir, "--output_dir")
 
 
 def run(config: EncodeConfig) -> list[WorkerSummary]:
@@ -468,7 +469,10 @@ def _publish(jobs: list[WorkerJob], finals: list[str], output_dir: str, remote: 
     for job, name in zip(jobs, finals, strict=True):
         if remote:
             fs, base = storage.filesystem(output_dir)
-            fs.put_file(job.out_path, f"{base.rstrip('/')}/{name}")
+            try:
+                fs.put_file(job.out_path, f"{base.rstrip('/')}/{name}")
+            except OSError as err:  # gcsfs's name an upload URL (a bucket deleted meanwhile): a traceback
+                raise UserError(f"--output_dir {output_dir}: {storage.remote_failure(output_dir, err)}") from None
         else:
             os.replace(job.out_path, os.path.join(output_dir, name))
 

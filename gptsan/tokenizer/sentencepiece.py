@@ -39,8 +39,10 @@ class SentencePieceTokenizer(Tokenizer):
 
         try:
             serialized = storage.read_bytes(model_file)
-        except (FileNotFoundError, IsADirectoryError):
+        except FileNotFoundError:
             raise UserError(f"{model_file}: SentencePiece model not found") from None
+        except IsADirectoryError:
+            raise UserError(f"{model_file}: is a folder; expected a SentencePiece .model file") from None
         self.model_file, self.clean_text = str(model_file), clean_text
         self.sp = spm.SentencePieceProcessor()
         try:

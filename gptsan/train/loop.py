@@ -349,8 +349,7 @@ def check_run(cfg: RunConfig) -> CheckedRun:
     parameters = read_parameters_json(cfg.parameter_file)
     config = model_config(cfg, parameters["model_params"])
     train = TrainParams.from_dict(parameters["train_params"], cfg.parameter_file)
-    storage.check_gcs_endpoints(train.output_dir, "train_params.output_dir")  # checkpoints: Orbax
-    storage.check_orbax_folder(train.output_dir, "train_params.output_dir")
+    storage.check_orbax_folder(train.output_dir, "train_params.output_dir")  # checkpoints: Orbax
     if not storage.is_remote(train.output_dir) and os.path.isfile(train.output_dir):  # was "[Errno 17] File exists"
         raise UserError(f"train_params.output_dir {train.output_dir}: is a file; give a folder")
     frozen_names = read_ignore_list(cfg.ignore_parameters, config)
