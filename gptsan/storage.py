@@ -35,7 +35,7 @@ def checked(path: str) -> str:
     and '.', starting and ending with a letter or digit; up to 222 with dots, 63 between them)."""
     path = str(path)
     if path.startswith("gs://"):
-        bucket = path[len("gs://"):].split("/", 1)[0]
+        bucket = bucket_of(path)
         parts = bucket.split(".")
         longest = 222 if len(parts) > 1 else 63
         if not (GCS_BUCKET_NAME.fullmatch(bucket) and 3 <= len(bucket) <= longest
@@ -294,7 +294,7 @@ def remote_failure(path: str, *errors: BaseException) -> str:
     for err in chain:
         if isinstance(err, ConnectionError) or UNREACHABLE.search(str(err)):
             return f"cannot reach the storage server ({first_line(err)})"
-    bucket = str(path).split("://", 1)[-1].split("/", 1)[0]
+    bucket = bucket_of(path)
     try:
         fs, _ = filesystem(path)
         fs.invalidate_cache()
@@ -302,6 +302,11 @@ def remote_failure(path: str, *errors: BaseException) -> str:
     except Exception:  # no answer: say what was reported
         missing = False
     return f"bucket {bucket} does not exist (deleted?)" if missing else first_line(chain[0])
+
+
+def bucket_of(path: str) -> str:
+    """The bucket of a remote `path` (`gs://BUCKET/...`)."""
+    return str(path).split("://", 1)[-1].split("/", 1)[0]
 
 
 def causes(err: BaseException) -> list[BaseException]:
@@ -340,7 +345,7 @@ def check_output_parent(path: str, flag: str) -> None:
     writable: the folders missing in between are made when `path` is written; or (gs://) its bucket is not
     there."""
     if is_remote(path):
-        bucket = str(path).split("://", 1)[1].split("/", 1)[0]
+        bucket = bucket_of(path)
         if str(path).startswith("gs://") and not exists(f"gs://{bucket}"):  # found after the work, it was an
             raise UserError(f"{flag} {path}: bucket {bucket} does not exist")  # upload URL's traceback (encode)
         return

@@ -123,7 +123,6 @@ def read_params(path: str, config: ModelConfig) -> dict[str, np.ndarray]:
 def _restore_params(directory: str, config: ModelConfig,
                     subtrees: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
     """Restore a parameter tree (or the union of `subtrees` of a larger tree) as float32 numpy arrays."""
-    storage.check_orbax_url(directory)  # a read through a URL tensorstore takes otherwise hung or misread
     with _checkpointer() as checkpointer:  # released on every path, the failing ones too
         return _restore_with(checkpointer, directory, config, subtrees)
 
