@@ -95,7 +95,7 @@ class MetricsWriter:
         checkpoint (a second Ctrl-C, a kill, a crash) logged steps its successor trains again, which were then in
         the file twice. A line cut by such a stop is dropped too."""
         lines = storage.read_text(self.jsonl).splitlines(keepends=True) if storage.exists(self.jsonl) else []
-        kept = [line for line in lines if _row_step(line) is not None and _row_step(line) <= first_step]
+        kept = [line for line in lines if (step := _row_step(line)) is not None and step <= first_step]
         if self.remote:
             self.lines = kept
         elif kept != lines:
